@@ -1,0 +1,126 @@
+"""One typed settings object, read from a TOML file, the environment and flags (in rising order).
+
+Environment variables are ``DIFFSTACK_<SECTION>__<FIELD>``, e.g. ``DIFFSTACK_SERVER__PORT=50051`` or
+``DIFFSTACK_PLUGINS__DENY='["sage"]'``. The CLI passes flags as overrides.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSettings(_Section):
+    """Where models come from and where they run."""
+
+    models_dir: Path | None = None
+    """Client-given model names resolve inside this folder only."""
+    default_model: str = ""
+    """A name inside ``models_dir``, or empty for the embedded default model."""
+    device: str = "auto"
+    """``auto`` takes CUDA when present, else the CPU."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """``auto`` is float16 on CUDA (bfloat16 for FLUX) and float32 on the CPU."""
+
+
+class PluginSettings(_Section):
+    """Which plugins load, and each plugin's own options (``[plugins.options.<name>]``)."""
+
+    autoload: bool = True
+    """Discover plugins through the ``diffstack`` entry-point group."""
+    allow: list[str] | None = None
+    """If set, only these plugin names load."""
+    deny: list[str] = Field(default_factory=list)
+    """These plugin names never load."""
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class ComposeSettings(_Section):
+    """How the host checks and measures offers."""
+
+    measure: Literal["auto", "always", "never"] = "auto"
+    """``auto`` times offers on CUDA only; on a CPU the report then says timing was skipped."""
+    attention_tolerance: float = 0.05
+    """Largest accepted relative error of an attention kernel against SDPA in float32."""
+    compile_tolerance: float = 0.02
+    """Largest accepted relative error of a compiled denoiser against eager execution."""
+    tie_fraction: float = 0.03
+    """Offers within this fraction of the fastest time count as tied; priority decides."""
+    repeats: int = 10
+    """Timed repetitions per candidate (median taken) after warm-up."""
+    batch: int = 2
+    """Batch size of the measured denoiser calls (2 = one image with classifier-free guidance)."""
+
+
+class Limits(_Section):
+    """What one request may ask for."""
+
+    max_prompt_tokens: int = 77
+    max_pixels: int = 1024 * 1024
+    size_multiple: int = 8
+    max_steps: int = 150
+    max_images: int = 8
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+class ServerSettings(_Section):
+    """The gRPC server: ports, queue, batching, shutdown and security."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    queue_size: int = 32
+    max_batch: int = 4
+    batch_wait_ms: int = 5
+    grace_seconds: float = 30.0
+    preview_interval_s: float = 0.5
+    preview_max_side: int = 256
+    admin_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    warmup: bool = True
+
+
+class Settings(BaseSettings):
+    """Every setting of diffstack, grouped by the part it configures."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFSTACK_", env_nested_delimiter="__", frozen=True)
+
+    engine: EngineSettings = EngineSettings()
+    plugins: PluginSettings = PluginSettings()
+    compose: ComposeSettings = ComposeSettings()
+    limits: Limits = Limits()
+    server: ServerSettings = ServerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings layers file < environment < flags itself and passes the result as init.
+        return (init_settings, env_settings)
+
+
+def load_settings(path: Path | None = None, **overrides: dict[str, Any]) -> Settings:
+    """Settings from ``path`` (TOML), then the environment, then ``overrides`` (section → fields)."""
+    from_file: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
+    from_environment = Settings().model_dump(exclude_unset=True)
+    merged: dict[str, Any] = {}
+    for layer in (from_file, from_environment, overrides):
+        for section, fields in layer.items():
+            merged[section] = {**merged.get(section, {}), **fields}
+    return Settings(**merged)

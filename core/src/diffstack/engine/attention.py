@@ -1,0 +1,151 @@
+"""Attaching attention kernels to a denoiser through diffusers' own extension points.
+
+UNets: one attention processor per attention module (``set_attn_processor``), each serving the
+kernel chosen for that module's shape and falling back to SDPA if the kernel raises. Transformers
+(FLUX): diffusers' attention dispatch, through ``set_attention_backend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+import torch
+import torch.nn.functional as F
+
+from diffstack.types import AttentionFn, AttentionShape
+
+log = structlog.get_logger(__name__)
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The reference kernel: PyTorch's scaled dot-product attention."""
+    return F.scaled_dot_product_attention(query, key, value)
+
+
+def capture_attention_shapes(denoiser: torch.nn.Module, run: Callable[[], Any]) -> dict[str, AttentionShape]:
+    """Run ``run`` (one denoiser call) and record the shape every attention module sees, by name."""
+    shapes: dict[str, AttentionShape] = {}
+    handles = []
+    for name, module in denoiser.named_modules():
+        if hasattr(module, "heads") and hasattr(module, "processor"):
+            handles.append(module.register_forward_pre_hook(_recorder(name, module, shapes), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _recorder(name: str, module: torch.nn.Module, shapes: dict[str, AttentionShape]) -> Callable[..., None]:
+    def record(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = kwargs.get("encoder_hidden_states")
+        query_len = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
+        heads = int(module.heads)
+        head_dim = int(getattr(module, "inner_dim", 0) or module.to_q.out_features) // heads
+        joint = getattr(module, "added_kv_proj_dim", None) is not None
+        if joint and context is not None:  # FLUX double blocks attend over image and text tokens at once
+            query_len += context.shape[1]
+            key_len = query_len
+        else:
+            key_len = query_len if context is None else context.shape[1]
+        shapes[name] = AttentionShape(heads, head_dim, query_len, key_len)
+
+    return record
+
+
+class KernelAttnProcessor:
+    """Attention for diffusers' ``Attention`` modules (UNets), computed by a chosen kernel.
+
+    Follows diffusers' ``AttnProcessor2_0`` step for step; only the attention product differs. Calls
+    with a mask, and any call where the kernel raises, use SDPA, so a kernel can never break a request.
+    """
+
+    def __init__(self, kernel: AttentionFn, kernel_name: str) -> None:
+        self.kernel = kernel
+        self.kernel_name = kernel_name
+        self.failed = False
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            key_len = (encoder_hidden_states if encoder_hidden_states is not None else hidden_states).shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = self._attend(query, key, value, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor  # type: ignore[no-any-return]
+
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if mask is not None or self.failed:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        try:
+            return self.kernel(query, key, value)
+        except Exception as exc:
+            self.failed = True
+            log.warning("attention kernel failed; this module falls back to SDPA", kernel=self.kernel_name, error=str(exc))
+            return F.scaled_dot_product_attention(query, key, value)
+
+
+def install_attention(denoiser: torch.nn.Module, plan: Mapping[str, tuple[str, AttentionFn]]) -> None:
+    """Give each attention module named in ``plan`` a processor running its chosen kernel."""
+    current = denoiser.attn_processors  # type: ignore[operator]
+    processors = dict(current)
+    for module_name, (kernel_name, kernel) in plan.items():
+        processors[f"{module_name}.processor"] = KernelAttnProcessor(kernel, kernel_name)
+    denoiser.set_attn_processor(processors)  # type: ignore[operator]
+
+
+def backend_kernel(backend: str) -> AttentionFn:
+    """A diffusers attention-dispatch backend as an SDPA-layout kernel, so it is checked and timed alike."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    def kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), backend=backend  # type: ignore[arg-type]
+        )
+        return out.transpose(1, 2)
+
+    return kernel

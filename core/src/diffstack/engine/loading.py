@@ -1,0 +1,153 @@
+"""Finding and loading models: safe name resolution, format checks and family detection.
+
+Only safetensors are loaded (pickle can run code). The family comes from the configs or the weight
+names, never from a file name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from diffstack.errors import FieldViolation, InvalidRequest, ModelError
+from diffstack.types import Family
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
+DEFAULT_MODEL_NAME = "default"
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What diffstack.json beside a model says about it (all optional)."""
+
+    weights: str = ""
+    description: str = ""
+    default_width: int = 0
+    default_height: int = 0
+    default_steps: int = 0
+    default_guidance: float | None = None
+
+    @classmethod
+    def read(cls, folder: Path) -> ModelCard:
+        path = folder / "diffstack.json"
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+def resolve_model_path(name: str, models_dir: Path | None) -> Path:
+    """The path of model ``name`` inside ``models_dir``; never a path outside it (symlinks resolved)."""
+    if models_dir is None:
+        raise InvalidRequest(FieldViolation("model", f"unknown model {name!r}: no models directory is configured"))
+    root = models_dir.resolve()
+    candidate = (root / name).resolve()
+    if Path(name).is_absolute() or not candidate.is_relative_to(root) or candidate == root:
+        raise InvalidRequest(FieldViolation("model", f"model name {name!r} must name an entry inside the models directory"))
+    if not candidate.exists():
+        raise InvalidRequest(FieldViolation("model", f"unknown model {name!r}"))
+    return candidate
+
+
+def detect_family(path: Path) -> Family:
+    """The family of a diffusers folder (from its configs) or a single file (from its weight names)."""
+    if path.is_dir():
+        return _family_from_configs(path)
+    return _family_from_keys(_safetensors_keys(path))
+
+
+def _family_from_configs(folder: Path) -> Family:
+    transformer = _read_config(folder / "transformer")
+    if transformer.get("_class_name") == "FluxTransformer2DModel":
+        return Family.FLUX
+    unet = _read_config(folder / "unet")
+    if not unet:
+        raise ModelError(f"{folder} has no unet/ or FLUX transformer/ config: not a supported diffusers model")
+    if unet.get("addition_embed_type") == "text_time":
+        return Family.SDXL
+    return Family.SD2 if unet.get("use_linear_projection") else Family.SD1
+
+
+def _family_from_keys(keys: set[str]) -> Family:
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
+        return Family.FLUX
+    if has("conditioner.embedders.1."):
+        return Family.SDXL
+    if has("cond_stage_model.model."):
+        return Family.SD2
+    if has("cond_stage_model.transformer.") or has("model.diffusion_model.input_blocks."):
+        return Family.SD1
+    raise ModelError("the weights match no supported family (SD1.x, SD2.x, SDXL, FLUX)")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _safetensors_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return set(weights.keys())
+    except Exception as exc:
+        raise ModelError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+
+
+def check_format(path: Path) -> None:
+    """Refuse pickle formats and anything that is neither a diffusers folder nor a safetensors file."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"{path.name}: pickle checkpoints ({path.suffix}) can run code when loaded and are refused; "
+            "convert the model to .safetensors"
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path} is a folder without model_index.json: not a diffusers model folder")
+        return
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path.name}: expected a diffusers folder or a .safetensors file")
+
+
+def pipeline_class(family: Family) -> type[DiffusionPipeline]:
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {Family.SDXL: StableDiffusionXLPipeline, Family.FLUX: FluxPipeline}.get(family, StableDiffusionPipeline)
+
+
+def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """Load ``path`` with diffusers, offline, safetensors only, onto ``device`` in ``dtype``."""
+    check_format(path)
+    cls = pipeline_class(family)
+    try:
+        if path.is_dir():
+            pipe = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+        else:
+            pipe = cls.from_single_file(
+                str(path), config=str(_single_file_config(path)), torch_dtype=dtype, local_files_only=True
+            )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelError(f"could not load {path.name}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _single_file_config(path: Path) -> Path:
+    """A single original-format checkpoint needs its diffusers configs, found beside it, offline."""
+    folder = path.with_suffix("")
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(
+            f"{path.name} is an original-format checkpoint; put its diffusers config folder (model_index.json, "
+            f"component configs and tokenizers, no weights) at {folder.name}/ beside it: nothing is downloaded"
+        )
+    return folder

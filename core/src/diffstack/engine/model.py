@@ -1,0 +1,162 @@
+"""A loaded model with its composed stack: load, measure, compose, report, all once per model."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import structlog
+import torch
+from diffusers import DiffusionPipeline
+
+from diffstack.compose import ComposedStack, ModelUnderTest, compose_stack
+from diffstack.config import Settings
+from diffstack.engine.attention import capture_attention_shapes
+from diffstack.engine.families import FamilyAdapter, adapter_for
+from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
+from diffstack.plugins import PluginHost
+from diffstack.types import Family, ModelInfo, PromptEmbeddings, PromptSpec, StackReport
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_GUIDANCE = {Family.SD1: 7.5, Family.SD2: 7.5, Family.SDXL: 5.0, Family.FLUX: 3.5}
+DEFAULT_STEPS = {Family.SD1: 20, Family.SD2: 20, Family.SDXL: 20, Family.FLUX: 28}
+
+
+@dataclass
+class LoadedModel:
+    """One model in memory. ``lock`` serialises pipeline calls: schedulers and wrappers hold state."""
+
+    name: str
+    path: Path
+    pipeline: DiffusionPipeline
+    adapter: FamilyAdapter
+    info: ModelInfo
+    card: ModelCard
+    stack: ComposedStack
+    report: StackReport
+    lock: threading.Lock
+
+    @property
+    def eager_denoiser(self) -> torch.nn.Module:
+        return self._eager
+
+    def denoiser_for(self, with_wrappers: bool) -> torch.nn.Module:
+        """The compiled denoiser, or the eager one when wrappers must hook into its blocks."""
+        if with_wrappers or self.stack.compiled is None:
+            return self._eager
+        return self.stack.compiled
+
+    def __post_init__(self) -> None:
+        self._eager = self.adapter.denoiser(self.pipeline)
+        self.scheduler_config = self.pipeline.scheduler.config
+        """The model's own scheduler config: every sampler is built from it, never from the last one."""
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return default_size(self.pipeline, self.adapter, self.card)
+
+    @property
+    def default_steps(self) -> int:
+        return self.card.default_steps or DEFAULT_STEPS[self.info.family]
+
+    @property
+    def default_guidance(self) -> float:
+        return self.card.default_guidance if self.card.default_guidance is not None else DEFAULT_GUIDANCE[self.info.family]
+
+
+def resolve_device(settings: Settings) -> str:
+    if settings.engine.device != "auto":
+        return settings.engine.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(settings: Settings, device: str, family: Family) -> torch.dtype:
+    if settings.engine.dtype != "auto":
+        return getattr(torch, settings.engine.dtype)  # type: ignore[no-any-return]
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if family is Family.FLUX else torch.float16
+
+
+def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> LoadedModel:
+    """Load ``path``, measure its attention shapes and compose its stack."""
+    family = detect_family(path)
+    device = resolve_device(settings)
+    dtype = resolve_dtype(settings, device, family)
+    pipeline = load_pipeline(path, family, device, dtype)
+    adapter = adapter_for(family)
+    card = ModelCard.read(path if path.is_dir() else path.parent)
+    denoiser = adapter.denoiser(pipeline)
+    measure = {"always": True, "never": False}.get(settings.compose.measure, device.startswith("cuda"))
+
+    width, height = default_size(pipeline, adapter, card)
+    inputs = adapter.sample_inputs(pipeline, settings.compose.batch, height, width)
+    reference: list[torch.Tensor] = []
+    shapes = capture_attention_shapes(denoiser, lambda: reference.append(denoiser(**inputs, return_dict=False)[0]))
+    info = ModelInfo(
+        name=name,
+        family=family,
+        denoiser_kind=adapter.denoiser_kind,
+        device=device,
+        dtype=dtype,
+        attention_shapes=tuple(sorted(set(shapes.values()), key=lambda s: s.key)),
+        text_encoder_digest=_digest(adapter.text_encoders(pipeline)),
+        options=settings.plugins.options,
+    )
+    under_test = ModelUnderTest(
+        info=info,
+        denoiser=denoiser,
+        denoiser_inputs=inputs,
+        reference_output=reference[0],
+        module_shapes=shapes,
+        base_encoder=partial(_encode_without_grad, adapter, pipeline),
+        scheduler=pipeline.scheduler,
+        measure=measure,
+    )
+    stack = compose_stack(host, under_test, settings.compose)
+    notes = [f"denoiser calls measured at batch {settings.compose.batch}, {width}x{height}"]
+    if not measure:
+        notes.append(f"timing skipped on {device} (compose.measure={settings.compose.measure}): priorities decided")
+    if card.weights == "random":
+        notes.append("this model's weights are random: it draws noise, not pictures")
+    report = StackReport(
+        model=name,
+        family=family,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        measured=measure,
+        notes=tuple(notes),
+        slots=tuple(stack.slots),
+    )
+    log.info("stack composed", model=name, family=family.value, chosen=report.summary())
+    return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
+
+
+def default_size(pipeline: DiffusionPipeline, adapter: FamilyAdapter, card: ModelCard) -> tuple[int, int]:
+    """The model card's size, else the size the denoiser was built for (1024 for FLUX)."""
+    if card.default_width and card.default_height:
+        return card.default_width, card.default_height
+    if adapter.family is Family.FLUX:
+        return 1024, 1024
+    size = int(adapter.denoiser(pipeline).config.sample_size) * pipeline.vae_scale_factor
+    return size, size
+
+
+def _encode_without_grad(adapter: FamilyAdapter, pipeline: DiffusionPipeline, spec: PromptSpec) -> PromptEmbeddings:
+    """The pipeline's own encoder; outside ``__call__`` it would track gradients, so switch that off."""
+    with torch.no_grad():
+        return adapter.encode(pipeline, spec)
+
+
+def _digest(modules: list[torch.nn.Module]) -> str:
+    """A content hash of the text encoders' weights: the prompt cache's key, stable across restarts."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
