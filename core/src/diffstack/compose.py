@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import structlog
@@ -32,6 +33,7 @@ from diffstack.types import (
     EncoderOffer,
     ModelInfo,
     Offer,
+    PromptEmbeddings,
     PromptEncoder,
     PromptSpec,
     SigmasOffer,
@@ -40,6 +42,7 @@ from diffstack.types import (
 
 log = structlog.get_logger(__name__)
 OfferT = TypeVar("OfferT", bound=Offer)
+ResultT = TypeVar("ResultT")
 
 
 @dataclass
@@ -82,7 +85,9 @@ class _Slot:
         self.candidates: list[CandidateReport] = []
         self.chosen: list[str] = []
 
-    def add(self, source: OfferFrom | None, status: CandidateStatus, reason: str = "", **numbers: Any) -> None:
+    def add(
+        self, source: OfferFrom | None, status: CandidateStatus, reason: str = "", **numbers: Any
+    ) -> None:
         offer = source.offer if source else None
         self.candidates.append(
             CandidateReport(
@@ -111,9 +116,13 @@ def _valid_offers(
     valid: list[tuple[OfferFrom, OfferT]] = []
     for source in sources:
         if not isinstance(source.offer, offer_type):
-            slot.add(source, CandidateStatus.FAILED, f"returned {type(source.offer).__name__}, expected {offer_type.__name__}")
+            slot.add(
+                source,
+                CandidateStatus.FAILED,
+                f"returned {type(source.offer).__name__}, expected {offer_type.__name__}",
+            )
             continue
-        availability = _guard(lambda s=source: s.offer.probe(model.info), "probe")
+        availability = _guard("probe", source.offer.probe, model.info)
         if isinstance(availability, str):
             slot.add(source, CandidateStatus.FAILED, availability)
         elif not availability.ok:
@@ -123,10 +132,10 @@ def _valid_offers(
     return sorted(valid, key=lambda pair: -pair[1].priority)
 
 
-def _guard(fn: Callable[[], Any], stage: str) -> Any:
+def _guard(stage: str, fn: Callable[..., ResultT], *args: Any) -> ResultT | str:
     """Run a plugin's code; an exception becomes a reason string instead of escaping."""
     try:
-        return fn()
+        return fn(*args)
     except Exception as exc:
         return f"{stage} raised {type(exc).__name__}: {exc}"
 
@@ -154,16 +163,24 @@ def _pick_fastest(
 # -------------------------------------------------------------------------------------------------
 
 
-def compose_attention(host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, stack: ComposedStack) -> None:
+def compose_attention(
+    host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, stack: ComposedStack
+) -> None:
     slot = _Slot("select_attention")
     built: list[tuple[OfferFrom, AttentionOffer, AttentionFn]] = []
     transformer = model.info.denoiser_kind is DenoiserKind.TRANSFORMER
     for source, offer in _valid_offers(host, "select_attention", AttentionOffer, model, slot):
         if transformer and offer.diffusers_backend is None:
-            slot.add(source, CandidateStatus.REJECTED, "offers no diffusers attention backend for transformer models")
+            slot.add(
+                source,
+                CandidateStatus.REJECTED,
+                "offers no diffusers attention backend for transformer models",
+            )
             continue
-        kernel = _guard(
-            lambda o=offer: backend_kernel(o.diffusers_backend) if transformer else o.build(model.info), "build"
+        kernel = (
+            _guard("build", backend_kernel, offer.diffusers_backend)
+            if transformer and offer.diffusers_backend
+            else _guard("build", offer.build, model.info)
         )
         if isinstance(kernel, str):
             slot.add(source, CandidateStatus.FAILED, kernel)
@@ -203,16 +220,22 @@ def _decide_attention(
         if unsupported:
             slot.add(source, CandidateStatus.REJECTED, _supports(offer, unsupported[0]).reason, scope=scope)
             continue
-        errors = _guard(lambda k=kernel: [relative_error(k(*qkv), ref) for qkv, ref in zip(inputs, references)], "run")
+        errors = _guard("run", _kernel_errors, kernel, inputs, references)
         if isinstance(errors, str):
             slot.add(source, CandidateStatus.FAILED, errors, scope=scope)
             continue
         error = max(errors)
         if error > settings.attention_tolerance:
-            slot.add(source, CandidateStatus.REJECTED, f"relative error {error:.2e} exceeds {settings.attention_tolerance:.0e}", scope=scope, numeric_error=error)
+            slot.add(
+                source,
+                CandidateStatus.REJECTED,
+                f"relative error {error:.2e} exceeds {settings.attention_tolerance:.0e}",
+                scope=scope,
+                numeric_error=error,
+            )
             continue
         elapsed = (
-            sum(median_ms(lambda k=kernel, q=qkv: k(*q), settings.repeats, model.info.device) for qkv in inputs)
+            sum(median_ms(partial(kernel, *qkv), settings.repeats, model.info.device) for qkv in inputs)
             if model.measure
             else None
         )
@@ -222,21 +245,42 @@ def _decide_attention(
     winner_source, reasons = _pick_fastest([(c[0], t) for c, _, t in passing], settings.tie_fraction)
     for index, (candidate, error, elapsed) in enumerate(passing):
         won = candidate[0] is winner_source
-        status = CandidateStatus.CHOSEN if won else (CandidateStatus.SLOWER if model.measure else CandidateStatus.AVAILABLE)
-        slot.add(candidate[0], status, "" if won else reasons[index], scope=scope, numeric_error=error, time_ms=elapsed)
+        status = (
+            CandidateStatus.CHOSEN
+            if won
+            else (CandidateStatus.SLOWER if model.measure else CandidateStatus.AVAILABLE)
+        )
+        slot.add(
+            candidate[0],
+            status,
+            "" if won else reasons[index],
+            scope=scope,
+            numeric_error=error,
+            time_ms=elapsed,
+        )
     return next(c for c, _, _ in passing if c[0] is winner_source)
 
 
+def _kernel_errors(
+    kernel: AttentionFn, inputs: list[tuple[torch.Tensor, ...]], references: list[torch.Tensor]
+) -> list[float]:
+    return [relative_error(kernel(*qkv), ref) for qkv, ref in zip(inputs, references, strict=True)]
+
+
 def _supports(offer: AttentionOffer, shape: AttentionShape) -> Availability:
-    answer = _guard(lambda: offer.supports(shape), "supports")
+    answer = _guard("supports", offer.supports, shape)
     return Availability.no(answer) if isinstance(answer, str) else answer
 
 
-def _qkv(shape: AttentionShape, batch: int, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(
+    shape: AttentionShape, batch: int, info: ModelInfo
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
 
     def rand(length: int) -> torch.Tensor:
-        return torch.randn(batch, shape.heads, length, shape.head_dim, generator=generator).to(info.device, info.dtype)
+        return torch.randn(batch, shape.heads, length, shape.head_dim, generator=generator).to(
+            info.device, info.dtype
+        )
 
     return rand(shape.query_len), rand(shape.key_len), rand(shape.key_len)
 
@@ -246,12 +290,14 @@ def _qkv(shape: AttentionShape, batch: int, info: ModelInfo) -> tuple[torch.Tens
 # -------------------------------------------------------------------------------------------------
 
 
-def compose_compile(host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, stack: ComposedStack) -> None:
+def compose_compile(
+    host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, stack: ComposedStack
+) -> None:
     slot = _Slot("compile_model")
     passing: list[tuple[OfferFrom, torch.nn.Module, float, float, float | None]] = []
     for source, offer in _valid_offers(host, "compile_model", CompileOffer, model, slot):
         started = time.perf_counter()
-        result = _guard(lambda o=offer: _build_and_run(o, model), "build")
+        result = _guard("build", _build_and_run, offer, model)
         setup_s = time.perf_counter() - started
         if isinstance(result, str):
             slot.add(source, CandidateStatus.FAILED, result, setup_s=setup_s)
@@ -259,10 +305,20 @@ def compose_compile(host: PluginHost, model: ModelUnderTest, settings: ComposeSe
         module, output = result
         error = relative_error(output, model.reference_output)
         if error > settings.compile_tolerance:
-            slot.add(source, CandidateStatus.REJECTED, f"relative error {error:.2e} vs eager exceeds {settings.compile_tolerance:.0e}", numeric_error=error, setup_s=setup_s)
+            slot.add(
+                source,
+                CandidateStatus.REJECTED,
+                f"relative error {error:.2e} vs eager exceeds {settings.compile_tolerance:.0e}",
+                numeric_error=error,
+                setup_s=setup_s,
+            )
             continue
         elapsed = (
-            median_ms(lambda m=module: m(**model.denoiser_inputs, return_dict=False), settings.repeats, model.info.device)
+            median_ms(
+                partial(module, **model.denoiser_inputs, return_dict=False),
+                settings.repeats,
+                model.info.device,
+            )
             if model.measure
             else None
         )
@@ -271,8 +327,19 @@ def compose_compile(host: PluginHost, model: ModelUnderTest, settings: ComposeSe
         winner, reasons = _pick_fastest([(p[0], p[4]) for p in passing], settings.tie_fraction)
         for index, (source, module, error, setup_s, elapsed) in enumerate(passing):
             won = source is winner
-            status = CandidateStatus.CHOSEN if won else (CandidateStatus.SLOWER if model.measure else CandidateStatus.AVAILABLE)
-            slot.add(source, status, "" if won else reasons[index], numeric_error=error, time_ms=elapsed, setup_s=setup_s)
+            status = (
+                CandidateStatus.CHOSEN
+                if won
+                else (CandidateStatus.SLOWER if model.measure else CandidateStatus.AVAILABLE)
+            )
+            slot.add(
+                source,
+                status,
+                "" if won else reasons[index],
+                numeric_error=error,
+                time_ms=elapsed,
+                setup_s=setup_s,
+            )
             if won:
                 stack.compiled, stack.compiled_name = module, source.offer.name
                 slot.chosen.append(source.offer.name)
@@ -298,9 +365,13 @@ def compose_sigmas(host: PluginHost, model: ModelUnderTest, stack: ComposedStack
             slot.add(source, CandidateStatus.REJECTED, f"not made for {model.info.family.value} models")
             continue
         if offer.name in stack.schedules:
-            slot.add(source, CandidateStatus.REJECTED, f"another plugin already offers a schedule named {offer.name!r}")
+            slot.add(
+                source,
+                CandidateStatus.REJECTED,
+                f"another plugin already offers a schedule named {offer.name!r}",
+            )
             continue
-        sigmas = _guard(lambda o=offer: o.build(SIGMAS_CHECK_STEPS, model.scheduler), "build")
+        sigmas = _guard("build", offer.build, SIGMAS_CHECK_STEPS, model.scheduler)
         if isinstance(sigmas, str):
             slot.add(source, CandidateStatus.FAILED, sigmas)
             continue
@@ -342,22 +413,32 @@ def _check_sigmas(sigmas: list[float] | None, steps: int = SIGMAS_CHECK_STEPS) -
 CHECK_PROMPT = PromptSpec("a red circle at the top left", "blurry")
 
 
+def _encode_twice(encoder: PromptEncoder) -> list[PromptEmbeddings]:
+    """Twice, so a cache is checked on its hit as well as its miss."""
+    return [encoder(CHECK_PROMPT) for _ in range(2)]
+
+
 def compose_encoder(host: PluginHost, model: ModelUnderTest, stack: ComposedStack) -> None:
     slot = _Slot("encode_prompt")
     reference = model.base_encoder(CHECK_PROMPT)
     encoder = model.base_encoder
     for source, offer in reversed(_valid_offers(host, "encode_prompt", EncoderOffer, model, slot)):
-        wrapped = _guard(lambda o=offer, inner=encoder: o.wrap(inner, model.info), "wrap")
+        wrapped = _guard("wrap", offer.wrap, encoder, model.info)
         if isinstance(wrapped, str):
             slot.add(source, CandidateStatus.FAILED, wrapped)
             continue
-        outputs = _guard(lambda w=wrapped: [w(CHECK_PROMPT) for _ in range(2)], "encode")
+        outputs = _guard("encode", _encode_twice, wrapped)
         if isinstance(outputs, str):
             slot.add(source, CandidateStatus.FAILED, outputs)
             continue
         error = max(relative_error(out[k], reference[k]) for out in outputs for k in reference)
         if error > 0:
-            slot.add(source, CandidateStatus.REJECTED, f"embeddings differ from the pipeline's own (relative error {error:.2e})", numeric_error=error)
+            slot.add(
+                source,
+                CandidateStatus.REJECTED,
+                f"embeddings differ from the pipeline's own (relative error {error:.2e})",
+                numeric_error=error,
+            )
             continue
         encoder = wrapped
         stack.encoder_chain.append(wrapped)
@@ -376,11 +457,18 @@ def compose_wrappers(host: PluginHost, model: ModelUnderTest, stack: ComposedSta
     slot = _Slot("wrap_denoiser")
     for source, offer in _valid_offers(host, "wrap_denoiser", DenoiserWrapperOffer, model, slot):
         if model.info.denoiser_kind not in offer.denoiser_kinds:
-            slot.add(source, CandidateStatus.REJECTED, f"needs a {' or '.join(sorted(offer.denoiser_kinds))} denoiser, this model has a {model.info.denoiser_kind}")
+            slot.add(
+                source,
+                CandidateStatus.REJECTED,
+                f"needs a {' or '.join(sorted(offer.denoiser_kinds))} denoiser, "
+                f"this model has a {model.info.denoiser_kind}",
+            )
             continue
-        problem = _guard(lambda o=offer: _check_wrapper(o, model), "apply")
+        problem = _guard("apply", _check_wrapper, offer, model)
         if problem:
-            slot.add(source, CandidateStatus.FAILED if "raised" in problem else CandidateStatus.REJECTED, problem)
+            slot.add(
+                source, CandidateStatus.FAILED if "raised" in problem else CandidateStatus.REJECTED, problem
+            )
             continue
         stack.wrappers[offer.name] = offer
         slot.add(source, CandidateStatus.AVAILABLE, "enabled per request")

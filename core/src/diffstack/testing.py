@@ -7,17 +7,22 @@ is saved as a real diffusers folder of safetensors and loaded back through the e
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import torch
 
+from diffstack.config import Settings, load_settings
 from diffstack.types import Family
+
+BASELINE_PLUGINS = ("sdpa", "schedules", "plain_encoder", "eager")
+"""The built-in baseline plugins; tests allow-list them so installed extras never change a result."""
 
 TOKENIZER_DIR = Path(__file__).parent / "default_model" / "tokenizer"
 """The real CLIP BPE tokenizer files, shipped inside the embedded default model."""
 
 
-def clip_tokenizer():  # type: ignore[no-untyped-def]
+def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(
@@ -27,7 +32,7 @@ def clip_tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
-def _clip_text_config(hidden: int = 32, projection: int | None = None):  # type: ignore[no-untyped-def]
+def _clip_text_config(hidden: int = 32, projection: int | None = None):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -44,7 +49,7 @@ def _clip_text_config(hidden: int = 32, projection: int | None = None):  # type:
     )
 
 
-def _vae(latent_channels: int = 4, **extra: float):  # type: ignore[no-untyped-def]
+def _vae(latent_channels: int = 4, **extra: float):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -61,7 +66,7 @@ def _vae(latent_channels: int = 4, **extra: float):  # type: ignore[no-untyped-d
     )
 
 
-def _sd_scheduler():  # type: ignore[no-untyped-def]
+def _sd_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
@@ -74,7 +79,7 @@ def _sd_scheduler():  # type: ignore[no-untyped-def]
     )
 
 
-def _unet(cross_attention_dim: int, **extra: object):  # type: ignore[no-untyped-def]
+def _unet(cross_attention_dim: int, **extra: object):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -92,7 +97,7 @@ def _unet(cross_attention_dim: int, **extra: object):  # type: ignore[no-untyped
     )
 
 
-def build_tiny_pipeline(family: Family, seed: int = 0):  # type: ignore[no-untyped-def]
+def build_tiny_pipeline(family: Family, seed: int = 0):
     """A complete pipeline of ``family`` with seeded random weights, small enough for a CPU test."""
     torch.manual_seed(seed)
     if family in (Family.SD1, Family.SD2):
@@ -131,7 +136,7 @@ def build_tiny_pipeline(family: Family, seed: int = 0):  # type: ignore[no-untyp
     return _tiny_flux()
 
 
-def _tiny_flux():  # type: ignore[no-untyped-def]
+def _tiny_flux():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -148,7 +153,15 @@ def _tiny_flux():  # type: ignore[no-untyped-def]
         axes_dims_rope=(4, 4, 8),
     )
     text_encoder_2 = T5EncoderModel(
-        T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000, relative_attention_num_buckets=8)
+        T5Config(
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_heads=4,
+            num_layers=2,
+            vocab_size=1000,
+            relative_attention_num_buckets=8,
+        )
     )
     return FluxPipeline(
         transformer=transformer,
@@ -161,7 +174,7 @@ def _tiny_flux():  # type: ignore[no-untyped-def]
     )
 
 
-def _word_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
+def _word_tokenizer(vocab_size: int):
     """A stand-in for T5's SentencePiece tokenizer, whose files cannot be shipped or downloaded here."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -175,14 +188,29 @@ def _word_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=32
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=32,
     )
 
 
-def save_tiny_model(family: Family, path: Path, seed: int = 0, metadata: dict[str, object] | None = None) -> Path:
+def save_tiny_model(
+    family: Family, path: Path, seed: int = 0, metadata: dict[str, object] | None = None
+) -> Path:
     """Build a tiny ``family`` pipeline and save it as a diffusers folder of safetensors."""
     pipeline = build_tiny_pipeline(family, seed)
     pipeline.save_pretrained(path, safe_serialization=True)
     if metadata is not None:
         (path / "diffstack.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return path
+
+
+def baseline_settings(
+    models_dir: Path, default_model: str = "tiny-sd1", **sections: dict[str, Any]
+) -> Settings:
+    """Settings serving ``models_dir`` with only the baseline plugins, whatever else is installed."""
+    plugins = {"allow": list(BASELINE_PLUGINS), **sections.pop("plugins", {})}
+    engine = {"models_dir": models_dir, "default_model": default_model, **sections.pop("engine", {})}
+    return load_settings(None, plugins=plugins, engine=engine, **sections)

@@ -30,7 +30,9 @@ def capture_attention_shapes(denoiser: torch.nn.Module, run: Callable[[], Any]) 
     handles = []
     for name, module in denoiser.named_modules():
         if hasattr(module, "heads") and hasattr(module, "processor"):
-            handles.append(module.register_forward_pre_hook(_recorder(name, module, shapes), with_kwargs=True))
+            handles.append(
+                module.register_forward_pre_hook(_recorder(name, module, shapes), with_kwargs=True)
+            )
     try:
         with torch.inference_mode():
             run()
@@ -40,7 +42,7 @@ def capture_attention_shapes(denoiser: torch.nn.Module, run: Callable[[], Any]) 
     return shapes
 
 
-def _recorder(name: str, module: torch.nn.Module, shapes: dict[str, AttentionShape]) -> Callable[..., None]:
+def _recorder(name: str, module: Any, shapes: dict[str, AttentionShape]) -> Callable[..., None]:
     def record(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states")
@@ -101,20 +103,24 @@ class KernelAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        query, key, value = (
+            t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
         hidden_states = self._attend(query, key, value, attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = (
+            hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        )
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor  # type: ignore[no-any-return]
+        return hidden_states / attn.rescale_output_factor
 
     def _attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
@@ -125,14 +131,17 @@ class KernelAttnProcessor:
             return self.kernel(query, key, value)
         except Exception as exc:
             self.failed = True
-            log.warning("attention kernel failed; this module falls back to SDPA", kernel=self.kernel_name, error=str(exc))
+            log.warning(
+                "attention kernel failed; this module falls back to SDPA",
+                kernel=self.kernel_name,
+                error=str(exc),
+            )
             return F.scaled_dot_product_attention(query, key, value)
 
 
 def install_attention(denoiser: torch.nn.Module, plan: Mapping[str, tuple[str, AttentionFn]]) -> None:
     """Give each attention module named in ``plan`` a processor running its chosen kernel."""
-    current = denoiser.attn_processors  # type: ignore[operator]
-    processors = dict(current)
+    processors: dict[str, Any] = dict(denoiser.attn_processors)  # type: ignore[arg-type]
     for module_name, (kernel_name, kernel) in plan.items():
         processors[f"{module_name}.processor"] = KernelAttnProcessor(kernel, kernel_name)
     denoiser.set_attn_processor(processors)  # type: ignore[operator]
@@ -144,7 +153,10 @@ def backend_kernel(backend: str) -> AttentionFn:
 
     def kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         out = dispatch_attention_fn(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), backend=backend  # type: ignore[arg-type]
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            backend=backend,  # type: ignore[arg-type]
         )
         return out.transpose(1, 2)
 

@@ -100,7 +100,9 @@ class Engine:
     @staticmethod
     def batch_key(request: GenerationRequest) -> Hashable:
         """Prepared requests with equal keys can share one pipeline call."""
-        wrappers = tuple(sorted((name, tuple(sorted(opts.items()))) for name, opts in request.wrappers.items()))
+        wrappers = tuple(
+            sorted((name, tuple(sorted(opts.items()))) for name, opts in request.wrappers.items())
+        )
         return (
             request.model,
             request.width,

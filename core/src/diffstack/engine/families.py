@@ -7,12 +7,15 @@ prompts, which module denoises, and what a denoiser call looks like (for measuri
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import torch
-from diffusers import DiffusionPipeline
 
 from diffstack.types import DenoiserKind, Family, PromptEmbeddings, PromptSpec
+
+Pipeline: TypeAlias = Any
+"""A diffusers pipeline. Its components are attributes set at run time, so annotating it as
+``Pipeline`` would make every component access a type error."""
 
 
 class FamilyAdapter:
@@ -30,16 +33,16 @@ class FamilyAdapter:
     def __init__(self, family: Family) -> None:
         self.family = family
 
-    def denoiser(self, pipe: DiffusionPipeline) -> torch.nn.Module:
-        return getattr(pipe, self.denoiser_attribute)  # type: ignore[no-any-return]
+    def denoiser(self, pipe: Pipeline) -> Any:
+        return getattr(pipe, self.denoiser_attribute)
 
-    def set_denoiser(self, pipe: DiffusionPipeline, module: torch.nn.Module) -> None:
+    def set_denoiser(self, pipe: Pipeline, module: torch.nn.Module) -> None:
         setattr(pipe, self.denoiser_attribute, module)
 
-    def text_encoders(self, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+    def text_encoders(self, pipe: Pipeline) -> list[torch.nn.Module]:
         return [pipe.text_encoder]
 
-    def encode(self, pipe: DiffusionPipeline, spec: PromptSpec) -> PromptEmbeddings:
+    def encode(self, pipe: Pipeline, spec: PromptSpec) -> PromptEmbeddings:
         """The pipeline's own encoder, for a batch of one."""
         embeds, negative = pipe.encode_prompt(
             spec.prompt,
@@ -51,13 +54,15 @@ class FamilyAdapter:
         )
         return _without_none({"prompt_embeds": embeds, "negative_prompt_embeds": negative})
 
-    def sample_inputs(self, pipe: DiffusionPipeline, batch: int, height: int, width: int) -> dict[str, Any]:
+    def sample_inputs(self, pipe: Pipeline, batch: int, height: int, width: int) -> dict[str, Any]:
         """Random denoiser inputs of the real shapes, for composing and timing offers."""
         unet = self.denoiser(pipe)
         factor = pipe.vae_scale_factor
         device, dtype = unet.device, unet.dtype
         return {
-            "sample": torch.randn(batch, unet.config.in_channels, height // factor, width // factor).to(device, dtype),
+            "sample": torch.randn(batch, unet.config.in_channels, height // factor, width // factor).to(
+                device, dtype
+            ),
             "timestep": torch.tensor(500, device=device),
             "encoder_hidden_states": torch.randn(
                 batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim
@@ -68,10 +73,10 @@ class FamilyAdapter:
 class SDXLAdapter(FamilyAdapter):
     """SDXL: two text encoders and pooled embeddings."""
 
-    def text_encoders(self, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+    def text_encoders(self, pipe: Pipeline) -> list[torch.nn.Module]:
         return [pipe.text_encoder, pipe.text_encoder_2]
 
-    def encode(self, pipe: DiffusionPipeline, spec: PromptSpec) -> PromptEmbeddings:
+    def encode(self, pipe: Pipeline, spec: PromptSpec) -> PromptEmbeddings:
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             spec.prompt,
             device=pipe._execution_device,
@@ -89,7 +94,7 @@ class SDXLAdapter(FamilyAdapter):
             }
         )
 
-    def sample_inputs(self, pipe: DiffusionPipeline, batch: int, height: int, width: int) -> dict[str, Any]:
+    def sample_inputs(self, pipe: Pipeline, batch: int, height: int, width: int) -> dict[str, Any]:
         inputs = super().sample_inputs(pipe, batch, height, width)
         config = self.denoiser(pipe).config
         time_dim = 6 * config.addition_time_embed_dim
@@ -112,10 +117,10 @@ class FluxAdapter(FamilyAdapter):
     samplers = frozenset({"flow_euler"})
     uses_negative_prompt = False
 
-    def text_encoders(self, pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+    def text_encoders(self, pipe: Pipeline) -> list[torch.nn.Module]:
         return [pipe.text_encoder, pipe.text_encoder_2]
 
-    def encode(self, pipe: DiffusionPipeline, spec: PromptSpec) -> PromptEmbeddings:
+    def encode(self, pipe: Pipeline, spec: PromptSpec) -> PromptEmbeddings:
         embeds, pooled, _text_ids = pipe.encode_prompt(
             spec.prompt,
             prompt_2=None,
@@ -125,15 +130,17 @@ class FluxAdapter(FamilyAdapter):
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def sample_inputs(self, pipe: DiffusionPipeline, batch: int, height: int, width: int) -> dict[str, Any]:
+    def sample_inputs(self, pipe: Pipeline, batch: int, height: int, width: int) -> dict[str, Any]:
         transformer = self.denoiser(pipe)
-        config = transformer.config
+        config: Any = transformer.config
         device, dtype = transformer.device, transformer.dtype
         tokens = (height // pipe.vae_scale_factor // 2) * (width // pipe.vae_scale_factor // 2)
         text_len = _flux_sequence_length(pipe)
         inputs: dict[str, Any] = {
             "hidden_states": torch.randn(batch, tokens, config.in_channels).to(device, dtype),
-            "encoder_hidden_states": torch.randn(batch, text_len, config.joint_attention_dim).to(device, dtype),
+            "encoder_hidden_states": torch.randn(batch, text_len, config.joint_attention_dim).to(
+                device, dtype
+            ),
             "pooled_projections": torch.randn(batch, config.pooled_projection_dim).to(device, dtype),
             "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
             "img_ids": torch.zeros(tokens, 3, device=device, dtype=dtype),
@@ -144,7 +151,7 @@ class FluxAdapter(FamilyAdapter):
         return inputs
 
 
-def _flux_sequence_length(pipe: DiffusionPipeline) -> int:
+def _flux_sequence_length(pipe: Pipeline) -> int:
     return min(512, int(pipe.tokenizer_2.model_max_length))
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
 
+from diffstack.engine.families import Pipeline
 from diffstack.errors import FieldViolation, InvalidRequest, ModelError
 from diffstack.types import Family
 
@@ -45,11 +45,15 @@ class ModelCard:
 def resolve_model_path(name: str, models_dir: Path | None) -> Path:
     """The path of model ``name`` inside ``models_dir``; never a path outside it (symlinks resolved)."""
     if models_dir is None:
-        raise InvalidRequest(FieldViolation("model", f"unknown model {name!r}: no models directory is configured"))
+        raise InvalidRequest(
+            FieldViolation("model", f"unknown model {name!r}: no models directory is configured")
+        )
     root = models_dir.resolve()
     candidate = (root / name).resolve()
     if Path(name).is_absolute() or not candidate.is_relative_to(root) or candidate == root:
-        raise InvalidRequest(FieldViolation("model", f"model name {name!r} must name an entry inside the models directory"))
+        raise InvalidRequest(
+            FieldViolation("model", f"model name {name!r} must name an entry inside the models directory")
+        )
     if not candidate.exists():
         raise InvalidRequest(FieldViolation("model", f"unknown model {name!r}"))
     return candidate
@@ -68,7 +72,9 @@ def _family_from_configs(folder: Path) -> Family:
         return Family.FLUX
     unet = _read_config(folder / "unet")
     if not unet:
-        raise ModelError(f"{folder} has no unet/ or FLUX transformer/ config: not a supported diffusers model")
+        raise ModelError(
+            f"{folder} has no unet/ or FLUX transformer/ config: not a supported diffusers model"
+        )
     if unet.get("addition_embed_type") == "text_time":
         return Family.SDXL
     return Family.SD2 if unet.get("use_linear_projection") else Family.SD1
@@ -119,13 +125,13 @@ def check_format(path: Path) -> None:
         raise ModelError(f"{path.name}: expected a diffusers folder or a .safetensors file")
 
 
-def pipeline_class(family: Family) -> type[DiffusionPipeline]:
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+def pipeline_class(family: Family) -> type[Pipeline]:
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline, StableDiffusionPipeline
 
     return {Family.SDXL: StableDiffusionXLPipeline, Family.FLUX: FluxPipeline}.get(family, StableDiffusionPipeline)
 
 
-def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -> Pipeline:
     """Load ``path`` with diffusers, offline, safetensors only, onto ``device`` in ``dtype``."""
     check_format(path)
     cls = pipeline_class(family)
@@ -136,7 +142,7 @@ def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -
             pipe = cls.from_single_file(
                 str(path), config=str(_single_file_config(path)), torch_dtype=dtype, local_files_only=True
             )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"could not load {path.name}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -147,7 +153,8 @@ def _single_file_config(path: Path) -> Path:
     folder = path.with_suffix("")
     if not (folder / "model_index.json").is_file():
         raise ModelError(
-            f"{path.name} is an original-format checkpoint; put its diffusers config folder (model_index.json, "
-            f"component configs and tokenizers, no weights) at {folder.name}/ beside it: nothing is downloaded"
+            f"{path.name} is an original-format checkpoint; put its diffusers config folder "
+            f"(model_index.json, component configs and tokenizers, no weights) at {folder.name}/ "
+            "beside it: nothing is downloaded"
         )
     return folder

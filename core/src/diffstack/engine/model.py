@@ -10,12 +10,11 @@ from pathlib import Path
 
 import structlog
 import torch
-from diffusers import DiffusionPipeline
 
 from diffstack.compose import ComposedStack, ModelUnderTest, compose_stack
 from diffstack.config import Settings
 from diffstack.engine.attention import capture_attention_shapes
-from diffstack.engine.families import FamilyAdapter, adapter_for
+from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
 from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
 from diffstack.plugins import PluginHost
 from diffstack.types import Family, ModelInfo, PromptEmbeddings, PromptSpec, StackReport
@@ -32,7 +31,7 @@ class LoadedModel:
 
     name: str
     path: Path
-    pipeline: DiffusionPipeline
+    pipeline: Pipeline
     adapter: FamilyAdapter
     info: ModelInfo
     card: ModelCard
@@ -65,7 +64,11 @@ class LoadedModel:
 
     @property
     def default_guidance(self) -> float:
-        return self.card.default_guidance if self.card.default_guidance is not None else DEFAULT_GUIDANCE[self.info.family]
+        return (
+            self.card.default_guidance
+            if self.card.default_guidance is not None
+            else DEFAULT_GUIDANCE[self.info.family]
+        )
 
 
 def resolve_device(settings: Settings) -> str:
@@ -76,7 +79,7 @@ def resolve_device(settings: Settings) -> str:
 
 def resolve_dtype(settings: Settings, device: str, family: Family) -> torch.dtype:
     if settings.engine.dtype != "auto":
-        return getattr(torch, settings.engine.dtype)  # type: ignore[no-any-return]
+        return getattr(torch, settings.engine.dtype)
     if not device.startswith("cuda"):
         return torch.float32
     return torch.bfloat16 if family is Family.FLUX else torch.float16
@@ -96,7 +99,9 @@ def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> L
     width, height = default_size(pipeline, adapter, card)
     inputs = adapter.sample_inputs(pipeline, settings.compose.batch, height, width)
     reference: list[torch.Tensor] = []
-    shapes = capture_attention_shapes(denoiser, lambda: reference.append(denoiser(**inputs, return_dict=False)[0]))
+    shapes = capture_attention_shapes(
+        denoiser, lambda: reference.append(denoiser(**inputs, return_dict=False)[0])
+    )
     info = ModelInfo(
         name=name,
         family=family,
@@ -120,7 +125,9 @@ def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> L
     stack = compose_stack(host, under_test, settings.compose)
     notes = [f"denoiser calls measured at batch {settings.compose.batch}, {width}x{height}"]
     if not measure:
-        notes.append(f"timing skipped on {device} (compose.measure={settings.compose.measure}): priorities decided")
+        notes.append(
+            f"timing skipped on {device} (compose.measure={settings.compose.measure}): priorities decided"
+        )
     if card.weights == "random":
         notes.append("this model's weights are random: it draws noise, not pictures")
     report = StackReport(
@@ -136,7 +143,7 @@ def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> L
     return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
 
 
-def default_size(pipeline: DiffusionPipeline, adapter: FamilyAdapter, card: ModelCard) -> tuple[int, int]:
+def default_size(pipeline: Pipeline, adapter: FamilyAdapter, card: ModelCard) -> tuple[int, int]:
     """The model card's size, else the size the denoiser was built for (1024 for FLUX)."""
     if card.default_width and card.default_height:
         return card.default_width, card.default_height
@@ -146,7 +153,7 @@ def default_size(pipeline: DiffusionPipeline, adapter: FamilyAdapter, card: Mode
     return size, size
 
 
-def _encode_without_grad(adapter: FamilyAdapter, pipeline: DiffusionPipeline, spec: PromptSpec) -> PromptEmbeddings:
+def _encode_without_grad(adapter: FamilyAdapter, pipeline: Pipeline, spec: PromptSpec) -> PromptEmbeddings:
     """The pipeline's own encoder; outside ``__call__`` it would track gradients, so switch that off."""
     with torch.no_grad():
         return adapter.encode(pipeline, spec)

@@ -13,10 +13,10 @@ from typing import Any
 
 import structlog
 import torch
-from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 
-from diffstack.engine.families import batch_embeddings
+from diffstack.engine.families import Pipeline, batch_embeddings
 from diffstack.engine.model import LoadedModel
 from diffstack.engine.requests import GeneratedImage, GenerationJob, GenerationResult, StepEvent
 from diffstack.engine.samplers import SAMPLERS
@@ -48,7 +48,9 @@ def run_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> list[Generat
                 "height": request.height,
                 "width": request.width,
                 "guidance_scale": request.guidance,
-                "generator": [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.seeds],
+                "generator": [
+                    torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.seeds
+                ],
                 "callback_on_step_end": _step_callback(model, jobs, stopped),
                 "output_type": "pil",
             }
@@ -58,7 +60,9 @@ def run_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> list[Generat
             return [stopped[i] for i in range(len(jobs))]
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
-            raise OutOfMemory(f"GPU out of memory for a batch of {len(arguments['generator'])} images") from exc
+            raise OutOfMemory(
+                f"GPU out of memory for a batch of {len(arguments['generator'])} images"
+            ) from exc
     finished = time.perf_counter()
     timings = {"encode_s": encoded - started, "pipeline_s": finished - encoded, "total_s": finished - started}
     return _split(model, jobs, images, stopped, timings)
@@ -76,7 +80,7 @@ def _encode(model: LoadedModel, jobs: Sequence[GenerationJob]) -> dict[str, torc
     return batch_embeddings(per_image)
 
 
-def _pipeline_for(model: LoadedModel, img2img: bool) -> DiffusionPipeline:
+def _pipeline_for(model: LoadedModel, img2img: bool) -> Pipeline:
     if not img2img:
         return model.pipeline
     pipeline = AutoPipelineForImage2Image.from_pipe(model.pipeline)
@@ -95,7 +99,9 @@ def _schedule_arguments(model: LoadedModel, schedule: str, steps: int, scheduler
             log.warning("schedule failed; using the scheduler's own", schedule=schedule, error=str(exc))
     if sigmas is None:
         return {"num_inference_steps": steps}
-    if getattr(scheduler.config, "use_flow_sigmas", False) or type(scheduler).__name__.startswith("FlowMatch"):
+    if getattr(scheduler.config, "use_flow_sigmas", False) or type(scheduler).__name__.startswith(
+        "FlowMatch"
+    ):
         sigmas = sigmas[:-1]
     return {"sigmas": list(sigmas)}
 
@@ -109,7 +115,7 @@ def _image_arguments(jobs: Sequence[GenerationJob]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _denoiser_stack(model: LoadedModel, pipeline: DiffusionPipeline, wrappers: Any) -> Iterator[None]:
+def _denoiser_stack(model: LoadedModel, pipeline: Pipeline, wrappers: Any) -> Iterator[None]:
     """The compiled denoiser, or the eager one with this request's wrappers attached and reset."""
     denoiser = model.denoiser_for(with_wrappers=bool(wrappers))
     model.adapter.set_denoiser(pipeline, denoiser)
@@ -128,10 +134,12 @@ def _denoiser_stack(model: LoadedModel, pipeline: DiffusionPipeline, wrappers: A
         model.adapter.set_denoiser(pipeline, model.denoiser_for(with_wrappers=False))
 
 
-def _step_callback(model: LoadedModel, jobs: Sequence[GenerationJob], stopped: dict[int, DiffstackError]) -> Any:
+def _step_callback(
+    model: LoadedModel, jobs: Sequence[GenerationJob], stopped: dict[int, DiffstackError]
+) -> Any:
     offsets = _image_offsets(jobs)
 
-    def on_step_end(pipeline: DiffusionPipeline, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    def on_step_end(pipeline: Pipeline, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         for index, job in enumerate(jobs):
             if index in stopped:
                 continue
@@ -141,7 +149,9 @@ def _step_callback(model: LoadedModel, jobs: Sequence[GenerationJob], stopped: d
             elif job.on_step is not None:
                 start, count = offsets[index]
                 latents = tensors["latents"][start : start + count]
-                job.on_step(StepEvent(step + 1, pipeline.num_timesteps, _previewer(model, pipeline, latents, job)))
+                job.on_step(
+                    StepEvent(step + 1, pipeline.num_timesteps, _previewer(model, pipeline, latents, job))
+                )
         if len(stopped) == len(jobs):
             raise _EveryJobStopped
         return {}
@@ -157,7 +167,7 @@ def _image_offsets(jobs: Sequence[GenerationJob]) -> list[tuple[int, int]]:
     return offsets
 
 
-def _previewer(model: LoadedModel, pipeline: DiffusionPipeline, latents: torch.Tensor, job: GenerationJob) -> Any:
+def _previewer(model: LoadedModel, pipeline: Pipeline, latents: torch.Tensor, job: GenerationJob) -> Any:
     latents = latents.detach().clone()
 
     def preview(max_side: int) -> list[Image.Image]:
@@ -170,7 +180,7 @@ def _previewer(model: LoadedModel, pipeline: DiffusionPipeline, latents: torch.T
 
 
 def decode_latents(
-    model: LoadedModel, pipeline: DiffusionPipeline, latents: torch.Tensor, width: int, height: int
+    model: LoadedModel, pipeline: Pipeline, latents: torch.Tensor, width: int, height: int
 ) -> list[Image.Image]:
     """Decode in-progress latents with the model's VAE (previews)."""
     vae = pipeline.vae
@@ -179,7 +189,7 @@ def decode_latents(
             latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return pipeline.image_processor.postprocess(decoded, output_type="pil")  # type: ignore[no-any-return]
+    return pipeline.image_processor.postprocess(decoded, output_type="pil")
 
 
 def _split(
@@ -191,7 +201,7 @@ def _split(
 ) -> list[GenerationResult | DiffstackError]:
     results: list[GenerationResult | DiffstackError] = []
     summary = _stack_summary(model, jobs[0])
-    for index, (job, (start, count)) in enumerate(zip(jobs, _image_offsets(jobs))):
+    for index, (job, (start, count)) in enumerate(zip(jobs, _image_offsets(jobs), strict=True)):
         if index in stopped:
             results.append(stopped[index])
             continue

@@ -23,7 +23,7 @@ class Sampler:
     def build(self, base_config: Any) -> SchedulerMixin:
         """A fresh scheduler from the model's own scheduler config (schedulers carry per-run state)."""
         scheduler_type = getattr(diffusers, self.scheduler_class)
-        return scheduler_type.from_config(base_config, **self.config)  # type: ignore[no-any-return]
+        return scheduler_type.from_config(base_config, **self.config)
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -31,7 +31,9 @@ SAMPLERS: dict[str, Sampler] = {
     for s in (
         Sampler("euler", "EulerDiscreteScheduler", custom_sigmas=True),
         Sampler("euler_a", "EulerAncestralDiscreteScheduler"),
-        Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        Sampler(
+            "dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}
+        ),
         Sampler(
             "dpmpp_2m_karras",
             "DPMSolverMultistepScheduler",

@@ -27,7 +27,9 @@ def prepare_request(request: GenerationRequest, model: LoadedModel, limits: Limi
     _check_prompt("prompt", request.prompt, model, limits, violations)
     if request.negative_prompt:
         if not model.adapter.uses_negative_prompt:
-            violations.append(FieldViolation("negative_prompt", f"{model.info.family.value} models take no negative prompt"))
+            violations.append(
+                FieldViolation("negative_prompt", f"{model.info.family.value} models take no negative prompt")
+            )
         _check_prompt("negative_prompt", request.negative_prompt, model, limits, violations)
     if not 1 <= steps <= limits.max_steps:
         violations.append(FieldViolation("steps", f"must be between 1 and {limits.max_steps}, got {steps}"))
@@ -35,20 +37,37 @@ def prepare_request(request: GenerationRequest, model: LoadedModel, limits: Limi
         violations.append(FieldViolation("guidance", f"must be between 0 and 50, got {guidance}"))
     if sampler not in model.adapter.samplers:
         violations.append(
-            FieldViolation("sampler", f"unknown sampler {sampler!r} for {model.info.family.value}; choose one of {sorted(model.adapter.samplers)}")
+            FieldViolation(
+                "sampler",
+                f"unknown sampler {sampler!r} for {model.info.family.value}; "
+                f"choose one of {sorted(model.adapter.samplers)}",
+            )
         )
     if not 1 <= request.num_images <= limits.max_images:
-        violations.append(FieldViolation("num_images", f"must be between 1 and {limits.max_images}, got {request.num_images}"))
+        violations.append(
+            FieldViolation(
+                "num_images", f"must be between 1 and {limits.max_images}, got {request.num_images}"
+            )
+        )
     if len(request.seeds) > request.num_images:
-        violations.append(FieldViolation("seeds", f"{len(request.seeds)} seeds for {request.num_images} images"))
+        violations.append(
+            FieldViolation("seeds", f"{len(request.seeds)} seeds for {request.num_images} images")
+        )
     if any(not 0 <= seed < 2**63 for seed in request.seeds):
         violations.append(FieldViolation("seeds", "seeds must be between 0 and 2^63 - 1"))
     if request.init_image is not None and not 0 < request.strength <= 1:
         violations.append(FieldViolation("strength", f"must be in (0, 1], got {request.strength}"))
+    elif request.init_image is not None and int(steps * request.strength) < 1:
+        violations.append(
+            FieldViolation("strength", f"strength {request.strength} of {steps} steps runs no step at all")
+        )
     for name in request.wrappers:
         if name not in model.stack.wrappers:
             violations.append(
-                FieldViolation("wrappers", f"unknown or unavailable wrapper {name!r}; available: {sorted(model.stack.wrappers)}")
+                FieldViolation(
+                    "wrappers",
+                    f"unknown or unavailable wrapper {name!r}; available: {sorted(model.stack.wrappers)}",
+                )
             )
     schedule = _schedule(request.schedule or AUTO, sampler, model, violations)
     if violations:
@@ -71,7 +90,9 @@ def prepare_request(request: GenerationRequest, model: LoadedModel, limits: Limi
     )
 
 
-def _size(request: GenerationRequest, model: LoadedModel, limits: Limits, violations: list[FieldViolation]) -> tuple[int, int]:
+def _size(
+    request: GenerationRequest, model: LoadedModel, limits: Limits, violations: list[FieldViolation]
+) -> tuple[int, int]:
     default_width, default_height = model.default_size
     if request.init_image is not None and not (request.width or request.height):
         default_width, default_height = request.init_image.size
@@ -81,16 +102,24 @@ def _size(request: GenerationRequest, model: LoadedModel, limits: Limits, violat
     multiple = limits.size_multiple * (2 if model.info.family is Family.FLUX else 1)
     for field, value in (("width", width), ("height", height)):
         if value <= 0 or value % multiple:
-            violations.append(FieldViolation(field, f"must be a positive multiple of {multiple}, got {value}"))
+            violations.append(
+                FieldViolation(field, f"must be a positive multiple of {multiple}, got {value}")
+            )
     if width * height > limits.max_pixels:
-        violations.append(FieldViolation("width", f"{width}x{height} exceeds the limit of {limits.max_pixels} pixels"))
+        violations.append(
+            FieldViolation("width", f"{width}x{height} exceeds the limit of {limits.max_pixels} pixels")
+        )
     return width, height
 
 
-def _check_prompt(field: str, text: str, model: LoadedModel, limits: Limits, violations: list[FieldViolation]) -> None:
+def _check_prompt(
+    field: str, text: str, model: LoadedModel, limits: Limits, violations: list[FieldViolation]
+) -> None:
     tokens = len(model.pipeline.tokenizer(text, truncation=False).input_ids)
     if tokens > limits.max_prompt_tokens:
-        violations.append(FieldViolation(field, f"{tokens} tokens, more than the limit of {limits.max_prompt_tokens}"))
+        violations.append(
+            FieldViolation(field, f"{tokens} tokens, more than the limit of {limits.max_prompt_tokens}")
+        )
 
 
 def _schedule(name: str, sampler: str, model: LoadedModel, violations: list[FieldViolation]) -> str:
@@ -101,9 +130,17 @@ def _schedule(name: str, sampler: str, model: LoadedModel, violations: list[Fiel
         usable = [n for n in schedules if takes_sigmas or n not in model.stack.custom_schedules]
         return usable[0] if usable else ""
     if name not in schedules:
-        violations.append(FieldViolation("schedule", f"unknown schedule {name!r}; available: {[AUTO, *schedules]}"))
+        violations.append(
+            FieldViolation("schedule", f"unknown schedule {name!r}; available: {[AUTO, *schedules]}")
+        )
     elif not takes_sigmas and name in model.stack.custom_schedules:
-        violations.append(FieldViolation("schedule", f"schedule {name!r} needs a sampler that takes custom sigmas (euler, flow_euler), not {sampler!r}"))
+        violations.append(
+            FieldViolation(
+                "schedule",
+                f"schedule {name!r} needs a sampler that takes custom sigmas (euler, flow_euler), "
+                f"not {sampler!r}",
+            )
+        )
     return name
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from diffstack.hookspecs import hookimpl
 from diffstack.types import CompileOffer, ModelInfo
 

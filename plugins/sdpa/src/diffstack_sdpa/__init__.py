@@ -17,7 +17,7 @@ def select_attention(model: ModelInfo) -> list[AttentionOffer]:
     return [
         AttentionOffer(
             name="sdpa",
-            description="torch.nn.functional.scaled_dot_product_attention (cuDNN/flash/efficient/math, as PyTorch picks)",
+            description="PyTorch SDPA (cuDNN, flash, efficient or math, as PyTorch picks)",
             build=_build,
             diffusers_backend="native",
         )

@@ -1,0 +1,91 @@
+"""The diffstack command as a user runs it, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffstack.cli import main
+from diffstack.testing import BASELINE_PLUGINS
+from PIL import Image
+
+
+@pytest.fixture
+def env(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DIFFSTACK_PLUGINS__ALLOW", json.dumps(list(BASELINE_PLUGINS)))
+    monkeypatch.setenv("DIFFSTACK_ENGINE__DEFAULT_MODEL", "tiny-sd1")
+    return models_dir
+
+
+def test_generate_writes_one_png_per_image(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pics" / "out.png"
+    code = main(
+        [
+            "--models-dir",
+            str(env),
+            "generate",
+            "a red circle",
+            "-o",
+            str(out),
+            "--steps",
+            "2",
+            "-n",
+            "2",
+            "--seed",
+            "9",
+        ]
+    )
+    assert code == 0
+    images = [Image.open(tmp_path / "pics" / f"out-{i}.png") for i in range(2)]
+    assert [i.size for i in images] == [(64, 64), (64, 64)]
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    assert "seed=9" in capsys.readouterr().out
+
+
+def test_generate_reports_bad_input_by_field(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--models-dir", str(env), "generate", "x", "-o", str(tmp_path / "o.png"), "--width", "63"])
+    assert code == 2
+    assert "width:" in capsys.readouterr().err
+
+
+def test_plugins_lists_the_baselines_as_json(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(BASELINE_PLUGINS) <= set(records)
+    assert records["sdpa"]["distribution"] == "diffstack-sdpa" and records["sdpa"]["status"] == "loaded"
+
+
+def test_plugins_table_is_readable(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[:4] == ["name", "distribution", "version", "entry"]
+
+
+def test_stack_prints_the_report(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--models-dir", str(env), "stack", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "tiny-sd1"
+    assert {s["slot"] for s in report["slots"]} == {
+        "select_attention",
+        "build_sigmas",
+        "encode_prompt",
+        "wrap_denoiser",
+        "compile_model",
+    }
+    assert main(["--models-dir", str(env), "stack"]) == 0
+    assert "timing skipped on cpu" in capsys.readouterr().out
+
+
+def test_embedded_default_model_serves_with_no_configuration(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DIFFSTACK_PLUGINS__ALLOW", json.dumps(list(BASELINE_PLUGINS)))
+    out = tmp_path / "default.png"
+    assert main(["generate", "a red circle", "-o", str(out), "--steps", "2"]) == 0
+    assert Image.open(out).size == (64, 64)

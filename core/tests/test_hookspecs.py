@@ -1,0 +1,163 @@
+"""Each hook spec exercised through the host, and meta-tests that keep the design honest."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pluggy
+import torch
+from diffstack import hookspecs
+from diffstack.engine import Engine, GenerationJob, GenerationRequest
+from diffstack.hookspecs import HOOK_NAMES, hookimpl
+from diffstack.plugins import PluginHost
+from diffstack.types import (
+    AttentionOffer,
+    CompileOffer,
+    DenoiserKind,
+    DenoiserWrapperOffer,
+    EncoderOffer,
+    Family,
+    ModelInfo,
+    PluginRecord,
+    SigmasOffer,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = ModelInfo("m", Family.SD1, DenoiserKind.UNET, "cpu", torch.float32)
+
+
+def host_with(plugin: object) -> PluginHost:
+    host = PluginHost()
+    host.register(plugin, PluginRecord("probe", "", "", "", (), "loaded"))
+    return host
+
+
+def test_select_attention_offers_reach_the_host_tied_to_their_plugin() -> None:
+    class Plugin:
+        @hookimpl
+        def select_attention(self, model: ModelInfo) -> list[AttentionOffer]:
+            return [
+                AttentionOffer(name="k", build=lambda model: torch.nn.functional.scaled_dot_product_attention)
+            ]
+
+    offers, failures = host_with(Plugin()).collect("select_attention", model=MODEL)
+    assert [(o.plugin, o.offer.name) for o in offers] == [("probe", "k")] and not failures
+
+
+def test_build_sigmas_offer_may_return_a_single_offer() -> None:
+    class Plugin:
+        @hookimpl
+        def build_sigmas(self) -> SigmasOffer:  # a subset of the spec's arguments is allowed
+            return SigmasOffer(name="flat", build=lambda steps, scheduler: None)
+
+    offers, _ = host_with(Plugin()).collect("build_sigmas", model=MODEL)
+    assert [o.offer.name for o in offers] == ["flat"]
+
+
+def test_encode_prompt_wrappers_see_every_encoding(engine: Engine) -> None:
+    seen: list[str] = []
+
+    class Plugin:
+        @hookimpl
+        def encode_prompt(self, model: ModelInfo) -> list[EncoderOffer]:
+            def wrap(inner, model):  # type: ignore[no-untyped-def]
+                def encode(spec):  # type: ignore[no-untyped-def]
+                    seen.append(spec.prompt)
+                    return inner(spec)
+
+                return encode
+
+            return [EncoderOffer(name="spy", wrap=wrap)]
+
+    spied = Engine(engine.settings, host_with(Plugin()))
+    request = spied.prepare(GenerationRequest("a blue square", steps=1))
+    spied.run([GenerationJob(request)])
+    assert "a blue square" in seen
+    assert spied.report().slot("encode_prompt").chosen == ("spy",)
+
+
+def test_wrap_denoiser_wrappers_are_applied_reset_and_removed(engine: Engine) -> None:
+    events: list[str] = []
+
+    class Handle:
+        def __init__(self, module: torch.nn.Module) -> None:
+            self.hook = module.register_forward_hook(lambda *_: events.append("forward"))
+
+        def reset_state(self) -> None:
+            events.append("reset")
+
+        def remove(self) -> None:
+            events.append("remove")
+            self.hook.remove()
+
+    class Plugin:
+        @hookimpl
+        def wrap_denoiser(self, model: ModelInfo) -> list[DenoiserWrapperOffer]:
+            return [DenoiserWrapperOffer(name="spy", apply=lambda module, options: Handle(module))]
+
+    spied = Engine(engine.settings, host_with(Plugin()))
+    request = spied.prepare(GenerationRequest("a red circle", steps=2, wrappers={"spy": {}}))
+    events.clear()  # composition already tried the wrapper once
+    spied.run([GenerationJob(request)])
+    assert events == ["reset", "forward", "forward", "remove"]
+
+
+def test_compile_model_result_replaces_the_denoiser(engine: Engine) -> None:
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+            self.device, self.dtype = inner.device, inner.dtype  # what pipelines ask of a denoiser
+
+        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return self.inner(*args, **kwargs)
+
+    class Plugin:
+        @hookimpl
+        def compile_model(self, model: ModelInfo) -> list[CompileOffer]:
+            return [CompileOffer(name="counting", build=lambda denoiser, model: Counting(denoiser))]
+
+    spied = Engine(engine.settings, host_with(Plugin()))
+    request = spied.prepare(GenerationRequest("a red circle", steps=3))
+    calls.clear()  # composition already checked it once
+    spied.run([GenerationJob(request)])
+    assert len(calls) == 3
+
+
+def test_a_misspelled_hook_implementation_is_refused() -> None:
+    class Plugin:
+        @hookimpl
+        def compile_modle(self, model: ModelInfo) -> list[CompileOffer]:
+            return []
+
+    host = host_with(Plugin())
+    (record,) = host.records
+    assert record.status == "failed" and "compile_modle" in record.error
+
+
+def test_every_hook_spec_has_a_test_named_after_it() -> None:
+    source = Path(__file__).read_text()
+    for name in HOOK_NAMES:
+        assert re.search(rf"def test_{name}_", source), f"no test for hook {name}"
+
+
+def test_every_hook_spec_is_documented_in_the_plugin_guide() -> None:
+    guide = (REPO / "README.md").read_text()
+    for name in HOOK_NAMES:
+        assert f"`{name}`" in guide, f"README's plugin guide does not document {name}"
+
+
+def test_hook_names_match_the_specs() -> None:
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    assert set(HOOK_NAMES) == {name for name in dir(manager.hook) if not name.startswith("_")}
+    for name in HOOK_NAMES:
+        spec = getattr(hookspecs, name)
+        assert spec.__doc__ and "versionadded" in spec.__doc__
+        assert list(inspect.signature(spec).parameters) == ["model"]

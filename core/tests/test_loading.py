@@ -1,0 +1,88 @@
+"""Model loading: safe name resolution, pickle refusal, family detection from configs and weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffstack.engine import Engine
+from diffstack.engine.loading import check_format, detect_family, resolve_model_path
+from diffstack.errors import InvalidRequest, ModelError
+from diffstack.types import Family
+from safetensors.torch import save_file
+
+
+@pytest.mark.parametrize("family", list(Family))
+def test_family_comes_from_the_configs(models_dir: Path, family: Family) -> None:
+    assert detect_family(models_dir / f"tiny-{family.value}") is family
+
+
+@pytest.mark.parametrize(
+    ("key", "family"),
+    [
+        ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", Family.FLUX),
+        ("conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_proj.bias", Family.SDXL),
+        ("cond_stage_model.model.token_embedding.weight", Family.SD2),
+        ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight", Family.SD1),
+    ],
+)
+def test_single_file_family_comes_from_weight_names(tmp_path: Path, key: str, family: Family) -> None:
+    path = tmp_path / "misleading-name-sdxl.safetensors"
+    save_file({key: torch.zeros(1)}, str(path))
+    assert detect_family(path) is family
+
+
+def test_unknown_weights_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"some.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(ModelError, match="no supported family"):
+        detect_family(path)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".pth"])
+def test_pickle_formats_are_refused(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"\x80\x04")
+    with pytest.raises(ModelError, match="pickle"):
+        check_format(path)
+
+
+def test_original_checkpoint_without_its_config_folder_says_what_to_do(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "models" / "single.safetensors"
+    path.parent.mkdir()
+    save_file({"cond_stage_model.transformer.x": torch.zeros(1)}, str(path))
+    from diffstack.testing import baseline_settings
+
+    engine = Engine(baseline_settings(path.parent), None)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="config folder"):
+        engine.model("single.safetensors")
+
+
+@pytest.mark.parametrize("name", ["../outside", "/etc", "a/../../outside", "."])
+def test_names_cannot_leave_the_models_directory(models_dir: Path, name: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        resolve_model_path(name, models_dir)
+    assert error.value.violations[0].field == "model"
+
+
+def test_symlinks_are_resolved_before_the_check(tmp_path: Path) -> None:
+    root, outside = tmp_path / "models", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    (root / "sneaky").symlink_to(outside)
+    with pytest.raises(InvalidRequest):
+        resolve_model_path("sneaky", root)
+
+
+def test_unknown_model_is_an_invalid_request(models_dir: Path) -> None:
+    with pytest.raises(InvalidRequest, match="unknown model"):
+        resolve_model_path("nope", models_dir)
+
+
+def test_models_are_listed_with_their_family(engine: Engine) -> None:
+    listing = {m.name: m for m in engine.models()}
+    assert listing["tiny-sd1"].default and listing["tiny-sd1"].loaded
+    assert listing["tiny-sdxl"].family == "sdxl"

@@ -1,0 +1,44 @@
+"""DeepCache for UNet denoisers, offered as the ``deepcache`` denoiser wrapper.
+
+The hook only describes the offer; the caching hooks live in :mod:`diffstack_deepcache.hooks`,
+imported when a request enables the wrapper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from diffstack.hookspecs import hookimpl
+from diffstack.types import Availability, DenoiserKind, DenoiserWrapper, DenoiserWrapperOffer, ModelInfo
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _probe(model: ModelInfo) -> Availability:
+    if model.denoiser_kind is DenoiserKind.UNET:
+        return Availability.yes()
+    return Availability.no(
+        f"DeepCache needs a UNet denoiser; this model ({model.family}) has a {model.denoiser_kind}: "
+        "use first_block_cache"
+    )
+
+
+def _apply(denoiser: torch.nn.Module, options: Mapping[str, Any]) -> DenoiserWrapper:
+    from diffstack_deepcache.hooks import DeepCacheConfig, apply_deep_cache
+
+    return apply_deep_cache(denoiser, DeepCacheConfig.from_options(options))
+
+
+@hookimpl
+def wrap_denoiser(model: ModelInfo) -> list[DenoiserWrapperOffer]:
+    return [
+        DenoiserWrapperOffer(
+            name="deepcache",
+            description="DeepCache: reuse the UNet's deep features between full steps",
+            probe=_probe,
+            denoiser_kinds=frozenset({DenoiserKind.UNET}),
+            apply=_apply,
+        )
+    ]

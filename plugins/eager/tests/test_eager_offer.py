@@ -1,0 +1,14 @@
+"""Eager execution hands the denoiser back untouched."""
+
+from __future__ import annotations
+
+import diffstack_eager
+import torch
+from diffstack.types import DenoiserKind, Family, ModelInfo
+
+
+def test_eager_returns_the_same_module() -> None:
+    model = ModelInfo("m", Family.SD1, DenoiserKind.UNET, "cpu", torch.float32)
+    (offer,) = diffstack_eager.compile_model(model=model)
+    module = torch.nn.Linear(2, 2)
+    assert offer.build(module, model) is module

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole check, as CI runs it: install, lint, type-check, then the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --dev
+if command -v npm >/dev/null && [[ -f clients/node/package-lock.json ]]; then
+  (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy core/src server/src
+.venv/bin/python -m pytest "$@"
