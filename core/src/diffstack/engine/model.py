@@ -89,11 +89,24 @@ def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> L
     """Load ``path``, measure its attention shapes and compose its stack."""
     family = detect_family(path)
     device = resolve_device(settings)
-    dtype = resolve_dtype(settings, device, family)
-    pipeline = load_pipeline(path, family, device, dtype)
-    adapter = adapter_for(family)
+    pipeline = load_pipeline(path, family, device, resolve_dtype(settings, device, family))
     card = ModelCard.read(path if path.is_dir() else path.parent)
+    return compose_model(name, path, pipeline, family, card, host, settings)
+
+
+def compose_model(
+    name: str,
+    path: Path,
+    pipeline: Pipeline,
+    family: Family,
+    card: ModelCard,
+    host: PluginHost,
+    settings: Settings,
+) -> LoadedModel:
+    """Measure a pipeline's attention shapes and compose its stack (benchmarks call this directly)."""
+    adapter = adapter_for(family)
     denoiser = adapter.denoiser(pipeline)
+    device, dtype = str(denoiser.device), denoiser.dtype
     measure = {"always": True, "never": False}.get(settings.compose.measure, device.startswith("cuda"))
 
     width, height = default_size(pipeline, adapter, card)
