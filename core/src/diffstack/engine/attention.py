@@ -67,6 +67,9 @@ class KernelAttnProcessor:
     with a mask, and any call where the kernel raises, use SDPA, so a kernel can never break a request.
     """
 
+    handles_fused_projections = True
+    """It reads ``to_qkv``/``to_kv`` when a module's projections were fused (by a compile offer)."""
+
     def __init__(self, kernel: AttentionFn, kernel_name: str) -> None:
         self.kernel = kernel
         self.kernel_name = kernel_name
@@ -96,12 +99,7 @@ class KernelAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (
             t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
@@ -137,6 +135,23 @@ class KernelAttnProcessor:
                 error=str(exc),
             )
             return F.scaled_dot_product_attention(query, key, value)
+
+
+def _project(
+    attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value, from fused projections when the module has them."""
+    fused = getattr(attn, "fused_projections", False)
+    if context is None:
+        if fused:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)  # type: ignore[no-any-return]
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    if fused:
+        key, value = attn.to_kv(context).chunk(2, dim=-1)
+        return attn.to_q(hidden_states), key, value
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
 
 
 def install_attention(denoiser: torch.nn.Module, plan: Mapping[str, tuple[str, AttentionFn]]) -> None:

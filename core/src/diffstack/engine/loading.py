@@ -128,7 +128,9 @@ def check_format(path: Path) -> None:
 def pipeline_class(family: Family) -> type[Pipeline]:
     from diffusers import FluxPipeline, StableDiffusionXLPipeline, StableDiffusionPipeline
 
-    return {Family.SDXL: StableDiffusionXLPipeline, Family.FLUX: FluxPipeline}.get(family, StableDiffusionPipeline)
+    return {Family.SDXL: StableDiffusionXLPipeline, Family.FLUX: FluxPipeline}.get(
+        family, StableDiffusionPipeline
+    )
 
 
 def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -> Pipeline:

@@ -1,0 +1,112 @@
+"""The sage plugin through pluggy: its offer, the probe's reasons and the per-shape answers (CPU)."""
+
+from __future__ import annotations
+
+import sys
+
+import diffstack.hookspecs
+import diffstack_sage
+import pluggy
+import pytest
+import torch
+from diffstack.types import AttentionOffer, AttentionShape, DenoiserKind, Family, ModelInfo
+from diffstack_sage import support
+from packaging.version import Version
+
+
+def model_on(device: str) -> ModelInfo:
+    return ModelInfo(
+        name="tiny-sd1",
+        family=Family.SD1,
+        denoiser_kind=DenoiserKind.UNET,
+        device=device,
+        dtype=torch.float16,
+        attention_shapes=(AttentionShape(8, 40, 4096, 4096), AttentionShape(8, 160, 64, 77)),
+    )
+
+
+def offers_for(model: ModelInfo) -> list[AttentionOffer]:
+    pm = pluggy.PluginManager("diffstack")
+    pm.add_hookspecs(diffstack.hookspecs)
+    pm.register(diffstack_sage)
+    return [offer for offers in pm.hook.select_attention(model=model) for offer in offers]
+
+
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch):
+    """Pretend a given sageattention release is installed (metadata only)."""
+
+    def install(version: str | None) -> None:
+        monkeypatch.setattr(
+            support, "installed_version", lambda: None if version is None else Version(version)
+        )
+
+    return install
+
+
+def test_select_attention_offers_sage() -> None:
+    [offer] = offers_for(model_on("cpu"))
+    assert offer.name == "sage"
+    assert offer.priority < 0  # lossy: loses measured ties to exact SDPA
+
+
+def test_probe_without_cuda_says_what_it_needs() -> None:
+    [offer] = offers_for(model_on("cpu"))
+    answer = offer.probe(model_on("cpu"))
+    assert not answer.ok
+    assert answer.reason == "needs a CUDA GPU (compute capability ≥ 8.0), found cpu"
+
+
+def test_probe_without_the_package_says_how_to_install(installed) -> None:
+    installed(None)
+    [offer] = offers_for(model_on("cuda"))
+    assert (
+        offer.probe(model_on("cuda")).reason == "pip install sageattention (1.0.6 on PyPI; 2.x from source)"
+    )
+
+
+def test_probe_names_a_too_old_gpu(installed, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed("1.0.6")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    [offer] = offers_for(model_on("cuda"))
+    assert offer.probe(model_on("cuda")).reason == "needs CUDA compute capability ≥ 8.0, found 7.5"
+
+
+def test_probe_reports_an_install_that_does_not_import(installed, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed("1.0.6")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "sageattention", None)  # makes `import sageattention` raise
+    [offer] = offers_for(model_on("cuda"))
+    answer = offer.probe(model_on("cuda"))
+    assert not answer.ok
+    assert answer.reason.startswith("sageattention 1.0.6 is installed but does not import")
+
+
+def test_supports_head_dims_up_to_128_only(installed) -> None:
+    installed("2.2.0")
+    [offer] = offers_for(model_on("cpu"))
+    for head_dim in (40, 64, 80, 96, 128):
+        assert offer.supports(AttentionShape(8, head_dim, 4096, 77)).ok
+    answer = offer.supports(AttentionShape(8, 160, 256, 256))
+    assert not answer.ok
+    assert answer.reason == "SageAttention supports head dims up to 128; 160 stays with the next offer"
+
+
+def test_v1_leaves_key_lengths_off_its_64_block_grid_to_the_next_offer(installed) -> None:
+    installed("1.0.6")
+    [offer] = offers_for(model_on("cpu"))
+    assert offer.supports(AttentionShape(8, 40, 4096, 4096)).ok
+    answer = offer.supports(AttentionShape(8, 40, 4096, 77))
+    assert answer.reason == (
+        "sageattention 1.0.6 gives wrong results unless the key length is a multiple of 64; "
+        "77 stays with the next offer"
+    )
+
+
+@pytest.mark.parametrize(
+    ("version", "backend"), [(None, None), ("1.0.6", None), ("2.1.1", "sage"), ("2.2.0", "sage")]
+)
+def test_diffusers_backend_only_where_diffusers_accepts_the_release(installed, version, backend) -> None:
+    installed(version)
+    [offer] = offers_for(model_on("cuda"))
+    assert offer.diffusers_backend == backend

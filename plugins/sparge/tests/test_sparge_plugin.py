@@ -1,0 +1,111 @@
+"""The sparge plugin through pluggy: its offer, options, the probe's reasons and per-shape answers (CPU)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import diffstack.hookspecs
+import diffstack_sparge
+import pluggy
+import pytest
+import torch
+from diffstack.types import AttentionOffer, AttentionShape, DenoiserKind, Family, ModelInfo
+from diffstack_sparge import support
+
+
+def model_on(device: str, options: Mapping[str, Any] | None = None) -> ModelInfo:
+    return ModelInfo(
+        name="tiny-flux",
+        family=Family.FLUX,
+        denoiser_kind=DenoiserKind.TRANSFORMER,
+        device=device,
+        dtype=torch.bfloat16,
+        options={"sparge": options or {}},
+    )
+
+
+def offer_for(model: ModelInfo) -> AttentionOffer:
+    pm = pluggy.PluginManager("diffstack")
+    pm.add_hookspecs(diffstack.hookspecs)
+    pm.register(diffstack_sparge)
+    [offer] = [offer for offers in pm.hook.select_attention(model=model) for offer in offers]
+    return offer
+
+
+def test_select_attention_offers_sparge_as_the_lossiest_candidate() -> None:
+    offer = offer_for(model_on("cpu"))
+    assert offer.name == "sparge"
+    assert offer.priority < 0
+    assert (
+        offer.diffusers_backend is None
+    )  # diffusers has no SpargeAttn backend (it "requires tuning per model")
+
+
+def test_probe_without_cuda() -> None:
+    assert (
+        offer_for(model_on("cpu")).probe(model_on("cpu")).reason
+        == "needs CUDA compute capability 8.0-9.0, found cpu"
+    )
+
+
+def test_probe_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(support, "installed", lambda: False)
+    answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
+    assert answer.reason == "spas_sage_attn not installed (not on PyPI: build thu-ml/SpargeAttn from source)"
+
+
+@pytest.mark.parametrize(("capability", "found"), [((7, 5), "7.5"), ((10, 0), "10.0"), ((12, 0), "12.0")])
+def test_probe_names_an_unsupported_gpu(monkeypatch: pytest.MonkeyPatch, capability, found) -> None:
+    monkeypatch.setattr(support, "installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
+    assert answer.reason == f"needs CUDA compute capability 8.0-9.0, found {found}"
+
+
+def test_probe_reports_an_install_that_does_not_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(support, "installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setitem(sys.modules, "spas_sage_attn", None)
+    answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
+    assert "is installed but does not import" in answer.reason
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"topk": 0}, "option topk must be in (0, 1], got 0"),
+        ({"method": "dense"}, "option method must be 'topk' or 'cdf', got 'dense'"),
+        ({"cdfthreshd": 1.5}, "option cdfthreshd must be in (0, 1], got 1.5"),
+        ({"top_k": 0.3}, "unknown option(s) top_k"),
+    ],
+)
+def test_probe_refuses_bad_options_first(options, reason) -> None:
+    answer = offer_for(model_on("cuda", options)).probe(model_on("cuda", options))
+    assert answer.reason == f"bad [plugins.options.sparge]: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("shape", "ok"),
+    [
+        (AttentionShape(24, 128, 4608, 4608), True),  # FLUX joint
+        (AttentionShape(10, 64, 4096, 4096), True),  # SDXL self
+        (AttentionShape(10, 64, 4096, 77), False),  # SDXL cross: 77 keys
+        (AttentionShape(8, 40, 4096, 4096), False),  # SD1.5: head dim 40
+        (AttentionShape(8, 160, 256, 256), False),
+    ],
+    ids=lambda value: value.key if isinstance(value, AttentionShape) else str(value),
+)
+def test_supports_head_dims_64_and_128_with_at_least_128_tokens(shape: AttentionShape, ok: bool) -> None:
+    assert offer_for(model_on("cuda")).supports(shape).ok is ok
+
+
+def test_supports_says_why_a_shape_stays_with_the_next_offer() -> None:
+    offer = offer_for(model_on("cuda"))
+    assert offer.supports(AttentionShape(8, 40, 4096, 4096)).reason == (
+        "SpargeAttn supports head dims 64 and 128; 40 stays with the next offer"
+    )
+    assert offer.supports(AttentionShape(10, 64, 4096, 77)).reason == (
+        "SpargeAttn needs ≥128 query and key tokens, got q4096 k77; it stays with the next offer"
+    )

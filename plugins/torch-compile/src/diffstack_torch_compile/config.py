@@ -1,0 +1,54 @@
+"""The options of ``[plugins.options.torch_compile]``, checked before anything compiles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+DEFAULT_CACHE_DIR = "~/.cache/diffstack/compile"
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How to compile. ``mode=None``: ``reduce-overhead`` (CUDA graphs) on CUDA, ``default`` elsewhere."""
+
+    mode: str | None = None
+    """A ``torch.compile`` mode; the max-autotune ones also need ``allow_max_autotune``."""
+    fullgraph: bool = False
+    """Fail instead of graph-breaking; kernels that Dynamo cannot trace (SpargeAttn) then fail the offer."""
+    channels_last: bool = True
+    """UNets only: convolutions in NHWC, the layout tensor cores prefer."""
+    fuse_qkv: bool = True
+    """Fuse the Q/K/V projections into one matmul where that keeps the host's attention kernels."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Inductor's cache and the portable artifact files; survives restarts (``/tmp`` may not)."""
+    allow_max_autotune: bool = False
+    """max-autotune compiled the SD1.5 UNet for more than 8 minutes on an H100: opt in explicitly."""
+    allow_cpu: bool = False
+    """Compile on the CPU too. Off by default: inductor's C++ build costs a minute or more at every
+    cold start there, and the engine's CPU use (tests, the tiny default model) is not launch-bound."""
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> CompileConfig:
+        """Parse and check an admin's options; a ``ValueError`` names the bad option."""
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        config = cls(**options)
+        if config.mode is not None and config.mode not in MODES:
+            raise ValueError(f"option mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+        return config
+
+    def resolved_mode(self, device: str) -> str:
+        return self.mode or ("reduce-overhead" if device.startswith("cuda") else "default")
+
+    def uses_cuda_graphs(self, device: str) -> bool:
+        return device.startswith("cuda") and self.resolved_mode(device) in CUDAGRAPH_MODES
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()

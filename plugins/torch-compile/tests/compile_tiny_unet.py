@@ -1,0 +1,78 @@
+"""One process's life with the torch_compile offer: build, first call, report (run by the tests).
+
+Usage: python compile_tiny_unet.py CACHE_DIR. Prints one JSON line. Kept out of the pytest process so
+that inductor's process-wide caches start empty, as after a real restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import diffstack.hookspecs
+import diffstack_torch_compile
+import pluggy
+import torch
+from diffstack.types import DenoiserKind, Family, ModelInfo
+from diffusers import UNet2DConditionModel
+from torch._dynamo.utils import counters
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        mid_block_type=None,
+        up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def main(cache_dir: str) -> None:
+    model = ModelInfo(
+        name="tiny-sd1",
+        family=Family.SD1,
+        denoiser_kind=DenoiserKind.UNET,
+        device="cpu",
+        dtype=torch.float32,
+        options={"torch_compile": {"cache_dir": cache_dir, "allow_cpu": True}},
+    )
+    pm = pluggy.PluginManager("diffstack")
+    pm.add_hookspecs(diffstack.hookspecs)
+    pm.register(diffstack_torch_compile)
+    [offer] = [offer for offers in pm.hook.compile_model(model=model) for offer in offers]
+    unet = tiny_unet()
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor([10, 10]),
+        "encoder_hidden_states": torch.randn(2, 7, 32, generator=generator),
+    }
+    with torch.inference_mode():
+        eager = unet(**inputs, return_dict=False)[0]
+        compiled = offer.build(unet, model)
+        output = compiled(**inputs, return_dict=False)[0]
+    error = float((output - eager).norm() / eager.norm())
+    print(
+        json.dumps(
+            {
+                "probe": offer.probe(model).reason,
+                "error": error,
+                "compile_seconds": compiled.diffstack_compile_seconds,
+                "notes": compiled.diffstack_notes,
+                "hits": counters["inductor"]["fxgraph_cache_hit"],
+                "misses": counters["inductor"]["fxgraph_cache_miss"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
