@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -34,7 +32,9 @@ def test_every_installed_plugin_loads() -> None:
 
     records = load_plugins(load_settings().plugins).records
     assert all(r.status == "loaded" for r in records), [r for r in records if r.status != "loaded"]
-    assert {"sdpa", "schedules", "plain_encoder", "eager", "ays", "prompt_cache", "deepcache"} <= {r.name for r in records}
+    assert {"sdpa", "schedules", "plain_encoder", "eager", "ays", "prompt_cache", "deepcache"} <= {
+        r.name for r in records
+    }
 
 
 def test_auto_schedule_is_ays_and_the_prompt_cache_wraps_the_encoder(engine: Engine) -> None:
@@ -48,7 +48,9 @@ def test_auto_schedule_is_ays_and_the_prompt_cache_wraps_the_encoder(engine: Eng
 
 
 def test_gpu_only_offers_say_why_on_a_cpu(engine: Engine) -> None:
-    rejected = [c for c in engine.report().slot("select_attention").candidates if c.status is CandidateStatus.REJECTED]
+    rejected = [
+        c for c in engine.report().slot("select_attention").candidates if c.status is CandidateStatus.REJECTED
+    ]
     for candidate in rejected:
         assert candidate.reason, candidate
 

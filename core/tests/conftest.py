@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from diffstack.engine import Engine
 from diffstack.plugins import load_plugins
 from diffstack.testing import baseline_settings, save_tiny_model

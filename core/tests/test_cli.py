@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from diffstack.cli import main
 from diffstack.testing import BASELINE_PLUGINS
-from PIL import Image
 
 
 @pytest.fixture

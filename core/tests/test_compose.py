@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
 from diffstack.plugins import load_plugins
 from diffstack.testing import BASELINE_PLUGINS, baseline_settings

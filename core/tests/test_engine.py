@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
 from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
 from diffstack.engine.samplers import SAMPLERS
 from diffstack.errors import Cancelled
 from diffstack.types import Family
-from diffusers import DiffusionPipeline
-from PIL import Image
 
 
 def generate(engine: Engine, **fields: object) -> GenerationResult:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pluggy
 import torch
+
 from diffstack import hookspecs
 from diffstack.engine import Engine, GenerationJob, GenerationRequest
 from diffstack.hookspecs import HOOK_NAMES, hookimpl

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from diffstack.engine import Engine
 from diffstack.engine.loading import check_format, detect_family, resolve_model_path
 from diffstack.errors import InvalidRequest, ModelError
 from diffstack.types import Family
-from safetensors.torch import save_file
 
 
 @pytest.mark.parametrize("family", list(Family))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
+
 from diffstack.engine import Engine, GenerationRequest
 from diffstack.errors import InvalidRequest
-from PIL import Image
 
 
 def fields_of(engine: Engine, **fields: object) -> set[str]:

@@ -7,8 +7,8 @@ is saved as a real diffusers folder of safetensors and loaded back through the e
 from __future__ import annotations
 
 import json
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 

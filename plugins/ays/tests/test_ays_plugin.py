@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import diffstack.hookspecs
-import diffstack_ays
 import pluggy
 import pytest
 import torch
-from diffstack.types import DenoiserKind, Family, ModelInfo, SigmasOffer
 from diffusers import EulerDiscreteScheduler
+
+import diffstack.hookspecs
+import diffstack_ays
+from diffstack.types import DenoiserKind, Family, ModelInfo, SigmasOffer
 
 
 def model_info(family: Family) -> ModelInfo:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from diffstack.types import Family
 from diffstack_ays.schedules import TABLES, ays_sigmas
 

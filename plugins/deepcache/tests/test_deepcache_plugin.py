@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import diffstack.hookspecs
-import diffstack_deepcache
 import pluggy
 import pytest
 import torch
-from diffstack.types import DenoiserKind, DenoiserWrapperOffer, Family, ModelInfo
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+import diffstack.hookspecs
+import diffstack_deepcache
+from diffstack.types import DenoiserKind, DenoiserWrapperOffer, Family, ModelInfo
 
 
 def model_info(family: Family, kind: DenoiserKind) -> ModelInfo:

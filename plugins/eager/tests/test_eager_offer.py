@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import diffstack_eager
 import torch
+
+import diffstack_eager
 from diffstack.types import DenoiserKind, Family, ModelInfo
 
 

@@ -6,13 +6,14 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-import diffstack.hookspecs
-import diffstack_first_block_cache
 import pluggy
 import pytest
 import torch
-from diffstack.types import DenoiserKind, DenoiserWrapper, DenoiserWrapperOffer, Family, ModelInfo
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+import diffstack.hookspecs
+import diffstack_first_block_cache
+from diffstack.types import DenoiserKind, DenoiserWrapper, DenoiserWrapperOffer, Family, ModelInfo
 
 SEQ, TEXT = 16, 5
 # The head block runs every call; the others only when the head's residual moved past the threshold.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import diffstack_plain_encoder
 import torch
+
+import diffstack_plain_encoder
 from diffstack.types import DenoiserKind, Family, ModelInfo, PromptSpec
 
 

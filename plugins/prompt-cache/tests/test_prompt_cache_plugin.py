@@ -6,11 +6,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-import diffstack.hookspecs
-import diffstack_prompt_cache
 import pluggy
 import pytest
 import torch
+
+import diffstack.hookspecs
+import diffstack_prompt_cache
 from diffstack.types import DenoiserKind, EncoderOffer, Family, ModelInfo, PromptSpec
 from diffstack_prompt_cache.cache import CachingPromptEncoder
 

@@ -10,6 +10,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+
 from diffstack.types import AttentionShape, DenoiserKind, Family, ModelInfo
 from diffstack_sage import support
 

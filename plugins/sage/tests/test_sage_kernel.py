@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
+
 from diffstack_sage import support
 from diffstack_sage.kernel import sage_attention
-from packaging.version import Version
 
 HEAD_DIMS = (40, 64, 80, 96, 128)
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sys
 
-import diffstack.hookspecs
-import diffstack_sage
 import pluggy
 import pytest
 import torch
+from packaging.version import Version
+
+import diffstack.hookspecs
+import diffstack_sage
 from diffstack.types import AttentionOffer, AttentionShape, DenoiserKind, Family, ModelInfo
 from diffstack_sage import support
-from packaging.version import Version
 
 
 def model_on(device: str) -> ModelInfo:

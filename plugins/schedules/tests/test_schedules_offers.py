@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 
-import diffstack_schedules
 import pluggy
 import torch
+from diffusers import EulerDiscreteScheduler
+
+import diffstack_schedules
 from diffstack import hookspecs
 from diffstack.types import DenoiserKind, Family, ModelInfo
-from diffusers import EulerDiscreteScheduler
 
 
 def offers(family: Family = Family.SD1):  # type: ignore[no-untyped-def]

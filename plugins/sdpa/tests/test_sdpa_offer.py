@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import diffstack_sdpa
 import torch
 import torch.nn.functional as F
+
+import diffstack_sdpa
 from diffstack.types import DenoiserKind, Family, ModelInfo
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+
 from diffstack.types import DenoiserKind, Family, ModelInfo
 from diffstack_sparge import support
 

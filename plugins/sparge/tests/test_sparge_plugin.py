@@ -6,11 +6,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import diffstack.hookspecs
-import diffstack_sparge
 import pluggy
 import pytest
 import torch
+
+import diffstack.hookspecs
+import diffstack_sparge
 from diffstack.types import AttentionOffer, AttentionShape, DenoiserKind, Family, ModelInfo
 from diffstack_sparge import support
 

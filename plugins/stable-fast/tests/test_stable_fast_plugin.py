@@ -9,14 +9,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import diffstack.hookspecs
-import diffstack_stable_fast
 import pluggy
 import pytest
 import torch
+from packaging.requirements import Requirement
+
+import diffstack.hookspecs
+import diffstack_stable_fast
 from diffstack.types import CompileOffer, DenoiserKind, Family, ModelInfo
 from diffstack_stable_fast import support
-from packaging.requirements import Requirement
 
 PRUNA = support.Installed("stable-fast-pruna", "1.0.8", Requirement("torch<2.10,>=2.9"))
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sys
 
-import diffstack.hookspecs
-import diffstack_torch_compile
 import pluggy
 import torch
-from diffstack.types import DenoiserKind, Family, ModelInfo
 from diffusers import UNet2DConditionModel
 from torch._dynamo.utils import counters
+
+import diffstack.hookspecs
+import diffstack_torch_compile
+from diffstack.types import DenoiserKind, Family, ModelInfo
 
 
 def tiny_unet() -> UNet2DConditionModel:

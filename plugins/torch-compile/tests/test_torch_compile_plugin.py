@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import diffstack.hookspecs
-import diffstack_torch_compile
 import pluggy
 import pytest
 import torch
+
+import diffstack.hookspecs
+import diffstack_torch_compile
 from diffstack.types import CompileOffer, DenoiserKind, Family, ModelInfo
 from diffstack_torch_compile import compiler
 from diffstack_torch_compile.config import MODES

@@ -126,7 +126,7 @@ def check_format(path: Path) -> None:
 
 
 def pipeline_class(family: Family) -> type[Pipeline]:
-    from diffusers import FluxPipeline, StableDiffusionXLPipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     return {Family.SDXL: StableDiffusionXLPipeline, Family.FLUX: FluxPipeline}.get(
         family, StableDiffusionPipeline

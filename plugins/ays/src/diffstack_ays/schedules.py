@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from diffstack.types import Family
 
 TABLES: dict[Family, tuple[float, ...]] = {

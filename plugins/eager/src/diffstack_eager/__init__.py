@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from diffstack.hookspecs import hookimpl
 from diffstack.types import CompileOffer, ModelInfo
 

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 
 import torch
+
 from diffstack.types import PromptEmbeddings, PromptEncoder, PromptSpec
 
 

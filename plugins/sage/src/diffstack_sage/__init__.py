@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from diffstack.hookspecs import hookimpl
 from diffstack.types import AttentionOffer, ModelInfo
-
 from diffstack_sage.support import build, diffusers_backend, probe, supports
 
 

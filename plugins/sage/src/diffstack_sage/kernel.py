@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffstack.types import AttentionFn
 from packaging.version import Version
+
+from diffstack.types import AttentionFn
 
 HEAD_DIMS_V1 = (64, 96, 128)
 """sageattention 1.x (Triton) asserts one of these."""

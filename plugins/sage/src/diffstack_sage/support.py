@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from diffstack.types import AttentionFn, AttentionShape, Availability, ModelInfo
 from packaging.version import Version
+
+from diffstack.types import AttentionFn, AttentionShape, Availability, ModelInfo
 
 DISTRIBUTION = "sageattention"
 MAX_HEAD_DIM = 128

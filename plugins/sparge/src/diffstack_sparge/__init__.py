@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from diffstack.hookspecs import hookimpl
 from diffstack.types import AttentionOffer, ModelInfo
-
 from diffstack_sparge.support import build, probe, supports
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from diffstack.types import AttentionFn
 
+from diffstack.types import AttentionFn
 from diffstack_sparge.config import SpargeConfig
 
 

@@ -7,7 +7,6 @@ import importlib.metadata
 import importlib.util
 
 from diffstack.types import AttentionFn, AttentionShape, Availability, ModelInfo
-
 from diffstack_sparge.config import SpargeConfig
 
 MODULE = "spas_sage_attn"

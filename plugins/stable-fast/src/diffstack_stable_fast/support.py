@@ -12,10 +12,10 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
-from diffstack.types import Availability, DenoiserKind, ModelInfo
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from diffstack.types import Availability, DenoiserKind, ModelInfo
 from diffstack_stable_fast.config import StableFastOptions
 
 DISTRIBUTIONS = ("stable-fast-pruna", "stable-fast")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from diffstack.hookspecs import hookimpl
 from diffstack.types import CompileOffer, ModelInfo
-
 from diffstack_torch_compile.support import build, probe
 
 

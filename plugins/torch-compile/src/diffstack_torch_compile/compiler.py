@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from diffstack.types import DenoiserKind, ModelInfo
 from torch.utils._pytree import tree_leaves, tree_map
 
+from diffstack.types import DenoiserKind, ModelInfo
 from diffstack_torch_compile.config import CompileConfig
 
 

@@ -6,8 +6,8 @@ import importlib.util
 import shutil
 
 import torch
-from diffstack.types import Availability, ModelInfo
 
+from diffstack.types import Availability, ModelInfo
 from diffstack_torch_compile.config import CompileConfig
 
 OPTIONS = "torch_compile"
