@@ -88,7 +88,6 @@ class ServerSettings(_Section):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
-    warmup: bool = True
 
 
 class Settings(BaseSettings):

@@ -144,7 +144,7 @@ def _project(
     fused = getattr(attn, "fused_projections", False)
     if context is None:
         if fused:
-            return attn.to_qkv(hidden_states).chunk(3, dim=-1)  # type: ignore[no-any-return]
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
         context = hidden_states
     elif attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)

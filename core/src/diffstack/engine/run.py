@@ -13,7 +13,6 @@ from typing import Any
 
 import structlog
 import torch
-from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 
 from diffstack.engine.families import Pipeline, batch_embeddings
@@ -83,6 +82,7 @@ def _encode(model: LoadedModel, jobs: Sequence[GenerationJob]) -> dict[str, torc
 def _pipeline_for(model: LoadedModel, img2img: bool) -> Pipeline:
     if not img2img:
         return model.pipeline
+    from diffusers import AutoPipelineForImage2Image  # slow to import; only img2img needs it
     pipeline = AutoPipelineForImage2Image.from_pipe(model.pipeline)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -1,0 +1,42 @@
+"""Typed Python client for the diffstack gRPC service, sync and asyncio.
+
+    from diffstack_client import DiffstackClient
+
+    with DiffstackClient("127.0.0.1:50051") as client:
+        client.wait_until_serving()
+        client.generate("a lighthouse at dusk", seed=7).save("out/")
+
+The generated stubs live in :mod:`diffstack_client.v1` (made by scripts/gen_proto.py).
+"""
+
+from diffstack_client._common import (
+    Event,
+    Finished,
+    GeneratedImage,
+    Generation,
+    Picture,
+    Preview,
+    Progress,
+    Queued,
+    ServiceError,
+    SpecParams,
+    tls_credentials,
+)
+from diffstack_client.aio import AsyncDiffstackClient
+from diffstack_client.client import DiffstackClient
+
+__all__ = [
+    "AsyncDiffstackClient",
+    "DiffstackClient",
+    "Event",
+    "Finished",
+    "GeneratedImage",
+    "Generation",
+    "Picture",
+    "Preview",
+    "Progress",
+    "Queued",
+    "ServiceError",
+    "SpecParams",
+    "tls_credentials",
+]

@@ -1,0 +1,56 @@
+"""wrap_denoiser: stackable wrappers that must run and must leave the denoiser as it was."""
+
+from __future__ import annotations
+
+import torch
+
+from diffstack.compose.slots import (
+    ComposedStack,
+    ModelUnderTest,
+    SlotRecorder,
+    guard,
+    valid_offers,
+)
+from diffstack.plugins import PluginHost
+from diffstack.types import (
+    CandidateStatus,
+    DenoiserWrapperOffer,
+)
+
+
+def compose_wrappers(host: PluginHost, model: ModelUnderTest, stack: ComposedStack) -> None:
+    slot = SlotRecorder("wrap_denoiser")
+    for source, offer in valid_offers(host, "wrap_denoiser", DenoiserWrapperOffer, model, slot):
+        if model.info.denoiser_kind not in offer.denoiser_kinds:
+            slot.add(
+                source,
+                CandidateStatus.REJECTED,
+                f"needs a {' or '.join(sorted(offer.denoiser_kinds))} denoiser, "
+                f"this model has a {model.info.denoiser_kind}",
+            )
+            continue
+        problem = guard("apply", _check_wrapper, offer, model)
+        if problem:
+            slot.add(
+                source, CandidateStatus.FAILED if "raised" in problem else CandidateStatus.REJECTED, problem
+            )
+            continue
+        stack.wrappers[offer.name] = offer
+        slot.add(source, CandidateStatus.AVAILABLE, "enabled per request")
+    stack.slots.append(slot.report())
+
+
+def _check_wrapper(offer: DenoiserWrapperOffer, model: ModelUnderTest) -> str:
+    """The wrapper must run, and removing it must leave the denoiser exactly as it was."""
+    handle = offer.apply(model.denoiser, model.info.plugin_options(offer.name))
+    try:
+        handle.reset_state()
+        with torch.inference_mode():
+            output = model.denoiser(**model.denoiser_inputs, return_dict=False)[0]
+        if not torch.isfinite(output).all():
+            return "produced non-finite output"
+    finally:
+        handle.remove()
+    with torch.inference_mode():
+        after = model.denoiser(**model.denoiser_inputs, return_dict=False)[0]
+    return "" if torch.equal(after, model.reference_output) else "removing it did not restore the denoiser"

@@ -1,0 +1,293 @@
+"""Building, starting, draining and serving the gRPC server.
+
+``create_server(settings, engine=None)`` builds the whole server and binds its port (0 gives a free
+one); the CLI, the tests and the benchmarks all use it. ``serve(settings)`` only adds signal handling
+and waits. Start-up order, as load balancers expect it: the port opens at once with health
+NOT_SERVING, the engine loads and warms in a worker thread, then health turns SERVING. On SIGTERM or
+SIGINT: health NOT_SERVING, new generation requests get UNAVAILABLE, queued and running requests
+finish within ``server.grace_seconds``, the process exits 0 (a second signal stops at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from diffstack.config import Settings, load_settings
+from diffstack.errors import Cancelled
+from diffstack.logs import configure_logging
+from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
+from diffstack_server.batching import BatchQueue
+from diffstack_server.interceptors import AdminTokenInterceptor, StatusInterceptor
+from diffstack_server.metrics import Metrics
+from diffstack_server.protocols import ServingEngine
+from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
+
+log = structlog.get_logger("diffstack.server")
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+DIAGNOSTICS_SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+HEALTH_SERVICES = ("", GENERATION_SERVICE, DIAGNOSTICS_SERVICE)
+"""Health is reported for the whole server ("") and for each diffstack service."""
+
+
+class DiffstackServer:
+    """A gRPC server with its engine, queue, health and metrics; made by :func:`create_server`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_server: grpc.aio.Server,
+        runtime: Runtime,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+    ) -> None:
+        self.settings = settings
+        self.grpc_server = grpc_server
+        self.runtime = runtime
+        self.health = health_servicer
+        self.port = port
+        self.metrics_port: int | None = None
+        self.engine_error: BaseException | None = None
+        self._engine_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def engine(self) -> ServingEngine | None:
+        return self.runtime.engine
+
+    async def start(self) -> None:
+        """Open the port (health NOT_SERVING) and bring the engine up; returns before it is ready."""
+        server_settings = self.settings.server
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        if server_settings.metrics_port is not None:
+            self.metrics_port = self.runtime.metrics.serve_http(
+                server_settings.host, server_settings.metrics_port
+            )
+        log.info("listening", host=server_settings.host, port=self.port, metrics_port=self.metrics_port)
+        self._engine_task = asyncio.get_running_loop().create_task(
+            self._bring_up(), name="diffstack-engine-up"
+        )
+
+    async def _bring_up(self) -> None:
+        runtime = self.runtime
+        try:
+            if runtime.engine is None:
+                started = time.perf_counter()
+                engine = await asyncio.get_running_loop().run_in_executor(None, _start_engine, self.settings)
+                log.info("engine_started", seconds=round(time.perf_counter() - started, 2))
+                runtime.engine = engine
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # recorded and logged; serve() exits 1, health stays NOT_SERVING
+            self.engine_error = exc
+            log.exception("engine_start_failed")
+            runtime.ready.set()  # wake the waiters; they check engine_error
+            return
+        server = self.settings.server
+        runtime.queue = BatchQueue(
+            runtime.engine,
+            runtime.metrics,
+            queue_size=server.queue_size,
+            max_batch=server.max_batch,
+            batch_wait_ms=server.batch_wait_ms,
+        )
+        runtime.queue.start()
+        if not runtime.draining:
+            for service in HEALTH_SERVICES:
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving")
+        runtime.ready.set()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the engine is up (raises what engine start-up raised)."""
+        await asyncio.wait_for(self.runtime.ready.wait(), timeout)
+        if self.engine_error is not None:
+            raise RuntimeError("the engine failed to start") from self.engine_error
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new work, finish queued and running work within ``grace``
+        seconds (default ``server.grace_seconds``), then close the port. Safe to call twice."""
+        if self.runtime.draining:
+            await self._stopped.wait()
+            return
+        grace = self.settings.server.grace_seconds if grace is None else grace
+        give_up_at = time.monotonic() + grace
+        self.runtime.draining = True
+        await self.health.enter_graceful_shutdown()
+        queue = self.runtime.queue
+        log.info(
+            "draining",
+            grace_s=grace,
+            queued=queue.depth if queue else 0,
+            running=queue.in_flight if queue else 0,
+        )
+        if self._engine_task is not None and not self._engine_task.done():
+            self._engine_task.cancel()  # the worker thread finishes loading on its own; we stop waiting
+        if queue is not None:
+            if not await queue.drain(max(0.0, give_up_at - time.monotonic())):
+                log.warning("grace_expired_cancelling", queued=queue.depth, running=queue.in_flight)
+                queue.abort(Cancelled("the server is shutting down"))
+            await queue.stop(timeout=max(1.0, give_up_at - time.monotonic()))
+        # Handlers still encoding or sending their last message get the rest of the grace period.
+        await self.grpc_server.stop(max(0.5, give_up_at - time.monotonic()))
+        self.runtime.metrics.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+def _start_engine(settings: Settings) -> ServingEngine:
+    """Import and start the engine: torch and diffusers load here, in a worker thread, after the port
+    has opened (health NOT_SERVING), so probes get answers from the first second."""
+    from diffstack.engine import Engine
+
+    return Engine.start(settings)
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``server.tls_cert``/``tls_key``; mTLS when ``tls_client_ca`` is set too."""
+    server = settings.server
+    if server.tls_cert is None and server.tls_key is None:
+        if server.tls_client_ca is not None:
+            raise ValueError("server.tls_client_ca needs server.tls_cert and server.tls_key")
+        return None
+    if server.tls_cert is None or server.tls_key is None:
+        raise ValueError("TLS needs both server.tls_cert and server.tls_key")
+    client_ca = server.tls_client_ca.read_bytes() if server.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(server.tls_key.read_bytes(), server.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def create_server(
+    settings: Settings, engine: ServingEngine | None = None
+) -> tuple[DiffstackServer, int]:
+    """Build the server and bind its port (``server.port`` 0 picks a free one); call ``start()`` next.
+
+    Without ``engine`` the server starts :class:`diffstack.engine.Engine` from ``settings`` itself
+    after the port opens; tests and benchmarks may pass an engine that is already started.
+    Call it inside the event loop that will run the server.
+    """
+    server_settings, limits = settings.server, settings.limits
+    metrics = Metrics()
+    runtime = Runtime(settings=settings, metrics=metrics, engine=engine)
+    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
+    if server_settings.admin_token:
+        interceptors.append(AdminTokenInterceptor(server_settings.admin_token))
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a busy port is an error, never silently shared
+    ]
+    grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(runtime), grpc_server)
+    diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsServicer(runtime), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (GENERATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
+    address = _bind_address(server_settings.host, server_settings.port)
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return DiffstackServer(settings, grpc_server, runtime, health_servicer, port), port
+
+
+async def serve_async(settings: Settings) -> int:
+    """Run the server until SIGTERM/SIGINT, then drain; returns the process exit status."""
+    server, _ = await create_server(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        log.info("signal", signal=signal.Signals(signum).name, count=signals)
+        if signals == 1:
+            stop.set()
+        elif server.runtime.queue is not None:  # a second signal: stop the work now
+            server.runtime.queue.abort(Cancelled("the server is shutting down"))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    waiting = asyncio.ensure_future(stop.wait())
+    ready = asyncio.ensure_future(server.runtime.ready.wait())
+    await asyncio.wait({waiting, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if server.engine_error is None:
+        await waiting
+    waiting.cancel()
+    ready.cancel()
+    await server.stop()
+    return 1 if server.engine_error is not None else 0
+
+
+def serve(settings: Settings) -> int:
+    """Configure logging, run the server until a signal, drain, and return the exit status."""
+    configure_logging(settings.server.log_format)
+    return asyncio.run(serve_async(settings))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="diffstack serve", description="Serve diffstack over gRPC.")
+    parser.add_argument("--config", type=Path, help="a TOML settings file")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gRPC port (0 picks a free one; default 50051)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--models-dir", type=Path, help="folder that client-given model names resolve in")
+    parser.add_argument("--model", help="the default model: a name inside --models-dir")
+    parser.add_argument("--log-format", choices=("auto", "json", "console"))
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the file, the environment, then the flags that were given."""
+    server = {
+        key: value
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("metrics_port", args.metrics_port),
+            ("log_format", args.log_format),
+        )
+        if value is not None
+    }
+    engine = {
+        key: value
+        for key, value in (("models_dir", args.models_dir), ("default_model", args.model))
+        if value is not None
+    }
+    overrides = {name: section for name, section in (("server", server), ("engine", engine)) if section}
+    return load_settings(args.config, **overrides)
+
+
+def main_serve(argv: Sequence[str] | None = None) -> int:
+    """``diffstack serve [flags]``: parse flags, load settings, serve; returns the exit status."""
+    return serve(settings_from_args(parse_args(argv)))

@@ -1,0 +1,290 @@
+"""The bounded queue and the dynamic batcher between the RPC handlers and the engine.
+
+Handlers :meth:`~BatchQueue.submit` prepared requests and await their
+:class:`~diffstack_server.tickets.Ticket`. One asyncio task
+takes the oldest waiting request, gathers waiting requests with the same batch key up to
+``max_batch`` images (waiting up to ``batch_wait_ms`` for more to arrive when the batch is not full,
+like Triton's ``max_queue_delay``), and runs them as one ``engine.run`` call on a single worker
+thread: one pipeline at a time owns the device. A batch that runs out of memory is split in two once
+and each half retried; a half that still does not fit fails with ``OutOfMemory``.
+
+Cancellation and deadlines reach the engine through each job's ``should_stop``, which the engine
+checks after every step: a cancelled request stops at the next step, and a request cancelled while
+still queued never runs. The queue is bounded: a full queue answers :class:`Overloaded` at once
+(RESOURCE_EXHAUSTED) instead of letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import structlog
+
+from diffstack.errors import Cancelled, DiffstackError, NotReady, OutOfMemory, Overloaded
+
+if TYPE_CHECKING:
+    from diffstack.engine import GenerationResult
+    from diffstack_server.metrics import Metrics
+    from diffstack_server.protocols import ServingEngine
+    from diffstack_server.tickets import Ticket
+
+log = structlog.get_logger("diffstack.server.batching")
+
+# -------------------------------------------------------------------------------------------------
+# The queue
+# -------------------------------------------------------------------------------------------------
+
+
+class BatchQueue:
+    """A bounded FIFO of tickets and the task that runs them in batches on one worker thread."""
+
+    def __init__(
+        self,
+        engine: ServingEngine,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        max_batch: int,
+        batch_wait_ms: float = 0.0,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.queue_size = queue_size
+        self.max_batch = max(1, max_batch)
+        self.batch_wait_s = max(0.0, batch_wait_ms / 1000.0)
+        self._waiting: list[Ticket] = []
+        self._running: list[Ticket] = []
+        self._closed = False
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffstack-engine")
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="diffstack-batcher")
+
+    def close(self) -> None:
+        """Refuse new requests; the ones already queued or running still finish."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def drain(self, timeout: float | None) -> bool:
+        """Close, then wait until every queued and running request finished; False on timeout."""
+        self.close()
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def abort(self, error: DiffstackError) -> None:
+        """Fail every queued request with ``error`` and stop the running ones at their next step."""
+        self.close()
+        for ticket in self._waiting:
+            ticket.finish(error)
+        self._waiting.clear()
+        for ticket in self._running:
+            ticket.cancel(error)
+        self._update_idle()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Wait for the batcher task to end (call after :meth:`drain` or :meth:`abort`)."""
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                log.warning("batcher_stop_timeout", running=len(self._running))
+        self._worker.shutdown(wait=False)
+
+    # -- submitting --------------------------------------------------------------------------------
+
+    def submit(self, ticket: Ticket) -> Ticket:
+        """Queue ``ticket``; raises :class:`Overloaded` when the queue is full, NotReady when closed."""
+        if self._closed:
+            raise NotReady("the server is shutting down")
+        if len(self._waiting) >= self.queue_size:
+            raise Overloaded(f"the queue is full ({self.queue_size} requests waiting); retry later")
+        self._waiting.append(ticket)
+        ticket.move_to(len(self._waiting) - 1)
+        self._idle.clear()
+        self._wakeup.set()
+        self._update_gauges()
+        return ticket
+
+    def withdraw(self, ticket: Ticket, error: DiffstackError | None = None) -> None:
+        """The request's caller went away: drop it from the queue, or stop it at the next step."""
+        ticket.cancel(error)
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+            ticket.finish(ticket.should_stop() or Cancelled("cancelled"))
+            self._announce_positions()
+            self._update_idle()
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    # -- the batcher task --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            await self._run(batch)
+
+    async def _next_batch(self) -> list[Ticket] | None:
+        while True:
+            self._drop_stopped()
+            if not self._waiting:
+                self._update_idle()
+                if self._closed:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._waiting[0]
+            batch = self._compatible(head)
+            give_up_at = time.monotonic() + self.batch_wait_s
+            while sum(t.images for t in batch) < self.max_batch and not self._closed:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+                if head not in self._waiting:
+                    break  # the head was withdrawn while we waited: start over
+                batch = self._compatible(head)
+            if head not in self._waiting:
+                continue
+            for ticket in batch:
+                self._waiting.remove(ticket)
+            self._announce_positions()
+            return batch
+
+    def _compatible(self, head: Ticket) -> list[Ticket]:
+        """The head and the oldest waiting tickets with its batch key, up to ``max_batch`` images."""
+        batch, images = [head], head.images
+        for ticket in self._waiting[1:]:
+            if ticket.key == head.key and images + ticket.images <= self.max_batch:
+                batch.append(ticket)
+                images += ticket.images
+        return batch
+
+    def _drop_stopped(self) -> None:
+        """Finish queued tickets that were cancelled or whose deadline passed, without running them."""
+        keep = []
+        for ticket in self._waiting:
+            reason = ticket.should_stop()
+            if reason is None:
+                keep.append(ticket)
+            else:
+                ticket.finish(reason)
+        if len(keep) != len(self._waiting):
+            self._waiting = keep
+            self._announce_positions()
+
+    def _announce_positions(self) -> None:
+        for position, ticket in enumerate(self._waiting):
+            ticket.move_to(position)
+        self._update_gauges()
+
+    async def _run(self, batch: list[Ticket]) -> None:
+        now = time.monotonic()
+        for ticket in batch:
+            ticket.started_at = now
+            self.metrics.queue_seconds.observe(ticket.queue_seconds)
+        self._running.extend(batch)
+        self._update_gauges()
+        log.info(
+            "batch_start",
+            requests=[t.request_id for t in batch],
+            images=sum(t.images for t in batch),
+            queued=len(self._waiting),
+        )
+        loop = asyncio.get_running_loop()
+        outcomes: list[GenerationResult | BaseException]
+        try:
+            outcomes = await loop.run_in_executor(self._worker, self._run_in_worker, batch)
+        except asyncio.CancelledError:  # the server is stopping hard: stop the work, fail the batch
+            for ticket in batch:
+                ticket.cancel(NotReady("the server stopped"))
+                ticket.finish(NotReady("the server stopped"))
+            raise
+        except Exception as exc:  # the worker could not take the batch (shut down)
+            outcomes = [exc] * len(batch)
+        finally:
+            for ticket in batch:
+                self._running.remove(ticket)
+            self._update_gauges()
+        for ticket, outcome in zip(batch, outcomes, strict=True):
+            ticket.finish(outcome)
+        self._update_idle()
+
+    # -- the worker thread ---------------------------------------------------------------------------
+
+    def _run_in_worker(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+        """Run the batch; on OutOfMemory split it in two once and run each half."""
+        with structlog.contextvars.bound_contextvars(request_ids=[t.request_id for t in batch]):
+            return self._run_or_split(batch)
+
+    def _run_or_split(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+        try:
+            return self._call_engine(batch)
+        except OutOfMemory as first:
+            if len(batch) == 1:
+                return [first]
+            half = len(batch) // 2
+            log.warning("batch_out_of_memory_splitting", requests=len(batch), first_half=half)
+            outcomes: list[GenerationResult | BaseException] = []
+            for part in (batch[:half], batch[half:]):
+                try:
+                    outcomes.extend(self._call_engine(part))
+                except OutOfMemory as again:
+                    outcomes.extend([again] * len(part))
+                except Exception as exc:
+                    outcomes.extend([exc] * len(part))
+            return outcomes
+        except Exception as exc:
+            return [exc] * len(batch)
+
+    def _call_engine(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+        started = time.perf_counter()
+        try:
+            outcomes: list[GenerationResult | BaseException] = list(
+                self.engine.run([ticket.job() for ticket in batch])
+            )
+        finally:
+            self.metrics.observe_batch(
+                len(batch), sum(t.images for t in batch), time.perf_counter() - started
+            )
+        if len(outcomes) != len(batch):
+            raise RuntimeError(f"engine.run returned {len(outcomes)} outcomes for {len(batch)} jobs")
+        return outcomes
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def _update_idle(self) -> None:
+        if not self._waiting and not self._running:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.in_flight.set(len(self._running))

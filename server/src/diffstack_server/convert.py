@@ -1,0 +1,240 @@
+"""Translation between the wire messages (diffstack.v1) and the engine's types.
+
+Everything here is pure and synchronous; image encoding and decoding are CPU work that callers run in
+a thread pool. Field violations name the field as the client spelled it in the message (``spec.width``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image as PILImage
+
+from diffstack.errors import FieldViolation, InvalidRequest
+from diffstack_client.v1 import diagnostics_pb2, generation_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from diffstack.config import Limits
+    from diffstack.engine import GenerationRequest, GenerationResult, ModelListing
+    from diffstack.types import PluginRecord, StackReport
+
+SPEC = "spec"
+DEFAULT_QUALITY = 90
+DEFAULT_STRENGTH = 0.75
+# PNG level 1 is lossless like level 6 but several times faster to write; a generation server spends
+# its CPU on the pipeline, not on squeezing a few percent more out of the file.
+PNG_COMPRESS_LEVEL = 1
+_PIL_FORMATS: dict[int, str] = {
+    types_pb2.IMAGE_FORMAT_PNG: "PNG",
+    types_pb2.IMAGE_FORMAT_WEBP: "WEBP",
+    types_pb2.IMAGE_FORMAT_JPEG: "JPEG",
+}
+_DECODABLE = ("PNG", "JPEG", "WEBP")
+_PLUGIN_STATUS = {
+    "loaded": diagnostics_pb2.PLUGIN_STATUS_LOADED,
+    "failed": diagnostics_pb2.PLUGIN_STATUS_FAILED,
+    "disabled": diagnostics_pb2.PLUGIN_STATUS_DISABLED,
+}
+_CANDIDATE_STATUS = {
+    "chosen": diagnostics_pb2.CANDIDATE_STATUS_CHOSEN,
+    "available": diagnostics_pb2.CANDIDATE_STATUS_AVAILABLE,
+    "slower": diagnostics_pb2.CANDIDATE_STATUS_SLOWER,
+    "rejected": diagnostics_pb2.CANDIDATE_STATUS_REJECTED,
+    "failed": diagnostics_pb2.CANDIDATE_STATUS_FAILED,
+}
+_WEIGHTS = {"random": diagnostics_pb2.MODEL_WEIGHTS_RANDOM, "trained": diagnostics_pb2.MODEL_WEIGHTS_TRAINED}
+
+
+# -------------------------------------------------------------------------------------------------
+# Requests
+# -------------------------------------------------------------------------------------------------
+
+
+def request_from_spec(spec: types_pb2.GenerationSpec, limits: Limits) -> GenerationRequest:
+    """The engine request a ``GenerationSpec`` asks for (decodes the init image; the engine validates)."""
+    from diffstack.engine import GenerationRequest  # torch and diffusers load with the engine, not before
+
+    init_image = None
+    if spec.HasField("init_image"):
+        init_image = decode_image(spec.init_image, limits, field=f"{SPEC}.init_image")
+    return GenerationRequest(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        model=spec.model,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        guidance=spec.guidance if spec.HasField("guidance") else None,
+        sampler=spec.sampler,
+        schedule=spec.schedule or "auto",
+        seeds=tuple(spec.seeds),
+        num_images=spec.num_images or 1,
+        init_image=init_image,
+        strength=spec.strength if spec.HasField("strength") else DEFAULT_STRENGTH,
+        wrappers={name: _options(w.options) for name, w in spec.wrappers.items()},
+    )
+
+
+def _options(options: Mapping[str, types_pb2.OptionValue]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in options.items():
+        kind = value.WhichOneof("kind")
+        if kind is not None:
+            values[key] = getattr(value, kind)
+    return values
+
+
+def in_spec(error: InvalidRequest) -> InvalidRequest:
+    """The engine's violations (named after request fields) renamed to their path in the message."""
+    return InvalidRequest([FieldViolation(f"{SPEC}.{v.field}", v.description) for v in error.violations])
+
+
+def check_output(output: types_pb2.OutputOptions, field: str = "output") -> None:
+    """Raise :class:`InvalidRequest` for an output format or quality the server cannot produce."""
+    violations = []
+    if output.format not in types_pb2.ImageFormat.values():
+        violations.append(FieldViolation(f"{field}.format", f"unknown image format {output.format}"))
+    if output.HasField("quality") and not 1 <= output.quality <= 100:
+        violations.append(FieldViolation(f"{field}.quality", "must be between 1 and 100"))
+    if violations:
+        raise InvalidRequest(violations)
+
+
+def check_previews(previews: generation_pb2.PreviewOptions) -> None:
+    """Raise :class:`InvalidRequest` for a preview format the server cannot produce."""
+    if previews.format not in types_pb2.ImageFormat.values():
+        raise InvalidRequest(FieldViolation("previews.format", f"unknown image format {previews.format}"))
+
+
+# -------------------------------------------------------------------------------------------------
+# Images
+# -------------------------------------------------------------------------------------------------
+
+
+def decode_image(message: types_pb2.Image, limits: Limits, field: str) -> PILImage.Image:
+    """An RGB picture from an ``Image`` message; refuses formats, sizes and bytes that do not fit."""
+    if message.format == types_pb2.IMAGE_FORMAT_RAW_RGB:
+        width, height = message.width, message.height
+        if width * height == 0 or len(message.data) != width * height * 3:
+            raise InvalidRequest(
+                FieldViolation(field, "raw RGB needs width and height and exactly width*height*3 bytes")
+            )
+        _check_pixels(width, height, limits, field)
+        return PILImage.frombytes("RGB", (width, height), message.data)
+    if not message.data:
+        raise InvalidRequest(FieldViolation(field, "the image has no data"))
+    try:
+        picture = PILImage.open(io.BytesIO(message.data), formats=_DECODABLE)
+    except Exception as exc:
+        raise InvalidRequest(FieldViolation(field, f"not a PNG, JPEG or WebP image ({exc})")) from None
+    _check_pixels(picture.width, picture.height, limits, field)  # before decoding: no pixel bombs
+    try:
+        return picture.convert("RGB")
+    except Exception as exc:
+        raise InvalidRequest(FieldViolation(field, f"the image data is damaged ({exc})")) from None
+
+
+def _check_pixels(width: int, height: int, limits: Limits, field: str) -> None:
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(
+            FieldViolation(field, f"{width}x{height} is more than the limit of {limits.max_pixels} pixels")
+        )
+
+
+def encode_image(
+    picture: PILImage.Image, image_format: int, quality: int = DEFAULT_QUALITY, default: int = 0
+) -> types_pb2.Image:
+    """An ``Image`` message holding ``picture`` in ``image_format`` (UNSPECIFIED takes ``default``)."""
+    image_format = image_format or default or types_pb2.IMAGE_FORMAT_PNG
+    rgb = picture if picture.mode == "RGB" else picture.convert("RGB")
+    if image_format == types_pb2.IMAGE_FORMAT_RAW_RGB:
+        data = rgb.tobytes()
+    else:
+        buffer = io.BytesIO()
+        pil_format = _PIL_FORMATS[image_format]
+        if pil_format == "PNG":
+            rgb.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        else:
+            rgb.save(buffer, format=pil_format, quality=quality)
+        data = buffer.getvalue()
+    return types_pb2.Image(data=data, format=image_format, width=rgb.width, height=rgb.height)  # type: ignore[arg-type]
+
+
+def result_message(
+    result: GenerationResult, output: types_pb2.OutputOptions, extra_timings: Mapping[str, float]
+) -> types_pb2.GenerationResult:
+    """The wire form of an engine result, images encoded as ``output`` asks."""
+    quality = output.quality if output.HasField("quality") else DEFAULT_QUALITY
+    return types_pb2.GenerationResult(
+        images=[
+            types_pb2.GeneratedImage(image=encode_image(g.image, output.format, quality), seed=g.seed)
+            for g in result.images
+        ],
+        model=result.model,
+        stack=[types_pb2.SlotChoice(slot=slot, chosen=list(chosen)) for slot, chosen in result.stack.items()],
+        timings={**result.timings, **extra_timings},
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Diagnostics
+# -------------------------------------------------------------------------------------------------
+
+
+def plugin_message(record: PluginRecord) -> diagnostics_pb2.Plugin:
+    return diagnostics_pb2.Plugin(
+        name=record.name,
+        distribution=record.distribution,
+        version=record.version,
+        entry_point=record.entry_point,
+        hooks=list(record.hooks),
+        status=_PLUGIN_STATUS.get(record.status, diagnostics_pb2.PLUGIN_STATUS_UNSPECIFIED),
+        error=record.error,
+    )
+
+
+def stack_message(report: StackReport) -> diagnostics_pb2.StackReport:
+    return diagnostics_pb2.StackReport(
+        model=report.model,
+        family=str(report.family),
+        device=report.device,
+        dtype=report.dtype,
+        measured=report.measured,
+        notes=list(report.notes),
+        slots=[
+            diagnostics_pb2.SlotReport(
+                slot=slot.slot,
+                chosen=list(slot.chosen),
+                candidates=[
+                    diagnostics_pb2.Candidate(
+                        plugin=c.plugin,
+                        offer=c.offer,
+                        priority=c.priority,
+                        status=_CANDIDATE_STATUS.get(
+                            str(c.status), diagnostics_pb2.CANDIDATE_STATUS_UNSPECIFIED
+                        ),
+                        reason=c.reason,
+                        scope=c.scope,
+                        numeric_error=c.numeric_error,
+                        time_ms=c.time_ms,
+                        setup_s=c.setup_s,
+                    )
+                    for c in slot.candidates
+                ],
+            )
+            for slot in report.slots
+        ],
+    )
+
+
+def model_message(listing: ModelListing) -> diagnostics_pb2.Model:
+    return diagnostics_pb2.Model(
+        name=listing.name,
+        family=str(listing.family),
+        loaded=listing.loaded,
+        is_default=listing.default,
+        weights=_WEIGHTS.get(listing.weights, diagnostics_pb2.MODEL_WEIGHTS_UNSPECIFIED),
+        description=listing.description,
+    )

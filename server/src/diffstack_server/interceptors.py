@@ -1,0 +1,236 @@
+"""The two server interceptors: errors → status codes (the only place statuses are built), admin token.
+
+:class:`StatusInterceptor` wraps every diffstack.v1 RPC. It gives the call a request id (the client's
+``x-request-id`` metadata or a fresh one, echoed back as initial metadata and bound to every log line),
+maps :mod:`diffstack.errors` to gRPC status codes with ``google.rpc`` details, and records the outcome
+in the access log and the metrics. Handlers raise ``InvalidRequest``, ``Overloaded`` and friends and
+never build a status themselves.
+
+:class:`AdminTokenInterceptor` requires ``authorization: Bearer <token>`` on DiagnosticsService calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from diffstack.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    DiffstackError,
+    InvalidRequest,
+    ModelError,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
+    PermissionDenied,
+)
+from diffstack_server.metrics import Metrics
+
+log = structlog.get_logger("diffstack.server.rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+ERROR_DOMAIN = "diffstack"
+SERVICE_PREFIX = "/diffstack.v1."
+DIAGNOSTICS_PREFIX = "/diffstack.v1.DiagnosticsService/"
+
+_request_id: ContextVar[str] = ContextVar("diffstack_request_id", default="")
+
+# Most specific class first: OutOfMemory is an Overloaded.
+_CODES: tuple[tuple[type[DiffstackError], grpc.StatusCode, str], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"),
+    (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED, "OUT_OF_MEMORY"),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
+    (NotReady, grpc.StatusCode.UNAVAILABLE, "NOT_READY"),
+    (Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED"),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+    (ModelError, grpc.StatusCode.FAILED_PRECONDITION, "MODEL_ERROR"),
+)
+
+
+def current_request_id() -> str:
+    """The request id of the RPC being handled in this task (a fresh one outside an RPC)."""
+    return _request_id.get() or uuid.uuid4().hex
+
+
+def status_for(error: BaseException, request_id: str) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The gRPC code and ``google.rpc.Status`` (with details) that ``error`` maps to."""
+    code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
+    message = f"internal error (request id {request_id})"
+    for error_type, error_code, error_reason in _CODES:
+        if isinstance(error, error_type):
+            code, reason, message = error_code, error_reason, str(error) or error_reason.lower()
+            break
+    details: list[Any] = []
+    if isinstance(error, InvalidRequest):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+    details.append(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    details.append(error_details_pb2.RequestInfo(request_id=request_id))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return code, status
+
+
+Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Streaming = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+
+def _rewrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    unary: Callable[[Unary], Unary],
+    streaming: Callable[[Streaming], Streaming],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its unary-unary or unary-stream behaviour wrapped (others unchanged)."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, exceptions → status codes with details, and one access-log line + metric per RPC."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        return _rewrap(handler, lambda b: self._unary(method, b), lambda b: self._streaming(method, b))
+
+    def _unary(self, method: str, behaviour: Unary) -> Unary:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = await self._begin(method, context)
+            outcome = ["OK"]
+            try:
+                return await behaviour(request, context)
+            except BaseException as exc:
+                await self._fail(exc, context, outcome)
+                raise
+            finally:
+                self._end(method, outcome[0], started)
+
+        return handle
+
+    def _streaming(self, method: str, behaviour: Streaming) -> Streaming:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = await self._begin(method, context)
+            outcome = ["OK"]
+            try:
+                async for message in behaviour(request, context):
+                    yield message
+            except BaseException as exc:
+                await self._fail(exc, context, outcome)
+                raise
+            finally:
+                self._end(method, outcome[0], started)
+
+        return handle
+
+    async def _begin(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER)
+        request_id = str(given)[:128] if given else uuid.uuid4().hex
+        _request_id.set(request_id)  # each RPC runs in its own task, so its own context
+        structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        return time.perf_counter()
+
+    async def _fail(
+        self, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any], outcome: list[str]
+    ) -> None:
+        """Name what ended the call in ``outcome[0]`` and, for an error, abort with its status (raises)."""
+        if isinstance(exc, grpc.aio.AbortError):
+            code = context.code()
+            outcome[0] = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            return
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            remaining = context.time_remaining()
+            outcome[0] = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            return
+        code, status = status_for(exc, _request_id.get())
+        outcome[0] = code.name
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("internal_error")
+        grpc_status = rpc_status.to_status(status)
+        await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+
+    def _end(self, method: str, code: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.observe_rpc(method, code, seconds)
+        log.info("rpc", code=code, duration_ms=round(seconds * 1000, 2))
+        structlog.contextvars.unbind_contextvars("request_id", "method")
+
+
+class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` metadata on every DiagnosticsService RPC."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(DIAGNOSTICS_PREFIX):
+            return handler
+        return _rewrap(handler, self._checked, self._checked_stream)
+
+    def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+        if not hmac.compare_digest(given_bytes, self._expected):
+            raise PermissionDenied("this RPC needs the admin token: send 'authorization: Bearer <token>'")
+
+    def _checked(self, behaviour: Unary) -> Unary:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self._check(context)
+            return await behaviour(request, context)
+
+        return handle
+
+    def _checked_stream(self, behaviour: Streaming) -> Streaming:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            self._check(context)
+            async for message in behaviour(request, context):
+                yield message
+
+        return handle

@@ -1,0 +1,150 @@
+"""The queue and batcher alone, driven by a small fake engine (fast, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from diffstack.engine import GeneratedImage, GenerationJob, GenerationRequest, GenerationResult, StepEvent
+from diffstack.errors import Cancelled, DiffstackError, NotReady, Overloaded
+from diffstack_server.batching import BatchQueue
+from diffstack_server.metrics import Metrics
+from diffstack_server.testing import WAIT_S
+from diffstack_server.tickets import Progress, Queued, Ticket
+
+
+class FakeEngine:
+    """Runs ``steps`` fake steps per batch; each step waits for ``step_gate`` when one is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.step_gate: threading.Event | None = None
+        self.started = threading.Event()
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        return (request.steps, request.width)
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]:
+        self.calls.append([job.request.prompt for job in jobs])
+        self.started.set()
+        stopped: dict[int, DiffstackError] = {}
+        total = jobs[0].request.steps
+        for step in range(1, total + 1):
+            if self.step_gate is not None:
+                assert self.step_gate.wait(WAIT_S)
+            for index, job in enumerate(jobs):
+                if index not in stopped and (reason := job.should_stop()) is not None:
+                    stopped[index] = reason
+                elif index not in stopped and job.on_step is not None:
+                    job.on_step(StepEvent(step, total, lambda side: [Image.new("RGB", (side, side))]))
+            if len(stopped) == len(jobs):
+                break
+        image = Image.new("RGB", (8, 8))
+        return [
+            stopped.get(i) or GenerationResult((GeneratedImage(image, job.request.seeds[0]),), "fake", {}, {})
+            for i, job in enumerate(jobs)
+        ]
+
+
+def ticket(prompt: str, steps: int = 2, width: int = 8, streaming: bool = True, **extra: Any) -> Ticket:
+    request = GenerationRequest(prompt=prompt, steps=steps, width=width, seeds=(len(prompt),), **extra)
+    return Ticket(request, (steps, width), prompt, asyncio.get_running_loop(), streaming=streaming)
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, WAIT_S))
+
+
+def test_groups_by_key_up_to_max_batch_in_arrival_order() -> None:
+    async def main() -> list[list[str]]:
+        engine = FakeEngine()
+        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=2)  # type: ignore[arg-type]
+        tickets = [ticket("a"), ticket("b", steps=3), ticket("c"), ticket("d"), ticket("e", steps=3)]
+        for t in tickets:
+            queue.submit(t)
+        queue.start()
+        await asyncio.gather(*(t.future for t in tickets))
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return engine.calls
+
+    assert run(main()) == [["a", "c"], ["b", "e"], ["d"]]
+
+
+def test_full_queue_refuses_and_closed_queue_is_not_ready() -> None:
+    async def main() -> None:
+        queue = BatchQueue(FakeEngine(), Metrics(), queue_size=2, max_batch=1)  # type: ignore[arg-type]
+        queue.submit(ticket("a"))
+        queue.submit(ticket("b"))
+        with pytest.raises(Overloaded):
+            queue.submit(ticket("c"))
+        queue.close()
+        with pytest.raises(NotReady):
+            queue.submit(ticket("d"))
+
+    run(main())
+
+
+def test_positions_move_up_as_batches_leave() -> None:
+    async def main() -> list[Any]:
+        engine = FakeEngine()
+        engine.step_gate = threading.Event()
+        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=1)  # type: ignore[arg-type]
+        first, second, third = ticket("a"), ticket("b"), ticket("c")
+        for t in (first, second, third):
+            queue.submit(t)
+        queue.start()
+        engine.step_gate.set()
+        events = [event async for event in third.events()]
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return events
+
+    events = run(main())
+    queued = [e for e in events if isinstance(e, Queued)]
+    assert queued == [Queued(2), Queued(1), Queued(0)]
+    assert [e for e in events if isinstance(e, Progress)] == [Progress(1, 2), Progress(2, 2)]
+
+
+def test_abort_after_grace_stops_running_work_and_fails_the_queue() -> None:
+    async def main() -> tuple[BaseException | None, BaseException | None]:
+        engine = FakeEngine()
+        engine.step_gate = threading.Event()
+        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=1)  # type: ignore[arg-type]
+        running, waiting = ticket("a", steps=50), ticket("b")
+        queue.submit(running)
+        queue.submit(waiting)
+        queue.start()
+        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, WAIT_S)
+        assert not await queue.drain(0.0)  # the grace has run out: nothing can finish in time
+        queue.abort(Cancelled("shutting down"))
+        engine.step_gate.set()
+        await queue.stop(WAIT_S)
+        outcomes = await asyncio.gather(running.future, waiting.future, return_exceptions=True)
+        return outcomes[0], outcomes[1]  # type: ignore[return-value]
+
+    running, waiting = run(main())
+    assert isinstance(running, Cancelled) and isinstance(waiting, Cancelled)
+
+
+def test_withdrawn_ticket_leaves_the_queue() -> None:
+    async def main() -> list[list[str]]:
+        engine = FakeEngine()
+        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=4)  # type: ignore[arg-type]
+        kept, dropped = ticket("a"), ticket("b")
+        queue.submit(kept)
+        queue.submit(dropped)
+        queue.withdraw(dropped)
+        assert queue.depth == 1 and isinstance(dropped.future.exception(), Cancelled)
+        queue.start()
+        await kept.future
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return engine.calls
+
+    assert run(main()) == [["a"]]

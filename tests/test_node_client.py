@@ -1,0 +1,52 @@
+"""The Node.js client (clients/node, @grpc/grpc-js) against a real server on the embedded model.
+
+CI installs its packages first: ``npm ci --prefix clients/node`` (scripts/test.sh does).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffstack.config import load_settings
+from diffstack.testing import BASELINE_PLUGINS
+from diffstack_server import BackgroundServer
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_CLIENT = ROOT / "clients/node"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("node") is None, reason="node is not installed (needs Node.js 20+)"
+)
+
+
+def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path: Path) -> None:
+    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
+        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
+    settings = load_settings(server={"port": 0}, plugins={"allow": list(BASELINE_PLUGINS)})
+    with BackgroundServer(settings) as server:
+        finished = subprocess.run(
+            ["node", "src/demo.js", "--target", server.target, "--out", str(tmp_path), "--steps", "3"],
+            cwd=NODE_CLIENT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary["ok"] is True
+    assert set(BASELINE_PLUGINS) <= set(summary["plugins"])
+    assert summary["progress"] == [1, 2, 3]
+    assert summary["rejected"] == {
+        "code": "INVALID_ARGUMENT",
+        "fields": ["spec.width"],
+        "reason": "INVALID_REQUEST",
+    }
+    assert [Path(f).name for f in summary["files"]] == ["stream-7.png", "unary-8.png"]
+    for file in summary["files"]:
+        assert Image.open(file).size == (64, 64)
