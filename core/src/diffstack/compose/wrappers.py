@@ -13,6 +13,7 @@ from diffstack.compose.slots import (
 )
 from diffstack.plugins import PluginHost
 from diffstack.types import (
+    Availability,
     CandidateStatus,
     DenoiserWrapperOffer,
 )
@@ -29,18 +30,19 @@ def compose_wrappers(host: PluginHost, model: ModelUnderTest, stack: ComposedSta
                 f"this model has a {model.info.denoiser_kind}",
             )
             continue
-        problem = guard("apply", _check_wrapper, offer, model)
-        if problem:
-            slot.add(
-                source, CandidateStatus.FAILED if "raised" in problem else CandidateStatus.REJECTED, problem
-            )
+        verdict = guard("apply", _check_wrapper, offer, model)
+        if isinstance(verdict, str):
+            slot.add(source, CandidateStatus.FAILED, verdict)
+            continue
+        if not verdict.ok:
+            slot.add(source, CandidateStatus.REJECTED, verdict.reason)
             continue
         stack.wrappers[offer.name] = offer
         slot.add(source, CandidateStatus.AVAILABLE, "enabled per request")
     stack.slots.append(slot.report())
 
 
-def _check_wrapper(offer: DenoiserWrapperOffer, model: ModelUnderTest) -> str:
+def _check_wrapper(offer: DenoiserWrapperOffer, model: ModelUnderTest) -> Availability:
     """The wrapper must run, and removing it must leave the denoiser exactly as it was."""
     handle = offer.apply(model.denoiser, model.info.plugin_options(offer.name))
     try:
@@ -48,9 +50,11 @@ def _check_wrapper(offer: DenoiserWrapperOffer, model: ModelUnderTest) -> str:
         with torch.inference_mode():
             output = model.denoiser(**model.denoiser_inputs, return_dict=False)[0]
         if not torch.isfinite(output).all():
-            return "produced non-finite output"
+            return Availability.no("produced non-finite output")
     finally:
         handle.remove()
     with torch.inference_mode():
         after = model.denoiser(**model.denoiser_inputs, return_dict=False)[0]
-    return "" if torch.equal(after, model.reference_output) else "removing it did not restore the denoiser"
+    if not torch.equal(after, model.reference_output):
+        return Availability.no("removing it did not restore the denoiser")
+    return Availability.yes()
