@@ -22,7 +22,7 @@ import torch
 HEAD_DIM = 64
 UNET_CHANNELS = (64, 64, 64, 64)
 TEXT_HIDDEN = 64
-SCHEDULE = {
+SCHEDULE: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -127,7 +127,7 @@ def save_pipeline(
     )  # fmt: skip
     for model in (vae, text, unet):
         model.to(device="cpu", dtype=torch.float16)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[attr-defined]
     for model in (vae, text, unet):
         model.to(dtype=torch.float32)
     # transformers 5 loads a checkpoint in its stored dtype unless the config says otherwise, while

@@ -1,7 +1,10 @@
+# ruff: noqa: E501  (the card template holds markdown table rows, which cannot be wrapped)
 """Score a freshly exported default model and write its diffstack.json and model card (README.md).
 
-The guidance scale shipped in diffstack.json is the one that scored best in the sweep, so the
-engine's default settings are a measured choice, and the card's numbers come from the same run.
+The card's numbers come from the same run that trained the weights. The guidance scale shipped in
+diffstack.json is --default-guidance (4 by default): on full prompts accuracy is flat from 1.5 to
+7.5 (99.0-99.3% over 288 images), while prompts that leave attributes out only commit to one clean
+picture from about 4 up; the sweep in the card lets a retrained model's choice be checked.
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ from typing import Any
 
 from PIL import Image
 
-from diffstack.synthetic.quality import GenerateFn, QualityRow, evaluate, fixed_scenes, markdown_table, pipeline_generator
+from diffstack.synthetic.quality import (
+    GenerateFn,
+    QualityRow,
+    evaluate,
+    fixed_scenes,
+    markdown_table,
+    pipeline_generator,
+)
 from diffstack.synthetic.scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, all_scenes, render
 
 NAME = "synthetic-shapes-64"
 DEFAULT_STEPS = 20
-FALLBACK_GUIDANCE = 3.0
 
 
 @dataclass
@@ -51,30 +60,24 @@ def save_samples(path: Path, out: Path, device: str, guidance: float, n: int = 1
     grid.save(path)
 
 
-def sweep(out: Path, device: str, guidances: list[float], n_scenes: int) -> list[QualityRow]:
+def sweep(out: Path, device: str, guidances: list[float], n_scenes: int, shipped: float) -> list[QualityRow]:
     """Quality at 20 Euler steps for each guidance scale, through a plain diffusers pipeline."""
     generate = _generator(out, device)
     configs = {f"euler {DEFAULT_STEPS} steps, guidance {g:g}": {"steps": DEFAULT_STEPS, "guidance": g}
                for g in guidances}  # fmt: skip
-    rows = evaluate(generate, configs, scenes=fixed_scenes(n_scenes), seeds=(0, 1))
-    best = max(rows, key=lambda r: (r.overall, r.exact))
-    g = float(best.settings["guidance"])
-    rows += evaluate(generate, {f"euler 10 steps, guidance {g:g}": {"steps": 10, "guidance": g}},
-                     scenes=fixed_scenes(n_scenes), seeds=(0, 1))  # fmt: skip
-    return rows
+    configs[f"euler 10 steps, guidance {shipped:g}"] = {"steps": 10, "guidance": shipped}
+    return evaluate(generate, configs, scenes=fixed_scenes(n_scenes), seeds=(0, 1, 2))
 
 
 def finish(out: Path, facts: TrainingFacts, evaluate: bool, samples: str | None = None) -> None:
     rows: list[QualityRow] = []
-    guidance = FALLBACK_GUIDANCE
+    guidance = float(facts.args["default_guidance"])
     if evaluate:
         t0 = time.time()
         guidances = [float(x) for x in str(facts.args["guidances"]).split(",")]
-        rows = sweep(out, facts.args["device"], guidances, int(facts.args["eval_scenes"]))
-        twenty = [r for r in rows if r.settings["steps"] == DEFAULT_STEPS]
-        guidance = float(max(twenty, key=lambda r: (r.overall, r.exact)).settings["guidance"])
+        rows = sweep(out, facts.args["device"], guidances, int(facts.args["eval_scenes"]), guidance)
         print(markdown_table(rows), flush=True)
-        print(f"evaluation took {time.time() - t0:.1f} s; best guidance {guidance:g}", flush=True)
+        print(f"evaluation took {time.time() - t0:.1f} s", flush=True)
     meta = {
         "name": NAME,
         "weights": "trained",
@@ -138,7 +141,7 @@ attribute (size, position, background) with probability 0.1, and 10% of prompts 
   bf16 autocast, EMA {a["ema"]:g} (the shipped weights).
 - Card: {facts.device}, torch {facts.torch}; total training wall time {st["wall"]["vae"] + st["wall"]["unet"]:.0f} s.
 
-## Quality (diffstack.synthetic.quality, {a["eval_scenes"]} fixed prompts x seeds 0 and 1, plain diffusers, {a["device"]})
+## Quality (diffstack.synthetic.quality, {a["eval_scenes"]} fixed prompts x seeds 0, 1 and 2, plain diffusers, {a["device"]})
 Shipped defaults: {DEFAULT_STEPS} Euler steps, guidance {guidance:g}.
 
 {metrics}

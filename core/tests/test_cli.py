@@ -90,3 +90,14 @@ def test_embedded_default_model_serves_with_no_configuration(
     out = tmp_path / "default.png"
     assert main(["generate", "a red circle", "-o", str(out), "--steps", "2"]) == 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_quality_scores_the_embedded_model_far_above_chance(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DIFFSTACK_PLUGINS__ALLOW", json.dumps(list(BASELINE_PLUGINS)))
+    args = ["quality", "--scenes", "4", "--seeds", "0", "--steps", "10", "--schedule", "default"]
+    assert main(args) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    overall = float(row.split("|")[8].strip().strip("*"))
+    assert overall >= 80.0, row

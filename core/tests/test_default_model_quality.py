@@ -46,7 +46,11 @@ def test_shipped_model_metadata_and_layout() -> None:
     heads = unet["attention_head_dim"]  # diffusers' name for the number of heads
     assert all(c // h == 64 for c, h in zip(unet["block_out_channels"], heads, strict=True))
     sched = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
-    assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
+    assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"]) == (
+        0.00085,
+        0.012,
+        "scaled_linear",
+    )
     assert sched["prediction_type"] == "epsilon" and sched["num_train_timesteps"] == 1000
     assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt"))
     size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())

@@ -72,6 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     stack.add_argument("--json", action="store_true")
     stack.set_defaults(command=_stack)
 
+    quality = commands.add_parser(
+        "quality", help="score one configuration against the synthetic world's ground truth"
+    )
+    quality.add_argument("--scenes", type=int, default=48, help="how many fixed prompts")
+    quality.add_argument("--seeds", default="0,1", help="comma-separated seeds per prompt")
+    quality.add_argument("--steps", type=int, default=0)
+    quality.add_argument("--guidance", type=float)
+    quality.add_argument("--sampler", default="")
+    quality.add_argument("--schedule", default="auto")
+    quality.add_argument("--wrapper", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
+    quality.add_argument("--batch-size", type=int, default=16)
+    quality.set_defaults(command=_quality)
+
     serve = commands.add_parser("serve", help="run the gRPC server (needs diffstack-server)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -162,6 +175,29 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
     engine = Engine(settings, load_plugins(settings.plugins))
     report = engine.report(args.model)
     print(json.dumps(to_jsonable(report), indent=2) if args.json else report_text(report))
+    return 0
+
+
+def _quality(args: argparse.Namespace, settings: Settings) -> int:
+    """Only meaningful for a model trained on the synthetic world, like the embedded default."""
+    from diffstack.engine import Engine
+    from diffstack.synthetic.quality import engine_generator, evaluate, fixed_scenes, markdown_table
+
+    config: dict[str, Any] = {"schedule": args.schedule, "batch_size": args.batch_size}
+    for key in ("steps", "guidance", "sampler"):
+        if getattr(args, key):
+            config[key] = getattr(args, key)
+    if args.wrapper:
+        config["wrappers"] = dict(_wrapper(spec) for spec in args.wrapper)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    label = " ".join(f"{k}={v}" for k, v in config.items() if k != "batch_size") or "defaults"
+    rows = evaluate(
+        engine_generator(Engine.start(settings)),
+        {label: config},
+        scenes=fixed_scenes(args.scenes),
+        seeds=seeds,
+    )
+    print(markdown_table(rows))
     return 0
 
 

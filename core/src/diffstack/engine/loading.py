@@ -139,10 +139,10 @@ def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -
     cls = pipeline_class(family)
     try:
         if path.is_dir():
-            pipe = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+            pipe = cls.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
         else:
             pipe = cls.from_single_file(
-                str(path), config=str(_single_file_config(path)), torch_dtype=dtype, local_files_only=True
+                str(path), config=str(_single_file_config(path)), dtype=dtype, local_files_only=True
             )
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load {path.name}: {exc}") from exc

@@ -83,6 +83,7 @@ def _pipeline_for(model: LoadedModel, img2img: bool) -> Pipeline:
     if not img2img:
         return model.pipeline
     from diffusers import AutoPipelineForImage2Image  # slow to import; only img2img needs it
+
     pipeline = AutoPipelineForImage2Image.from_pipe(model.pipeline)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,17 +30,18 @@ def fixed_scenes(n: int = 48, seed: int = 0) -> list[Scene]:
     """A deterministic prompt set in which every attribute value appears (nearly) equally often."""
     rng = np.random.default_rng(seed)
     columns: dict[str, list[str]] = {}
-    for name, values in (
+    sources: tuple[tuple[str, Iterable[str]], ...] = (
         ("shape", SHAPES), ("colour", COLOURS), ("size", SIZES),
         ("position", POSITIONS), ("background", BACKGROUNDS),
-    ):  # fmt: skip
-        values = list(values)
+    )  # fmt: skip
+    for name, source in sources:
+        values = list(source)
         tiled = (values * (n // len(values) + 1))[:n]
         columns[name] = [tiled[i] for i in rng.permutation(n)]
     backgrounds = list(BACKGROUNDS)
     scenes = []
     for i in range(n):
-        attrs = {name: col[i] for name, col in columns.items()}
+        attrs = {name: column[i] for name, column in columns.items()}
         while attrs["colour"] == attrs["background"]:  # the grammar forbids it: take the next one
             attrs["background"] = backgrounds[(backgrounds.index(attrs["background"]) + 1) % 4]
         scenes.append(Scene(**attrs))
@@ -197,5 +198,30 @@ def pipeline_generator(pipe: Any, batch_size: int = 32) -> GenerateFn:
             result = pipe(chunk, generator=gens, output_type="pil", **kwargs)
             out.extend(result.images)
         return out
+
+    return generate
+
+
+ENGINE_KEYS = ("steps", "guidance", "sampler", "schedule", "wrappers")
+
+
+def engine_generator(engine: Any) -> GenerateFn:
+    """Bind the harness to the engine: one job per (prompt, seed), ``batch_size`` jobs per call."""
+    from diffstack.engine import GenerationJob, GenerationRequest
+
+    def generate(prompts: Sequence[str], seeds: Sequence[int], **config: Any) -> list[Image.Image]:
+        fields = {k: v for k, v in config.items() if k in ENGINE_KEYS}
+        batch = int(config.get("batch_size", 16))
+        images: list[Image.Image] = []
+        for i in range(0, len(prompts), batch):
+            jobs = [
+                GenerationJob(engine.prepare(GenerationRequest(prompt=p, seeds=(int(s),), **fields)))
+                for p, s in zip(prompts[i : i + batch], seeds[i : i + batch], strict=True)
+            ]
+            for result in engine.run(jobs):
+                if isinstance(result, Exception):
+                    raise result
+                images.append(result.images[0].image)
+        return images
 
     return generate

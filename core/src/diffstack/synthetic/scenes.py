@@ -115,7 +115,7 @@ class PartialScene:
     def full(self) -> Scene | None:
         """The Scene if every attribute is given, else None."""
         values = {a: getattr(self, a) for a in ATTRIBUTES}
-        return None if None in values.values() else Scene(**values)  # type: ignore[arg-type]
+        return None if None in values.values() else Scene(**values)
 
 
 def _alternation(words: Iterable[str]) -> str:
