@@ -154,3 +154,27 @@ def test_calls_are_timed_and_cuda_graph_outputs_handed_out_as_copies(monkeypatch
     assert output.data_ptr() != inner[0].data_ptr()
     torch.testing.assert_close(output, inner[0])
     assert not hasattr(unet, "diffstack_notes")  # the shared eager denoiser stays unlabelled
+
+
+def test_pipeline_and_host_call_forms_normalize_to_one_so_nothing_recompiles() -> None:
+    unet = tiny_unet()
+    normalize = compiler._call_normalizer(unet)
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
+    _, by_host = normalize(
+        unet,
+        (),
+        {
+            "sample": sample,
+            "timestep": torch.tensor(500.0),
+            "encoder_hidden_states": context,
+            "return_dict": False,
+        },
+    )
+    _, by_pipeline = normalize(
+        unet,
+        (sample, torch.tensor(500)),
+        {"encoder_hidden_states": context, "timestep_cond": None, "return_dict": False},
+    )
+    assert by_host.keys() == by_pipeline.keys()
+    assert by_pipeline["timestep"].dtype == torch.float32 and by_pipeline["timestep"].ndim == 0
+    assert by_pipeline["sample"] is sample

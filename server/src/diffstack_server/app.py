@@ -86,7 +86,9 @@ class DiffstackServer:
         try:
             if runtime.engine is None:
                 started = time.perf_counter()
-                engine = await asyncio.get_running_loop().run_in_executor(None, _start_engine, self.settings)
+                engine = await asyncio.get_running_loop().run_in_executor(
+                    runtime.engine_thread, _start_engine, self.settings
+                )
                 log.info("engine_started", seconds=round(time.perf_counter() - started, 2))
                 runtime.engine = engine
         except asyncio.CancelledError:
@@ -103,6 +105,7 @@ class DiffstackServer:
             queue_size=server.queue_size,
             max_batch=server.max_batch,
             batch_wait_ms=server.batch_wait_ms,
+            worker=runtime.engine_thread,
         )
         runtime.queue.start()
         if not runtime.draining:

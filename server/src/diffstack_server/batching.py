@@ -49,6 +49,7 @@ class BatchQueue:
         queue_size: int,
         max_batch: int,
         batch_wait_ms: float = 0.0,
+        worker: ThreadPoolExecutor | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -61,7 +62,9 @@ class BatchQueue:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffstack-engine")
+        # One thread runs every batch. The server passes the thread that started the engine: CUDA
+        # graphs recorded while composing must be replayed (and re-recorded) on the same thread.
+        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffstack-engine")
         self._task: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------------

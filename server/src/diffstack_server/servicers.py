@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,10 @@ class Runtime:
     queue: BatchQueue | None = None
     draining: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffstack-engine")
+    )
+    """The one thread that starts the engine and runs every batch (CUDA graphs are per thread)."""
 
     def serving(self) -> tuple[ServingEngine, BatchQueue]:
         """The engine and queue, or :class:`NotReady` while starting or draining."""

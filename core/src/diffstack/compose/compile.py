@@ -38,11 +38,13 @@ def compose_compile(
             continue
         module, output = result
         error = relative_error(output, model.reference_output)
-        if error > settings.compile_tolerance:
+        bf16 = model.info.dtype == torch.bfloat16
+        tolerance = settings.compile_tolerance_bf16 if bf16 else settings.compile_tolerance
+        if error > tolerance:
             slot.add(
                 source,
                 CandidateStatus.REJECTED,
-                f"relative error {error:.2e} vs eager exceeds {settings.compile_tolerance:.0e}",
+                f"relative error {error:.2e} vs eager exceeds {tolerance:.0e}",
                 numeric_error=error,
                 setup_s=setup_s,
             )

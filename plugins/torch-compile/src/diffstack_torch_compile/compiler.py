@@ -13,6 +13,7 @@ Two caches, both under ``cache_dir``:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -48,6 +49,7 @@ def compile_denoiser(denoiser: torch.nn.Module, model: ModelInfo, config: Compil
     compiled = cast(
         torch.nn.Module, torch.compile(denoiser, mode=mode, fullgraph=config.fullgraph, dynamic=False)
     )
+    compiled.register_forward_pre_hook(_call_normalizer(denoiser), with_kwargs=True)
     _watch_calls(compiled, artifacts, clone_outputs=config.uses_cuda_graphs(model.device))
     # Set on the wrapper itself: OptimizedModule forwards plain setattr to the shared denoiser.
     object.__setattr__(compiled, "diffstack_notes", tuple(notes))
@@ -131,6 +133,29 @@ class ArtifactFile:
         partial = self.path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_bytes(saved[0])
         partial.replace(self.path)
+
+
+def _call_normalizer(denoiser: torch.nn.Module) -> Callable[..., tuple[tuple[()], dict[str, Any]]]:
+    """One call form for every caller, so one compiled graph serves them all.
+
+    Dynamo guards on how a function is called: positional or keyword arguments, which keywords, the
+    timestep's dtype. Pipelines call ``unet(latents, t, encoder_hidden_states=..., timestep_cond=None)``
+    with ``t`` an int or float tensor depending on the sampler, while the host's check calls by
+    keyword. Without this, each form compiles anew (tens of seconds on the first request).
+    """
+    parameters = list(inspect.signature(denoiser.forward).parameters)
+
+    def normalize(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[()], dict[str, Any]]:
+        named = {**dict(zip(parameters, args, strict=False)), **kwargs}
+        named = {key: value for key, value in named.items() if value is not None}
+        timestep, sample = named.get("timestep"), named.get("sample")
+        if sample is not None and (not isinstance(timestep, torch.Tensor) or timestep.ndim == 0):
+            named["timestep"] = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
+        return (), named
+
+    return normalize
 
 
 def _watch_calls(compiled: torch.nn.Module, artifacts: ArtifactFile, clone_outputs: bool) -> None:

@@ -1,0 +1,1 @@
+"""diffstack GPU benchmark harness (see bench/README.md)."""

@@ -1,0 +1,176 @@
+"""diffstack's GPU benchmark: one command, bounded in time, results as JSON plus a table.
+
+    python bench/run.py --out OUT [--budget-s 540] [--stages step-sd15,step-sdxl,...]
+    python bench/run.py --smoke --out /tmp/smoke          # the same code on tiny models, on the CPU
+
+Stages (run in the order given; each is skipped, and says so, when the budget left is too small):
+
+    step-sd15, step-sdxl, step-flux   per denoiser step: eager, by-hand compile, each offer, the stack
+    e2e-sd15, e2e-sdxl                one image end to end: plain diffusers vs diffstack's Engine
+    serve-sd15                        gRPC loopback: cold start, latency, throughput, warm restart
+    serve-sd15-eager                  the same with the torch_compile plugin turned off (eager stack)
+    threads-sd15                      the compiled stack composed in one thread, run from another
+    ceilings                          the card's dense matmul rate (what the step times are measured against)
+
+On the GPU machine see ``bench/gpu.sh``, which installs the carried wheels and the repo's packages
+first. Everything lands in OUT: ``results.json`` (rewritten after every part), ``table.md``, and
+``server-logs.txt`` for the serving stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_STAGES = "ceilings,step-sd15,step-sdxl,step-flux,serve-sd15,e2e-sd15,e2e-sdxl"
+STAGE_MINIMUM = {
+    "ceilings": 5,
+    "step-sd15": 105,
+    "step-sdxl": 145,
+    "step-flux": 185,
+    "e2e-sd15": 60,
+    "e2e-sdxl": 90,
+    "serve-sd15": 150,
+    "serve-sd15-eager": 60,
+    "threads-sd15": 100,
+}
+"""Seconds a stage needs at least (its essential parts) before it is started at all."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.json and table.md")
+    parser.add_argument(
+        "--work", type=Path, help="scratch folder (models, caches); default /tmp/diffstack-bench"
+    )
+    parser.add_argument("--budget-s", type=float, default=540.0, help="the whole run's time budget")
+    parser.add_argument(
+        "--stages", default=DEFAULT_STAGES, help=f"comma-separated (default {DEFAULT_STAGES})"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny models on the CPU: checks the harness itself"
+    )
+    parser.add_argument(
+        "--smoke-compile", action="store_true", help="in a smoke run, also run the compiles (slow on a CPU)"
+    )
+    parser.add_argument("--device", default="", help="default: cuda when present (cpu for --smoke)")
+    parser.add_argument(
+        "--parts",
+        default="",
+        help="step stages: run only these parts (comma-separated; build/eager always); "
+        "per stage: --stages step-flux:fused_drift+by_hand_compile",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bench.harness import Budget, Run, log
+
+    budget = Budget(args.budget_s)  # counts imports too: they are part of the run's time
+    import torch
+
+    from bench.e2e import e2e_stage
+    from bench.measure import matmul_ceiling
+    from bench.serving import serve_stage
+    from bench.steps import step_stage
+    from bench.threads import thread_stage
+
+    _quiet_libraries()
+    device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    work = args.work or Path("/tmp/diffstack-bench-smoke" if args.smoke else "/tmp/diffstack-bench")
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor-bench"))
+    _configure_dynamo()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    run = Run(args.out, work, budget, args.smoke, device, command)
+    log(f"device {device}; budget {args.budget_s:.0f} s; stages {args.stages}; out {args.out}")
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    try:
+        for spec in stages:
+            name, _, selected = spec.partition(":")  # step-flux:fused_drift+by_hand_compile
+            kind, _, key = name.partition("-")
+            if name == "ceilings":
+                body = _ceilings(run, matmul_ceiling)
+            elif kind == "step" and key in ("sd15", "sdxl", "flux"):
+                chosen = selected.split("+") if selected else args.parts.split(",")
+                only = {p.strip() for p in chosen if p.strip()} or None
+                body = step_stage(run, key, args.smoke_compile, only)
+            elif kind == "e2e" and key in ("sd15", "sdxl"):
+                body = e2e_stage(run, key, args.smoke_compile)
+            elif kind == "serve" and key in ("sd15", "sd15-eager"):
+                body = serve_stage(run, "sd15", args.smoke_compile, eager_only=key.endswith("-eager"))
+            elif kind == "threads" and key == "sd15":
+                body = thread_stage(run, key, args.smoke_compile)
+            else:
+                run.results["stages"][name] = {"status": "failed", "error": f"unknown stage {name!r}"}
+                continue
+            run.stage(name, STAGE_MINIMUM.get(name, 10), body)
+    except KeyboardInterrupt:
+        log("interrupted: results so far are saved")
+    finally:
+        run.save()
+        from bench.report import render
+
+        table = render(run.results)
+        (args.out / "table.md").write_text(table + "\n")
+        print("\n" + table, flush=True)
+    failed = [n for n, s in run.results["stages"].items() if s.get("status") == "failed"]
+    return 1 if failed else 0
+
+
+def _ceilings(run, matmul_ceiling):  # type: ignore[no-untyped-def]
+    import torch
+
+    def body(record: dict) -> None:  # type: ignore[type-arg]
+        record["fp16_matmul_8192"] = matmul_ceiling(run.device, torch.float16)
+        record["bf16_matmul_8192"] = matmul_ceiling(run.device, torch.bfloat16)
+
+    return body
+
+
+def _configure_dynamo() -> None:
+    """Several models and variants compile in one process: allow that many recompiles of a forward."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name, value in (
+        ("cache_size_limit", 64),
+        ("recompile_limit", 64),
+        ("accumulated_cache_size_limit", 512),
+        ("accumulated_recompile_limit", 512),
+    ):
+        if hasattr(config, name):
+            setattr(config, name, value)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    except Exception:
+        pass
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
