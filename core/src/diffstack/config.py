@@ -29,6 +29,9 @@ class EngineSettings(_Section):
     """``auto`` takes CUDA when present, else the CPU."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """``auto`` is float16 on CUDA (bfloat16 for FLUX) and float32 on the CPU."""
+    warmup_steps: int = 2
+    """Steps of one real generation run when a model is loaded, so the first client does not pay for
+    CUDA-graph recording and lazy initialisation (0 turns it off)."""
 
 
 class PluginSettings(_Section):

@@ -59,8 +59,23 @@ class Engine:
         name = name or self.default_model_name
         with self._loading:
             if name not in self._models:
-                self._models[name] = load_model(name, self._path_of(name), self.host, self.settings)
+                model = load_model(name, self._path_of(name), self.host, self.settings)
+                self._warm_up(model)
+                self._models[name] = model
             return self._models[name]
+
+    def _warm_up(self, model: LoadedModel) -> None:
+        """One short generation through the real pipeline call, as clients will make it."""
+        steps = self.settings.engine.warmup_steps
+        if steps <= 0:
+            return
+        request = prepare_request(
+            GenerationRequest("warm-up", steps=steps, seeds=(0,)), model, self.settings.limits
+        )
+        (result,) = run_batch(model, [GenerationJob(request)])
+        if isinstance(result, DiffstackError):
+            raise result
+        log.info("model warmed up", model=model.name, seconds=round(result.timings["total_s"], 2))
 
     def models(self) -> list[ModelListing]:
         """The default model, every loaded model and every entry of the models directory."""
