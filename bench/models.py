@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from diffstack.testing import word_tokenizer
 from diffstack.types import Family
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -165,35 +166,8 @@ def _flux(device: str, dtype: torch.dtype) -> Any:
         text_encoder=_clip("clip_l_text_encoder.json", False, device, dtype),
         tokenizer=_tokenizer(),
         text_encoder_2=t5.to(device=device, dtype=dtype).eval().requires_grad_(False),
-        tokenizer_2=_word_tokenizer(vocab_size=1000, max_length=512),
+        tokenizer_2=word_tokenizer(vocab_size=1000, max_length=512),  # FLUX.1-dev's text length
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(config("flux_scheduler.json")),
-    )
-
-
-def _word_tokenizer(vocab_size: int, max_length: int) -> Any:
-    """A word-level stand-in for T5's tokenizer (its SentencePiece model cannot be shipped here).
-
-    ``max_length`` 512 is FLUX.1-dev's text length: the transformer sees 4096 + 512 tokens at 1024².
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from diffstack.testing import TOKENIZER_DIR
-
-    words = json.loads((TOKENIZER_DIR / "vocab.json").read_text())
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in words:
-        if len(vocab) >= vocab_size:
-            break
-        vocab.setdefault(word.removesuffix("</w>"), len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=max_length,
     )
 
 

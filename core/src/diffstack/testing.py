@@ -169,12 +169,12 @@ def _tiny_flux():
         text_encoder=CLIPTextModel(_clip_text_config()),
         text_encoder_2=text_encoder_2,
         tokenizer=clip_tokenizer(),
-        tokenizer_2=_word_tokenizer(vocab_size=1000),
+        tokenizer_2=word_tokenizer(vocab_size=1000),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
 
-def _word_tokenizer(vocab_size: int):
+def word_tokenizer(vocab_size: int, max_length: int = 32) -> Any:
     """A stand-in for T5's SentencePiece tokenizer, whose files cannot be shipped or downloaded here."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -192,7 +192,7 @@ def _word_tokenizer(vocab_size: int):
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",
-        model_max_length=32,
+        model_max_length=max_length,
     )
 
 
