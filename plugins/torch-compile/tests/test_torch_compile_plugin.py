@@ -178,3 +178,13 @@ def test_pipeline_and_host_call_forms_normalize_to_one_so_nothing_recompiles() -
     assert by_host.keys() == by_pipeline.keys()
     assert by_pipeline["timestep"].dtype == torch.float32 and by_pipeline["timestep"].ndim == 0
     assert by_pipeline["sample"] is sample
+
+
+def test_the_batch_dimension_is_marked_dynamic_so_new_batch_sizes_do_not_recompile() -> None:
+    unet = tiny_unet()
+    normalize = compiler._call_normalizer(unet, dynamic_batch=True)
+    sample, context = torch.randn(4, 4, 8, 8), torch.randn(4, 77, unet.config.cross_attention_dim)
+    _, named = normalize(unet, (sample, torch.tensor(10)), {"encoder_hidden_states": context})
+    for tensor in (named["sample"], named["encoder_hidden_states"]):
+        assert 0 in getattr(tensor, "_dynamo_weak_dynamic_indices", set())
+    assert not hasattr(named["timestep"], "_dynamo_weak_dynamic_indices")

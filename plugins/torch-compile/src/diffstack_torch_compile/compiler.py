@@ -46,10 +46,13 @@ def compile_denoiser(denoiser: torch.nn.Module, model: ModelInfo, config: Compil
     setting = f"{mode} fullgraph={config.fullgraph}: {'; '.join(notes)}"
     artifacts = ArtifactFile(config.cache_path / "artifacts", model, denoiser, setting)
     notes.append(artifacts.load())
+    # dynamic=None honours the batch dimension marked dynamic by the normalizer and keeps every
+    # other dimension static; False would specialise on each batch size.
+    dynamic = None if config.dynamic_batch else False
     compiled = cast(
-        torch.nn.Module, torch.compile(denoiser, mode=mode, fullgraph=config.fullgraph, dynamic=False)
+        torch.nn.Module, torch.compile(denoiser, mode=mode, fullgraph=config.fullgraph, dynamic=dynamic)
     )
-    compiled.register_forward_pre_hook(_call_normalizer(denoiser), with_kwargs=True)
+    compiled.register_forward_pre_hook(_call_normalizer(denoiser, config.dynamic_batch), with_kwargs=True)
     _watch_calls(compiled, artifacts, clone_outputs=config.uses_cuda_graphs(model.device))
     # Set on the wrapper itself: OptimizedModule forwards plain setattr to the shared denoiser.
     object.__setattr__(compiled, "diffstack_notes", tuple(notes))
@@ -135,7 +138,9 @@ class ArtifactFile:
         partial.replace(self.path)
 
 
-def _call_normalizer(denoiser: torch.nn.Module) -> Callable[..., tuple[tuple[()], dict[str, Any]]]:
+def _call_normalizer(
+    denoiser: torch.nn.Module, dynamic_batch: bool = False
+) -> Callable[..., tuple[tuple[()], dict[str, Any]]]:
     """One call form for every caller, so one compiled graph serves them all.
 
     Dynamo guards on how a function is called: positional or keyword arguments, which keywords, the
@@ -153,9 +158,25 @@ def _call_normalizer(denoiser: torch.nn.Module) -> Callable[..., tuple[tuple[()]
         timestep, sample = named.get("timestep"), named.get("sample")
         if sample is not None and (not isinstance(timestep, torch.Tensor) or timestep.ndim == 0):
             named["timestep"] = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
+        if dynamic_batch:
+            _mark_batch_dynamic(named)
         return (), named
 
     return normalize
+
+
+def _mark_batch_dynamic(named: dict[str, Any]) -> None:
+    """Mark the batch dimension dynamic, so one graph serves every batch the server's batcher forms.
+
+    With CUDA graphs each new batch size still records a graph, in milliseconds, instead of
+    compiling for tens of seconds while a client waits. Batch 1 stays static (Dynamo specialises it).
+    """
+    first = named.get("sample", named.get("hidden_states"))
+    if not isinstance(first, torch.Tensor) or first.shape[0] < 2:
+        return
+    for value in tree_leaves(named):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == first.shape[0]:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
 
 
 def _watch_calls(compiled: torch.nn.Module, artifacts: ArtifactFile, clone_outputs: bool) -> None:

@@ -20,6 +20,9 @@ class CompileConfig:
     """A ``torch.compile`` mode; the max-autotune ones also need ``allow_max_autotune``."""
     fullgraph: bool = False
     """Fail instead of graph-breaking; kernels that Dynamo cannot trace (SpargeAttn) then fail the offer."""
+    dynamic_batch: bool = True
+    """Compile the batch dimension as dynamic: one compile serves every batch size (CUDA graphs are
+    still recorded per size). Off: each new batch size compiles anew."""
     channels_last: bool = True
     """UNets only: convolutions in NHWC, the layout tensor cores prefer."""
     fuse_qkv: bool = True
