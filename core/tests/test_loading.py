@@ -87,3 +87,14 @@ def test_models_are_listed_with_their_family(engine: Engine) -> None:
     listing = {m.name: m for m in engine.models()}
     assert listing["tiny-sd1"].default and listing["tiny-sd1"].loaded
     assert listing["tiny-sdxl"].family == "sdxl"
+
+
+def test_is_loaded_tells_whether_using_a_model_would_load_it(models_dir: Path) -> None:
+    from diffstack.plugins import load_plugins
+    from diffstack.testing import baseline_settings
+
+    settings = baseline_settings(models_dir, engine={"warmup_steps": 0})
+    engine = Engine(settings, load_plugins(settings.plugins))
+    assert not engine.is_loaded() and not engine.is_loaded("tiny-sd2")
+    engine.model("tiny-sd2")
+    assert engine.is_loaded("tiny-sd2") and not engine.is_loaded()

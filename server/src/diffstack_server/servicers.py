@@ -63,6 +63,11 @@ class Runtime:
             raise NotReady("the server is starting: the model is loading and its stack warming up")
         return self.engine, self.queue
 
+    def executor_for(self, engine: ServingEngine, model: str) -> ThreadPoolExecutor | None:
+        """Where to call into ``model``: loading composes (and may compile) it, so that happens on
+        the engine thread; a loaded model's cheap calls take the default pool."""
+        return None if engine.is_loaded(model) else self.engine_thread
+
     def started_engine(self) -> ServingEngine:
         if self.engine is None:
             raise NotReady("the server is starting: the model is loading and its stack warming up")
@@ -135,7 +140,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             convert.check_previews(previews)
         loop = asyncio.get_running_loop()
         # Decoding an init image and tokenizing the prompt are CPU work: off the event loop.
-        prepared, key = await loop.run_in_executor(None, self._prepare, engine, spec)
+        executor = self.runtime.executor_for(engine, spec.model)
+        prepared, key = await loop.run_in_executor(executor, self._prepare, engine, spec)
         policy = None
         if previews is not None and previews.enabled:
             cap = settings.server.preview_max_side
@@ -227,7 +233,9 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
         self, request: diagnostics_pb2.GetStackRequest, context: Any = None
     ) -> diagnostics_pb2.GetStackResponse:
         engine = self.runtime.started_engine()
-        return diagnostics_pb2.GetStackResponse(stack=convert.stack_message(engine.report(request.model)))
+        executor = self.runtime.executor_for(engine, request.model)
+        report = await asyncio.get_running_loop().run_in_executor(executor, engine.report, request.model)
+        return diagnostics_pb2.GetStackResponse(stack=convert.stack_message(report))
 
     async def ListModels(
         self, request: diagnostics_pb2.ListModelsRequest, context: Any = None

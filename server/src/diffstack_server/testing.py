@@ -52,6 +52,9 @@ class SpyEngine:
     def plugins(self) -> Any:
         return self.engine.plugins
 
+    def is_loaded(self, name: str = "") -> bool:
+        return self.engine.is_loaded(name)
+
     def models(self) -> Any:
         return self.engine.models()
 

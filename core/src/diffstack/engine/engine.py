@@ -77,6 +77,10 @@ class Engine:
             raise result
         log.info("model warmed up", model=model.name, seconds=round(result.timings["total_s"], 2))
 
+    def is_loaded(self, name: str = "") -> bool:
+        """Whether ``name`` is in memory already (using it then neither loads nor composes)."""
+        return (name or self.default_model_name) in self._models
+
     def models(self) -> list[ModelListing]:
         """The default model, every loaded model and every entry of the models directory."""
         names = {self.default_model_name, *self._models}
