@@ -135,3 +135,29 @@ def test_prepared_request_keys_batches(engine: Engine) -> None:
     b = engine.prepare(GenerationRequest("b", seeds=(2,)))
     assert engine.batch_key(a) == engine.batch_key(b)
     assert engine.batch_key(a) != engine.batch_key(replace(b, steps=b.steps + 1))
+
+
+def test_a_custom_schedule_reaches_a_flow_matching_sampler_without_its_final_zero(engine: Engine) -> None:
+    """FlowMatch schedulers append the final 0 themselves; the engine drops the offer's own."""
+    from diffstack.hookspecs import hookimpl
+    from diffstack.plugins import PluginHost
+    from diffstack.types import PluginRecord, SigmasOffer
+
+    seen: list[int] = []
+
+    def linear(steps: int, scheduler: object) -> list[float]:
+        return [1 - i / steps for i in range(steps + 1)]
+
+    class Plugin:
+        @hookimpl
+        def build_sigmas(self) -> list[SigmasOffer]:
+            return [SigmasOffer(name="linear", build=linear)]
+
+    host = PluginHost()
+    host.register(Plugin(), PluginRecord("linear", "", "", "", (), "loaded"))
+    flux = Engine(engine.settings, host)
+    request = flux.prepare(GenerationRequest("a red circle", model="tiny-flux", steps=4, schedule="linear"))
+    flux.run([GenerationJob(request, on_step=lambda event: seen.append(event.total))])
+    assert seen == [4, 4, 4, 4]
+    sigmas = flux.model("tiny-flux").pipeline.scheduler.sigmas
+    assert len(sigmas) == 5 and float(sigmas[-1]) == 0.0

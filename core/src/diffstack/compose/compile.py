@@ -77,7 +77,7 @@ def compose_compile(
                 setup_s=setup_s,
             )
             if won:
-                stack.compiled, stack.compiled_name = module, source.offer.name
+                stack.compiled = module
                 slot.chosen.append(source.offer.name)
     stack.slots.append(slot.report())
 

@@ -51,7 +51,6 @@ class ComposedStack:
     attention_plan: dict[str, tuple[str, AttentionFn]] = field(default_factory=dict)
     attention_backend: str | None = None
     compiled: torch.nn.Module | None = None
-    compiled_name: str = ""
     schedules: dict[str, SigmasOffer] = field(default_factory=dict)
     custom_schedules: set[str] = field(default_factory=set)
     """Schedules that pass their own sigmas (so they need a sampler that takes ``sigmas=``)."""

@@ -39,10 +39,6 @@ class LoadedModel:
     report: StackReport
     lock: threading.Lock
 
-    @property
-    def eager_denoiser(self) -> torch.nn.Module:
-        return self._eager
-
     def denoiser_for(self, with_wrappers: bool) -> torch.nn.Module:
         """The compiled denoiser, or the eager one when wrappers must hook into its blocks."""
         if with_wrappers or self.stack.compiled is None:

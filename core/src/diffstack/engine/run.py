@@ -18,7 +18,7 @@ from PIL import Image
 from diffstack.engine.families import Pipeline, batch_embeddings
 from diffstack.engine.model import LoadedModel
 from diffstack.engine.requests import GeneratedImage, GenerationJob, GenerationResult, StepEvent
-from diffstack.engine.samplers import SAMPLERS
+from diffstack.engine.samplers import SAMPLERS, Sampler
 from diffstack.errors import DiffstackError, OutOfMemory
 from diffstack.types import DenoiserWrapper, PromptSpec
 
@@ -38,11 +38,12 @@ def run_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> list[Generat
             embeddings = _encode(model, jobs)
             encoded = time.perf_counter()
             pipeline = _pipeline_for(model, request.init_image is not None)
-            scheduler = SAMPLERS[request.sampler].build(model.scheduler_config)
+            sampler = SAMPLERS[request.sampler]
+            scheduler = sampler.build(model.scheduler_config)
             pipeline.scheduler = scheduler
             arguments = {
                 **embeddings,
-                **_schedule_arguments(model, request.schedule, request.steps, scheduler),
+                **_schedule_arguments(model, request.schedule, request.steps, scheduler, sampler),
                 **_image_arguments(jobs),
                 "height": request.height,
                 "width": request.width,
@@ -59,9 +60,8 @@ def run_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> list[Generat
             return [stopped[i] for i in range(len(jobs))]
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
-            raise OutOfMemory(
-                f"GPU out of memory for a batch of {len(arguments['generator'])} images"
-            ) from exc
+            images_asked = sum(job.request.num_images for job in jobs)
+            raise OutOfMemory(f"GPU out of memory for a batch of {images_asked} images") from exc
     finished = time.perf_counter()
     timings = {"encode_s": encoded - started, "pipeline_s": finished - encoded, "total_s": finished - started}
     return _split(model, jobs, images, stopped, timings)
@@ -89,7 +89,9 @@ def _pipeline_for(model: LoadedModel, img2img: bool) -> Pipeline:
     return pipeline
 
 
-def _schedule_arguments(model: LoadedModel, schedule: str, steps: int, scheduler: Any) -> dict[str, Any]:
+def _schedule_arguments(
+    model: LoadedModel, schedule: str, steps: int, scheduler: Any, sampler: Sampler
+) -> dict[str, Any]:
     """``sigmas=`` for a custom schedule (flow-matching schedulers append their own final 0)."""
     offer = model.stack.schedules.get(schedule)
     sigmas = None
@@ -100,9 +102,7 @@ def _schedule_arguments(model: LoadedModel, schedule: str, steps: int, scheduler
             log.warning("schedule failed; using the scheduler's own", schedule=schedule, error=str(exc))
     if sigmas is None:
         return {"num_inference_steps": steps}
-    if getattr(scheduler.config, "use_flow_sigmas", False) or type(scheduler).__name__.startswith(
-        "FlowMatch"
-    ):
+    if sampler.flow_matching:
         sigmas = sigmas[:-1]
     return {"sigmas": list(sigmas)}
 
