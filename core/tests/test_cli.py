@@ -101,3 +101,15 @@ def test_quality_scores_the_embedded_model_far_above_chance(
     row = capsys.readouterr().out.strip().splitlines()[-1]
     overall = float(row.split("|")[8].strip().strip("*"))
     assert overall >= 80.0, row
+
+
+def test_generate_names_an_unreadable_init_image(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "not-a-picture.png"
+    bad.write_text("hello")
+    code = main(
+        ["--models-dir", str(env), "generate", "x", "-o", str(tmp_path / "o.png"), "--init-image", str(bad)]
+    )
+    assert code == 2
+    assert "init_image: cannot read" in capsys.readouterr().err

@@ -7,11 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffstack.config import Settings, load_settings
-from diffstack.errors import DiffstackError, InvalidRequest
+from diffstack.errors import DiffstackError, FieldViolation, InvalidRequest
 from diffstack.logs import configure_logging
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +102,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
-    from PIL import Image
     from tqdm import tqdm
 
     from diffstack.engine import Engine, GenerationJob, GenerationRequest, StepEvent
@@ -118,7 +120,7 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
             schedule=args.schedule,
             seeds=tuple(args.seed),
             num_images=args.num_images,
-            init_image=Image.open(args.init_image) if args.init_image else None,
+            init_image=_open_image(args.init_image) if args.init_image else None,
             strength=args.strength,
             wrappers=dict(_wrapper(spec) for spec in args.wrapper),
         )
@@ -139,6 +141,17 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     for note in engine.report(request.model).notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _open_image(path: Path) -> Image.Image:
+    """The init image, or an InvalidRequest naming the flag when it cannot be read as a picture."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidRequest(FieldViolation("init_image", f"cannot read {path}: {exc}")) from exc
 
 
 def _wrapper(spec: str) -> tuple[str, dict[str, Any]]:
