@@ -161,7 +161,7 @@ class StepBench:
         del full, reference32
 
     def plugin_host(self, record: dict[str, Any]) -> None:
-        from diffstack.engine.attention import capture_attention_shapes
+        from diffstack.attention import capture_attention_shapes
         from diffstack.plugins import load_plugins
         from diffstack.types import ModelInfo
 
@@ -184,7 +184,7 @@ class StepBench:
 
     def attention_offers(self, record: dict[str, Any]) -> None:
         """Every attention offer except the SDPA baseline, alone on the eager denoiser."""
-        from diffstack.engine.attention import install_attention
+        from diffstack.attention import install_attention
 
         sources, failures = self.host.collect("select_attention", model=self.info)
         record["hook_failures"] = [{"plugin": f.plugin, "error": f.error} for f in failures]
@@ -417,7 +417,7 @@ class StepBench:
         after one DeepCache apply/remove cycle (what composition's wrapper check does)."""
         import torch.nn.functional as F
 
-        from diffstack.engine.attention import install_attention
+        from diffstack.attention import install_attention
 
         assert self.reference is not None
         original = dict(self.denoiser.attn_processors)

@@ -1,3 +1,60 @@
-"""diffstack: a diffusion image service whose speed comes from plugins that the host measures."""
+"""diffstack: a diffusion image service whose speed comes from plugins that the host measures.
 
-__version__ = "0.1.0"
+This package's top level is the plugin API: everything a plugin needs, and the only import a plugin
+makes from diffstack (a CI contract checks that). It is light on purpose: importing it loads the hook
+markers and the offer types, never torch, diffusers or the engine.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from diffstack.hookspecs import hookimpl
+from diffstack.types import (
+    AttentionFn,
+    AttentionOffer,
+    AttentionShape,
+    Availability,
+    CompileOffer,
+    DenoiserKind,
+    DenoiserWrapper,
+    DenoiserWrapperOffer,
+    EncoderOffer,
+    Family,
+    ModelInfo,
+    Offer,
+    Probe,
+    PromptEmbeddings,
+    PromptEncoder,
+    PromptSpec,
+    SigmasOffer,
+    always_available,
+    supports_every_shape,
+)
+
+try:
+    __version__ = version("diffstack")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "AttentionFn",
+    "AttentionOffer",
+    "AttentionShape",
+    "Availability",
+    "CompileOffer",
+    "DenoiserKind",
+    "DenoiserWrapper",
+    "DenoiserWrapperOffer",
+    "EncoderOffer",
+    "Family",
+    "ModelInfo",
+    "Offer",
+    "Probe",
+    "PromptEmbeddings",
+    "PromptEncoder",
+    "PromptSpec",
+    "SigmasOffer",
+    "__version__",
+    "always_available",
+    "hookimpl",
+    "supports_every_shape",
+]

@@ -3,6 +3,9 @@
 UNets: one attention processor per attention module (``set_attn_processor``), each serving the
 kernel chosen for that module's shape and falling back to SDPA if the kernel raises. Transformers
 (FLUX): diffusers' attention dispatch, through ``set_attention_backend``.
+
+A leaf module: it imports only :mod:`diffstack.types`, so composition (which checks kernels) and the
+engine (which installs them) both build on it without importing each other.
 """
 
 from __future__ import annotations

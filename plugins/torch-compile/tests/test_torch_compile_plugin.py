@@ -113,7 +113,7 @@ def test_unet_projections_stay_apart_rather_than_replace_the_hosts_kernels() -> 
 
 
 def test_unet_projections_fuse_under_processors_that_read_fused_weights() -> None:
-    from diffstack.engine.attention import KernelAttnProcessor, sdpa
+    from diffstack.attention import KernelAttnProcessor, sdpa
 
     unet = tiny_unet()
     unet.set_attn_processor(KernelAttnProcessor(sdpa, "sdpa"))

@@ -7,6 +7,8 @@ slot falls back to the others (and, for attention, to SDPA).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from diffstack.compose.attention import compose_attention
@@ -16,14 +18,25 @@ from diffstack.compose.sigmas import compose_sigmas
 from diffstack.compose.slots import ComposedStack, ModelUnderTest
 from diffstack.compose.wrappers import compose_wrappers
 from diffstack.config import ComposeSettings
-from diffstack.engine.attention import install_attention
 from diffstack.plugins import PluginHost
 
-__all__ = ["ComposedStack", "ModelUnderTest", "apply_attention", "compose_stack"]
+__all__ = ["AttentionApplier", "ComposedStack", "ModelUnderTest", "compose_stack"]
+
+AttentionApplier = Callable[[torch.nn.Module, ComposedStack], None]
+"""Puts the chosen attention in place on a denoiser: the engine's job, handed in so compose never
+imports the engine."""
 
 
-def compose_stack(host: PluginHost, model: ModelUnderTest, settings: ComposeSettings) -> ComposedStack:
-    """Decide every slot in dependency order: attention first, compile last (it captures the rest)."""
+def compose_stack(
+    host: PluginHost,
+    model: ModelUnderTest,
+    settings: ComposeSettings,
+    apply_attention: AttentionApplier,
+) -> ComposedStack:
+    """Decide every slot in dependency order: attention first, compile last (it captures the rest).
+
+    The later slots are measured against the denoiser with the chosen attention in place.
+    """
     stack = ComposedStack()
     compose_attention(host, model, settings, stack)
     apply_attention(model.denoiser, stack)
@@ -34,11 +47,3 @@ def compose_stack(host: PluginHost, model: ModelUnderTest, settings: ComposeSett
     compose_wrappers(host, model, stack)
     compose_compile(host, model, settings, stack)
     return stack
-
-
-def apply_attention(denoiser: torch.nn.Module, stack: ComposedStack) -> None:
-    """Put the chosen kernels in place: processors per module (UNets) or the dispatch backend."""
-    if stack.attention_backend is not None:
-        denoiser.set_attention_backend(stack.attention_backend)  # type: ignore[operator]
-    elif stack.attention_plan:
-        install_attention(denoiser, stack.attention_plan)

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from diffstack.attention import backend_kernel, sdpa
 from diffstack.compose.slots import (
     ComposedStack,
     ModelUnderTest,
@@ -16,7 +17,6 @@ from diffstack.compose.slots import (
     valid_offers,
 )
 from diffstack.config import ComposeSettings
-from diffstack.engine.attention import backend_kernel, sdpa
 from diffstack.plugins import OfferFrom, PluginHost
 from diffstack.timing import median_ms, relative_error
 from diffstack.types import (

@@ -11,9 +11,9 @@ from pathlib import Path
 import structlog
 import torch
 
+from diffstack.attention import capture_attention_shapes, install_attention
 from diffstack.compose import ComposedStack, ModelUnderTest, compose_stack
 from diffstack.config import Settings
-from diffstack.engine.attention import capture_attention_shapes
 from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
 from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
 from diffstack.plugins import PluginHost
@@ -131,7 +131,7 @@ def compose_model(
         scheduler=pipeline.scheduler,
         measure=measure,
     )
-    stack = compose_stack(host, under_test, settings.compose)
+    stack = compose_stack(host, under_test, settings.compose, apply_attention)
     notes = [f"denoiser calls measured at batch {settings.compose.batch}, {width}x{height}"]
     if not measure:
         notes.append(
@@ -150,6 +150,14 @@ def compose_model(
     )
     log.info("stack composed", model=name, family=family.value, chosen=report.summary())
     return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
+
+
+def apply_attention(denoiser: torch.nn.Module, stack: ComposedStack) -> None:
+    """Put the chosen kernels in place: processors per module (UNets) or the dispatch backend."""
+    if stack.attention_backend is not None:
+        denoiser.set_attention_backend(stack.attention_backend)  # type: ignore[operator]
+    elif stack.attention_plan:
+        install_attention(denoiser, stack.attention_plan)
 
 
 def default_size(pipeline: Pipeline, adapter: FamilyAdapter, card: ModelCard) -> tuple[int, int]:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import Availability, Family, ModelInfo, SigmasOffer
+from diffstack import Availability, Family, ModelInfo, SigmasOffer, hookimpl
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffstack.types import Family
+from diffstack import Family
 
 TABLES: dict[Family, tuple[float, ...]] = {
     # NVIDIA's SD1.5 table, used for every SD1.x model.

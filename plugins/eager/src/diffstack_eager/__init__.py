@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import CompileOffer, ModelInfo
+from diffstack import CompileOffer, ModelInfo, hookimpl
 
 
 def _as_is(denoiser: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import Availability, DenoiserKind, DenoiserWrapper, DenoiserWrapperOffer, ModelInfo
+from diffstack import Availability, DenoiserKind, DenoiserWrapper, DenoiserWrapperOffer, ModelInfo, hookimpl
 
 if TYPE_CHECKING:
     import torch

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import EncoderOffer, ModelInfo, PromptEncoder
+from diffstack import EncoderOffer, ModelInfo, PromptEncoder, hookimpl
 
 
 def _unwrapped(inner: PromptEncoder, model: ModelInfo) -> PromptEncoder:

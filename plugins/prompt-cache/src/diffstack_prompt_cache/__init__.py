@@ -5,8 +5,7 @@ The hook only describes the offer; the cache lives in :mod:`diffstack_prompt_cac
 
 from __future__ import annotations
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import Availability, EncoderOffer, ModelInfo, PromptEncoder
+from diffstack import Availability, EncoderOffer, ModelInfo, PromptEncoder, hookimpl
 
 PRIORITY = 1000
 """Outermost in the encoder chain: a hit must skip every other wrapper as well as the encoders."""

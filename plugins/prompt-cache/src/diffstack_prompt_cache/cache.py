@@ -8,7 +8,7 @@ from collections.abc import Hashable, Mapping
 
 import torch
 
-from diffstack.types import PromptEmbeddings, PromptEncoder, PromptSpec
+from diffstack import PromptEmbeddings, PromptEncoder, PromptSpec
 
 
 def _nbytes(embeddings: Mapping[str, torch.Tensor]) -> int:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import AttentionOffer, ModelInfo
+from diffstack import AttentionOffer, ModelInfo, hookimpl
 from diffstack_sage.support import build, diffusers_backend, probe, supports
 
 

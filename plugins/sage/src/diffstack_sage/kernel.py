@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from packaging.version import Version
 
-from diffstack.types import AttentionFn
+from diffstack import AttentionFn
 
 HEAD_DIMS_V1 = (64, 96, 128)
 """sageattention 1.x (Triton) asserts one of these."""

@@ -10,7 +10,7 @@ import importlib.metadata
 
 from packaging.version import Version
 
-from diffstack.types import AttentionFn, AttentionShape, Availability, ModelInfo
+from diffstack import AttentionFn, AttentionShape, Availability, ModelInfo
 
 DISTRIBUTION = "sageattention"
 MAX_HEAD_DIM = 128

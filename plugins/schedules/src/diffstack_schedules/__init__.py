@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import Family, ModelInfo, SigmasOffer
+from diffstack import Family, ModelInfo, SigmasOffer, hookimpl
 
 KARRAS_RHO = 7.0
 

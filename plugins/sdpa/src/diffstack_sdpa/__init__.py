@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import AttentionFn, AttentionOffer, ModelInfo
+from diffstack import AttentionFn, AttentionOffer, ModelInfo, hookimpl
 
 
 def _build(model: ModelInfo) -> AttentionFn:

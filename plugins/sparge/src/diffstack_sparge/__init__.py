@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import AttentionOffer, ModelInfo
+from diffstack import AttentionOffer, ModelInfo, hookimpl
 from diffstack_sparge.support import build, probe, supports
 
 

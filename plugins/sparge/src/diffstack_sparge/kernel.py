@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffstack.types import AttentionFn
+from diffstack import AttentionFn
 from diffstack_sparge.config import SpargeConfig
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 
-from diffstack.types import AttentionFn, AttentionShape, Availability, ModelInfo
+from diffstack import AttentionFn, AttentionShape, Availability, ModelInfo
 from diffstack_sparge.config import SpargeConfig
 
 MODULE = "spas_sage_attn"

@@ -15,7 +15,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from diffstack.types import Availability, DenoiserKind, ModelInfo
+from diffstack import Availability, DenoiserKind, ModelInfo
 from diffstack_stable_fast.config import StableFastOptions
 
 DISTRIBUTIONS = ("stable-fast-pruna", "stable-fast")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from diffstack.hookspecs import hookimpl
-from diffstack.types import CompileOffer, ModelInfo
+from diffstack import CompileOffer, ModelInfo, hookimpl
 from diffstack_torch_compile.support import build, probe
 
 

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from diffstack.types import DenoiserKind, ModelInfo
+from diffstack import DenoiserKind, ModelInfo
 from diffstack_torch_compile.config import CompileConfig
 
 

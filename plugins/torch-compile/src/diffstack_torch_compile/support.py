@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from diffstack.types import Availability, ModelInfo
+from diffstack import Availability, ModelInfo
 from diffstack_torch_compile.config import CompileConfig
 
 OPTIONS = "torch_compile"
