@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffstack.cli import main
+from diffstack import cli
+from diffstack.cli import COMMANDS_GROUP, main
 from diffstack.testing import BASELINE_PLUGINS
 
 
@@ -113,3 +115,14 @@ def test_generate_names_an_unreadable_init_image(
     )
     assert code == 2
     assert "init_image: cannot read" in capsys.readouterr().err
+
+
+def test_a_broken_command_entry_point_is_reported_and_skipped(
+    env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = EntryPoint("broken", "diffstack_no_such_module:register_commands", COMMANDS_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [broken] if group == COMMANDS_GROUP else [])
+    assert main(["plugins", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "commands from diffstack_no_such_module:register_commands are unavailable" in err
+    assert "ModuleNotFoundError" in err

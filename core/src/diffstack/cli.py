@@ -1,13 +1,21 @@
-"""The ``diffstack`` command: generate images, list plugins, show the composed stack, serve."""
+"""The ``diffstack`` command: generate images, list plugins, show the composed stack, score quality.
+
+Other distributions add commands through the ``diffstack.commands`` entry-point group (the server adds
+``serve``): each entry point names a ``register_commands(commands)`` function that adds subparsers, so
+the core never imports them. Flags that set a setting are declared once as :class:`SettingFlag` and
+read back by :func:`settings_from_args`, the one flag → settings mapping every entry point shares.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from diffstack.config import Settings, load_settings
 from diffstack.errors import DiffstackError, FieldViolation, InvalidRequest
@@ -16,11 +24,67 @@ from diffstack.logs import configure_logging
 if TYPE_CHECKING:
     from PIL import Image
 
+COMMANDS_GROUP = "diffstack.commands"
+"""Entry points here name ``register_commands(commands: Subcommands) -> None``."""
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What ``add_subparsers()`` returns; a ``register_commands`` function adds its parsers to it."""
+Command = Callable[[argparse.Namespace, Settings], int]
+"""What a subparser stores as ``command``: it runs with the parsed flags and the loaded settings."""
+
+
+@dataclass(frozen=True)
+class SettingFlag:
+    """A flag that sets ``section.field`` of :class:`~diffstack.config.Settings` when given."""
+
+    flag: str
+    section: str
+    field: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return f"{self.section}.{self.field}"
+
+
+COMMON_FLAGS = (
+    SettingFlag("--models-dir", "engine", "models_dir", "folder that model names resolve in", Path),
+    SettingFlag("--device", "engine", "device", "cpu, cuda, cuda:1, ... (default: auto)"),
+)
+"""Setting flags of every command, the server's included."""
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, flags: Sequence[SettingFlag]) -> None:
+    """Add ``--config`` and ``flags``; a flag not given leaves its setting to the file or environment."""
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="a TOML settings file")
+    for flag in flags:
+        parser.add_argument(
+            flag.flag,
+            dest=flag.dest,
+            type=flag.type,
+            choices=flag.choices,
+            metavar=None if flag.choices else flag.field.upper(),
+            default=argparse.SUPPRESS,
+            help=flag.help,
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from ``--config``, the environment, then every :class:`SettingFlag` that was given."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        section, dot, field = dest.partition(".")
+        if dot:
+            overrides.setdefault(section, {})[field] = value
+    return load_settings(getattr(args, "config", None), **overrides)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
-    settings = load_settings(args.config, **_overrides(args))
+    settings = settings_from_args(args)
     configure_logging(settings.server.log_format)
     try:
         return int(args.command(args, settings) or 0)
@@ -33,11 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstack", description=__doc__)
-    parser.add_argument("--config", type=Path, help="a TOML settings file")
-    parser.add_argument("--models-dir", type=Path, help="folder that client-given model names resolve in")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    add_setting_flags(parser, COMMON_FLAGS)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate images from a prompt into PNG files")
@@ -88,17 +150,20 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--batch-size", type=int, default=16)
     quality.set_defaults(command=_quality)
 
-    serve = commands.add_parser("serve", help="run the gRPC server (needs diffstack-server)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.set_defaults(command=_serve)
+    _register_installed_commands(commands)
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    engine = {k: v for k, v in (("models_dir", args.models_dir), ("device", args.device)) if v is not None}
-    server = {k: getattr(args, k, None) for k in ("host", "port") if getattr(args, k, None) is not None}
-    return {"engine": engine, "server": server}
+def _register_installed_commands(commands: Subcommands) -> None:
+    """Let installed distributions add their commands; one that fails is reported and skipped."""
+    for entry_point in entry_points(group=COMMANDS_GROUP):
+        try:
+            entry_point.load()(commands)
+        except Exception as exc:
+            print(
+                f"warning: commands from {entry_point.value} are unavailable: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
@@ -212,12 +277,3 @@ def _quality(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(markdown_table(rows))
     return 0
-
-
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        from diffstack_server import serve
-    except ImportError:
-        print("error: the server is not installed: pip install -e ./server", file=sys.stderr)
-        return 1
-    return int(serve(settings) or 0)

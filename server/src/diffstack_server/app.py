@@ -10,12 +10,9 @@ finish within ``server.grace_seconds``, the process exits 0 (a second signal sto
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +20,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from diffstack.config import Settings, load_settings
+from diffstack.config import Settings
 from diffstack.errors import Cancelled
 from diffstack.logs import configure_logging
 from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -256,41 +253,3 @@ def serve(settings: Settings) -> int:
     """Configure logging, run the server until a signal, drain, and return the exit status."""
     configure_logging(settings.server.log_format)
     return asyncio.run(serve_async(settings))
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="diffstack serve", description="Serve diffstack over gRPC.")
-    parser.add_argument("--config", type=Path, help="a TOML settings file")
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="gRPC port (0 picks a free one; default 50051)")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    parser.add_argument("--models-dir", type=Path, help="folder that client-given model names resolve in")
-    parser.add_argument("--model", help="the default model: a name inside --models-dir")
-    parser.add_argument("--log-format", choices=("auto", "json", "console"))
-    return parser.parse_args(argv)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings from the file, the environment, then the flags that were given."""
-    server = {
-        key: value
-        for key, value in (
-            ("host", args.host),
-            ("port", args.port),
-            ("metrics_port", args.metrics_port),
-            ("log_format", args.log_format),
-        )
-        if value is not None
-    }
-    engine = {
-        key: value
-        for key, value in (("models_dir", args.models_dir), ("default_model", args.model))
-        if value is not None
-    }
-    overrides = {name: section for name, section in (("server", server), ("engine", engine)) if section}
-    return load_settings(args.config, **overrides)
-
-
-def main_serve(argv: Sequence[str] | None = None) -> int:
-    """``diffstack serve [flags]``: parse flags, load settings, serve; returns the exit status."""
-    return serve(settings_from_args(parse_args(argv)))

@@ -1,0 +1,50 @@
+"""The ``serve`` command, for ``diffstack serve`` and ``python -m diffstack_server`` alike.
+
+The server adds it to the core's command line through the ``diffstack.commands`` entry point, so the
+core never imports the server. Both spellings take the same flags, declared once below.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from diffstack.cli import COMMON_FLAGS, SettingFlag, Subcommands, add_setting_flags, settings_from_args
+from diffstack.config import Settings
+
+SERVE_FLAGS = (
+    *COMMON_FLAGS,
+    SettingFlag("--host", "server", "host", "address to listen on (default 127.0.0.1)"),
+    SettingFlag("--port", "server", "port", "gRPC port (0 picks a free one; default 50051)", int),
+    SettingFlag("--metrics-port", "server", "metrics_port", "serve Prometheus /metrics on this port", int),
+    SettingFlag("--model", "engine", "default_model", "the default model: a name inside --models-dir"),
+    SettingFlag("--log-format", "server", "log_format", "log lines as", choices=("auto", "json", "console")),
+)
+"""Every flag of ``serve``: the core's common ones and the server's own."""
+
+DESCRIPTION = "Serve diffstack over gRPC until SIGTERM or SIGINT, then drain."
+
+
+def register_commands(commands: Subcommands) -> None:
+    """The ``diffstack.commands`` entry point: adds ``diffstack serve``."""
+    parser = commands.add_parser("serve", help="run the gRPC server", description=DESCRIPTION)
+    add_setting_flags(parser, SERVE_FLAGS)
+    parser.set_defaults(command=_serve)
+
+
+def _serve(_args: argparse.Namespace, settings: Settings) -> int:
+    from diffstack_server.app import serve
+
+    return serve(settings)
+
+
+def module_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m diffstack_server``: the serve flags, nothing else."""
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}", description=DESCRIPTION)
+    add_setting_flags(parser, SERVE_FLAGS)
+    return parser
+
+
+def main_serve(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffstack_server [flags]``: parse the serve flags, load settings, serve."""
+    return _serve(argparse.Namespace(), settings_from_args(module_parser().parse_args(argv)))
