@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import diffstack
 from diffstack import cli
 from diffstack.cli import COMMANDS_GROUP, main
 from diffstack.testing import BASELINE_PLUGINS
@@ -126,3 +130,180 @@ def test_a_broken_command_entry_point_is_reported_and_skipped(
     err = capsys.readouterr().err
     assert "commands from diffstack_no_such_module:register_commands are unavailable" in err
     assert "ModuleNotFoundError" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# A quiet, self-explaining command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quiet_by_default_and_verbose_on_request(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--json"]) == 0
+    assert "plugin loaded" not in capsys.readouterr().err
+    assert main(["plugins", "--json", "-v"]) == 0
+    assert "plugin loaded" in capsys.readouterr().err
+    assert main(["--log-level", "info", "plugins", "--json"]) == 0
+    assert "plugin loaded" in capsys.readouterr().err
+
+
+def test_generate_is_quiet_says_which_stack_and_silences_the_libraries(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o.png"
+    assert main(["--models-dir", str(env), "generate", "a red circle", "-o", str(out), "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "Loading pipeline components" not in err and "accelerate" not in err, err
+    assert "model tiny-sd1, stack: attention: sdpa for all 4 shapes; schedule: default; encoder: plain" in err
+    assert logging.getLogger("diffusers").level == logging.ERROR
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"diffstack {diffstack.__version__}"
+
+
+def test_help_shows_defaults_and_choices_and_no_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in (
+        "euler, euler_a, dpmpp_2m",
+        "(default: auto)",
+        "(default: 0.75)",
+        "(default: 1, or one per --seed)",
+        "default: the model's; 20 for the embedded model",
+        "a multiple of 8",
+    ):
+        assert expected in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+def test_global_flags_work_after_the_command_too(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "x.toml"
+    config.write_text('[plugins]\ndeny = ["sdpa"]\n')
+    assert main(["plugins", "--config", str(config), "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["sdpa"]["status"] == "disabled"
+    args = cli.build_parser().parse_args(["stack", "--models-dir", "/m", "-v"])
+    assert cli.settings_from_args(args).engine.models_dir == Path("/m")
+    assert cli.log_level(args) == logging.INFO
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["-n", "0"], "--num-images: must be at least 1"),
+        (["--sampler", "lms"], "--sampler: invalid choice: 'lms'"),
+        (["--seed", "-1"], "--seed: must be between 0 and 2^63 - 1"),
+    ],
+)
+def test_flags_refuse_values_they_would_silently_reinterpret(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command gets as far as loading a model."""
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "_start_engine", refuse)
+
+
+@pytest.mark.usefixtures("no_loading")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--strength", "0.5"], "strength: --strength needs --init-image"),
+        (["-n", "1", "--seed", "1", "--seed", "2"], "seeds: 2 seeds for -n 1 images"),
+        (["--width", "63"], "width: must be a multiple of 8, got 63"),
+        (["--steps", "151"], "steps: must be at most 150, got 151"),
+        (["-n", "9"], "num_images: must be at most 8"),
+        (["--schedule", "linear"], "schedule: no installed plugin offers a schedule named 'linear'"),
+        (["--wrapper", "nope"], "wrappers: no installed plugin offers a wrapper named 'nope'"),
+    ],
+)
+def test_input_is_checked_before_any_model_loads(
+    env: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--models-dir", str(env), "generate", "x", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_repeated_seeds_mean_one_image_each(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "s.png"
+    argv = [
+        "--models-dir",
+        str(env),
+        "generate",
+        "x",
+        "-o",
+        str(out),
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--seed",
+        "5",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "seed=1" in printed and "seed=5" in printed
+    assert (tmp_path / "s-0.png").exists() and (tmp_path / "s-1.png").exists()
+
+
+def test_a_refused_offer_is_reported_with_the_hosts_reason(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--models-dir", str(env), "generate", "x", "-o", str(tmp_path / "f.png"), "--model", "tiny-flux"]
+    assert main([*argv, "--schedule", "karras"]) == 2
+    err = capsys.readouterr().err
+    assert "'karras' from plugin schedules was rejected for this model: not made for flux models" in err
+
+
+def test_stack_summary_counts_attention_shapes() -> None:
+    stack = {
+        "select_attention": [f"h1xd64 q{n} k{n}: sdpa" for n in range(8)],
+        "build_sigmas": ["ays"],
+        "wrap_denoiser": [],
+    }
+    assert cli.stack_summary(stack) == "attention: sdpa for all 8 shapes; schedule: ays; wrappers: none"
+    mixed = {"select_attention": ["a: sage", "b: sage", "c: sdpa"]}
+    assert cli.stack_summary(mixed) == "attention: sage for 2, sdpa for 1 of 3 shapes"
+
+
+def test_progress_lines_reach_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cli._status("composing")
+    cli._status("ready", done=True)
+    assert "composing ..." in terminal.getvalue() and terminal.getvalue().endswith("ready\n")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    cli._status("composing")
+    assert sys.stderr.getvalue() == ""
+
+
+def test_plugins_filters_by_hook(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--json", "--hook", "build_sigmas"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records and all("build_sigmas" in r["hooks"] for r in records)
+    assert "schedules" in {r["name"] for r in records} and "sdpa" not in {r["name"] for r in records}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from diffstack.config import load_settings
+from diffstack.config import EngineSettings, cpu_threads, load_settings
 
 
 def test_flags_beat_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,3 +25,27 @@ def test_unknown_fields_are_refused(tmp_path: Path) -> None:
     path.write_text("[server]\nprot = 1\n")
     with pytest.raises(ValidationError):
         load_settings(path)
+
+
+def test_engine_threads_default_to_half_the_usable_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert cpu_threads(EngineSettings()) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cpu_threads(EngineSettings()) == 1
+    assert cpu_threads(EngineSettings(threads=5)) == 5
+    with pytest.raises(ValidationError):
+        EngineSettings(threads=-1)
+
+
+def test_the_engine_applies_its_thread_count() -> None:
+    import torch
+
+    from diffstack.engine import Engine
+    from diffstack.plugins import PluginHost
+
+    before = torch.get_num_threads()
+    try:
+        Engine(load_settings(None, engine={"threads": 1}), PluginHost())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

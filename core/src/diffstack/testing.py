@@ -1,19 +1,26 @@
-"""Tiny models of every family, built from configs with seeded random weights.
+"""Tiny models of every family, and helpers for testing a plugin through the host's own checks.
 
 Tests, benchmarks' smoke runs and the placeholder default model use these instead of downloads: each
 is saved as a real diffusers folder of safetensors and loaded back through the engine's own loader.
+Plugin authors test with :func:`assert_offer_passes` (a host with only their plugin, a tiny model of
+a family, composition as the server does it) and :func:`compose_with` for the whole report.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffstack.config import Settings, load_settings
-from diffstack.types import Family
+from diffstack.types import CandidateReport, Family, StackReport
+
+if TYPE_CHECKING:
+    from diffstack.plugins import PluginHost
 
 BASELINE_PLUGINS = ("sdpa", "schedules", "plain_encoder", "eager")
 """The built-in baseline plugins; tests allow-list them so installed extras never change a result."""
@@ -214,3 +221,69 @@ def baseline_settings(
     plugins = {"allow": list(BASELINE_PLUGINS), **sections.pop("plugins", {})}
     engine = {"models_dir": models_dir, "default_model": default_model, **sections.pop("engine", {})}
     return load_settings(None, plugins=plugins, engine=engine, **sections)
+
+
+# ---------------------------------------------------------------------------------------------
+# For plugin authors: your plugin alone in a host, on a tiny model, through the host's own checks
+# ---------------------------------------------------------------------------------------------
+
+
+def host_with(*plugins: Any) -> PluginHost:
+    """A plugin host with only ``plugins`` registered (modules or objects), no entry points loaded.
+
+    Each is named after its module (``diffstack_myattn`` → ``myattn``). Compose against it to see
+    what your offers do on their own; the host's fallbacks (SDPA, the scheduler's own sigmas, the
+    pipeline's encoder, eager execution) still stand in for the slots nobody fills.
+    """
+    from diffstack.plugins import PluginHost
+    from diffstack.types import PluginRecord
+
+    host = PluginHost()
+    for plugin in plugins:
+        module_name = getattr(plugin, "__name__", type(plugin).__name__)
+        name = module_name.rpartition(".")[2].removeprefix("diffstack_")
+        host.register(
+            plugin,
+            PluginRecord(
+                name=name, distribution="", version="", entry_point=module_name, hooks=(), status=""
+            ),
+        )
+        failure = next(r for r in host.records if r.name == name)
+        if failure.status != "loaded":
+            raise AssertionError(f"plugin {name!r} did not load: {failure.error}")
+    return host
+
+
+@functools.cache
+def tiny_model(family: Family) -> Path:
+    """A tiny model of ``family`` saved once per process in a temporary folder; its path."""
+    folder = Path(tempfile.mkdtemp(prefix="diffstack-tiny-"))
+    return save_tiny_model(family, folder / f"tiny-{family.value}")
+
+
+def compose_with(*plugins: Any, family: Family = Family.SD1, settings: Settings | None = None) -> StackReport:
+    """Load a tiny ``family`` model with only ``plugins`` and compose its stack: the StackReport."""
+    from diffstack.engine.model import load_model
+
+    path = tiny_model(family)
+    settings = settings or load_settings(None, engine={"device": "cpu"})
+    return load_model(path.name, path, host_with(*plugins), settings).report
+
+
+def assert_offer_passes(
+    *plugins: Any, offer: str, family: Family = Family.SD1, settings: Settings | None = None
+) -> list[CandidateReport]:
+    """Assert the host accepted ``offer`` on a tiny ``family`` model: its reports (one per attention
+    shape), each chosen, available or slower; else an AssertionError with the host's reasons."""
+    from diffstack.types import CandidateStatus
+
+    report = compose_with(*plugins, family=family, settings=settings)
+    candidates = [c for slot in report.slots for c in slot.candidates if c.offer == offer]
+    if not candidates:
+        failures = [f"{c.plugin}: {c.reason}" for s in report.slots for c in s.candidates if c.offer == ""]
+        raise AssertionError(f"no offer named {offer!r} reached the host {failures or ''}".rstrip())
+    refused = [c for c in candidates if c.status in (CandidateStatus.REJECTED, CandidateStatus.FAILED)]
+    if refused:
+        reasons = "; ".join(f"{c.scope or 'offer'} {c.status.value}: {c.reason}" for c in refused)
+        raise AssertionError(f"the host refused {offer!r} on a tiny {family.value} model: {reasons}")
+    return candidates

@@ -11,6 +11,7 @@ finish within ``server.grace_seconds``, the process exits 0 (a second signal sto
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from typing import Any
@@ -249,7 +250,7 @@ async def serve_async(settings: Settings) -> int:
     return 1 if server.engine_error is not None else 0
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, log_level: int = logging.INFO) -> int:
     """Configure logging, run the server until a signal, drain, and return the exit status."""
-    configure_logging(settings.server.log_format)
+    configure_logging(settings.server.log_format, log_level)
     return asyncio.run(serve_async(settings))

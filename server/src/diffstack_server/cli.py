@@ -7,9 +7,19 @@ core never imports the server. Both spellings take the same flags, declared once
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 
-from diffstack.cli import COMMON_FLAGS, SettingFlag, Subcommands, add_setting_flags, settings_from_args
+from diffstack.cli import (
+    COMMON_FLAGS,
+    SettingFlag,
+    Subcommands,
+    add_setting_flags,
+    add_verbosity_flags,
+    log_level,
+    quiet_libraries,
+    settings_from_args,
+)
 from diffstack.config import Settings
 
 SERVE_FLAGS = (
@@ -29,22 +39,29 @@ def register_commands(commands: Subcommands) -> None:
     """The ``diffstack.commands`` entry point: adds ``diffstack serve``."""
     parser = commands.add_parser("serve", help="run the gRPC server", description=DESCRIPTION)
     add_setting_flags(parser, SERVE_FLAGS)
-    parser.set_defaults(command=_serve)
+    add_verbosity_flags(parser)
+    # A server says what it decided at start-up (the stack, the ports): info, unlike the one-shot commands.
+    parser.set_defaults(command=_serve, default_log_level=logging.INFO)
 
 
-def _serve(_args: argparse.Namespace, settings: Settings) -> int:
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from diffstack_server.app import serve
 
-    return serve(settings)
+    level = log_level(args)
+    quiet_libraries(level)
+    return serve(settings, level)
 
 
 def module_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m diffstack_server``: the serve flags, nothing else."""
     parser = argparse.ArgumentParser(prog=f"python -m {__package__}", description=DESCRIPTION)
     add_setting_flags(parser, SERVE_FLAGS)
+    add_verbosity_flags(parser)
+    parser.set_defaults(default_log_level=logging.INFO)
     return parser
 
 
 def main_serve(argv: Sequence[str] | None = None) -> int:
     """``python -m diffstack_server [flags]``: parse the serve flags, load settings, serve."""
-    return _serve(argparse.Namespace(), settings_from_args(module_parser().parse_args(argv)))
+    args = module_parser().parse_args(argv)
+    return _serve(args, settings_from_args(args))

@@ -9,7 +9,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from diffstack.config import Settings
+from diffstack.config import Settings, cpu_threads
 from diffstack.engine.loading import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, detect_family, resolve_model_path
 from diffstack.engine.model import LoadedModel, load_model
 from diffstack.engine.requests import GenerationJob, GenerationRequest, GenerationResult, ModelListing
@@ -32,6 +32,7 @@ class Engine:
     def __init__(self, settings: Settings, host: PluginHost) -> None:
         self.settings = settings
         self.host = host
+        torch.set_num_threads(cpu_threads(settings.engine))
         self._models: dict[str, LoadedModel] = {}
         self._loading = threading.Lock()
 
