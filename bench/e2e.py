@@ -19,11 +19,14 @@ import torch
 from bench import measure
 from bench.harness import Run, compile_options, log
 from bench.models import build_pipeline, workload
-from diffstack.engine.model import DEFAULT_GUIDANCE
+from diffstack.engine.families import adapter_for
 from diffstack.types import Family
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-GUIDANCE = {"sd15": DEFAULT_GUIDANCE[Family.SD1], "sdxl": DEFAULT_GUIDANCE[Family.SDXL]}
+GUIDANCE = {
+    "sd15": adapter_for(Family.SD1).default_guidance,
+    "sdxl": adapter_for(Family.SDXL).default_guidance,
+}
 """diffstack's default guidance per family (7.5 and 5.0 when measured), used for the plain pipelines too."""
 
 ESTIMATES: dict[str, dict[str, float]] = {

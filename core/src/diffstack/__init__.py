@@ -8,6 +8,15 @@ markers and the offer types, never torch, diffusers or the engine.
 from importlib.metadata import PackageNotFoundError, version
 
 from diffstack.hookspecs import hookimpl
+from diffstack.options import Ge, Gt, Interval, Le, Lt, OptionProblem, OptionsError, parse_options
+from diffstack.probes import (
+    all_of,
+    head_dim_in,
+    installed_version,
+    needs_cuda,
+    needs_distribution,
+    needs_module,
+)
 from diffstack.types import (
     AttentionFn,
     AttentionOffer,
@@ -46,15 +55,29 @@ __all__ = [
     "DenoiserWrapperOffer",
     "EncoderOffer",
     "Family",
+    "Ge",
+    "Gt",
+    "Interval",
+    "Le",
+    "Lt",
     "ModelInfo",
     "Offer",
+    "OptionProblem",
+    "OptionsError",
     "Probe",
     "PromptEmbeddings",
     "PromptEncoder",
     "PromptSpec",
     "SigmasOffer",
     "__version__",
+    "all_of",
     "always_available",
+    "head_dim_in",
     "hookimpl",
+    "installed_version",
+    "needs_cuda",
+    "needs_distribution",
+    "needs_module",
+    "parse_options",
     "supports_every_shape",
 ]

@@ -79,15 +79,61 @@ class ComposeSettings(_Section):
     """Batch size of the measured denoiser calls (2 = one image with classifier-free guidance)."""
 
 
+CPU_MAX_COST = 20 * 1024 * 1024
+"""One 1024x1024 image at 20 steps (or four 512x512 ones): under a minute for the embedded model on
+a 2-core CPU, where the old bounds let one request (8 images, 1024², 150 steps) hold it ~50 minutes."""
+CUDA_MAX_COST = 4 * 50 * 1024 * 1024
+"""Four 1024x1024 images at 50 steps: ~40 s of FLUX.1 on an H100 (184 ms a step), a few s of SDXL."""
+_IMAGE_FORMAT_SLACK = 1.5
+"""An encoded picture of a real scene is smaller than its raw RGB. The worst cases, measured with
+Pillow on 1024x1024 noise: PNG and lossless WebP raw + 0.2%, JPEG quality 100 without chroma
+subsampling 1.37x raw. Half again over raw covers every image a client can legitimately send."""
+_OTHER_FIELDS_BYTES = 64 * 1024
+"""Room for every other field of a request or response (names, options, seeds, the stack, timings)."""
+
+
 class Limits(_Section):
     """What one request may ask for."""
 
     max_prompt_tokens: int = 77
+    max_prompt_chars: int = 2000
+    """Checked before tokenizing (a 60 MB prompt took 58 s and 9 GB to tokenize): 77 CLIP tokens of
+    long words and punctuation stay far below it."""
+    max_prompt_bytes: int = 4000
+    """UTF-8 bytes of one prompt, checked after the characters: 2000 ASCII characters fit, and so do
+    1000 four-byte ones (emoji), far beyond 77 tokens either way."""
     max_pixels: int = 1024 * 1024
-    size_multiple: int = 8
     max_steps: int = 150
     max_images: int = 8
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_cost: int | None = None
+    """Bound on steps × pixels × images of one request (img2img counts the steps it runs). ``None``
+    sizes it to the device: :data:`CPU_MAX_COST` on a CPU, :data:`CUDA_MAX_COST` on CUDA."""
+    max_message_bytes: int | None = None
+    """gRPC's receive limit; ``None`` computes what a request can legitimately need from the other
+    limits (:attr:`request_message_bytes`). Responses get :attr:`response_message_bytes`."""
+
+    def cost_limit(self, device: str) -> int:
+        """The cost bound for a model on ``device``."""
+        if self.max_cost is not None:
+            return self.max_cost
+        return CUDA_MAX_COST if device.startswith("cuda") else CPU_MAX_COST
+
+    @property
+    def request_message_bytes(self) -> int:
+        """The largest legitimate request: an init image of ``max_pixels`` (raw RGB is 3 bytes a pixel;
+        half again for encoded formats), a prompt and a negative prompt of ``max_prompt_bytes``, and
+        64 KiB for every other field. With the defaults: 4.5 MiB + 8 KB + 64 KiB ≈ 4.6 MiB (was 64 MiB)."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        image = int(self.max_pixels * 3 * _IMAGE_FORMAT_SLACK)
+        return image + 2 * self.max_prompt_bytes + _OTHER_FIELDS_BYTES
+
+    @property
+    def response_message_bytes(self) -> int:
+        """The largest legitimate response: ``max_images`` images of ``max_pixels`` in raw RGB (the
+        largest format), half again, and 64 KiB: 36 MiB with the defaults."""
+        image = int(self.max_pixels * 3 * _IMAGE_FORMAT_SLACK)
+        return self.max_images * image + _OTHER_FIELDS_BYTES
 
 
 class ServerSettings(_Section):

@@ -4,6 +4,26 @@ the engine raise these and never build statuses by hand."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+MAX_SHOWN_CHARS = 80
+"""How much of a client's value an error message repeats: enough to recognise it, never so much that
+an error grows past gRPC's trailer limit (a 4,000-character schedule name did)."""
+MAX_FIELD_CHARS = 200
+MAX_DESCRIPTION_CHARS = 1000
+MAX_VIOLATIONS = 20
+"""Violations beyond this are counted, not listed: ten thousand unknown option keys make one line."""
+
+
+def shown(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for repeating client input in messages."""
+    if isinstance(value, str) and len(value) > 4 * limit:
+        value = value[: 4 * limit]  # repr of a huge string is built only from its head
+    return _cut(repr(value), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 class DiffstackError(Exception):
@@ -17,12 +37,24 @@ class FieldViolation:
     field: str
     description: str
 
+    def __post_init__(self) -> None:
+        # Both may carry client input (a wrapper's name, an unknown sampler): bounded here, once.
+        object.__setattr__(self, "field", _cut(self.field, MAX_FIELD_CHARS))
+        object.__setattr__(self, "description", _cut(self.description, MAX_DESCRIPTION_CHARS))
+
 
 class InvalidRequest(DiffstackError):
-    """The request cannot be served as asked (gRPC INVALID_ARGUMENT with field violations)."""
+    """The request cannot be served as asked (gRPC INVALID_ARGUMENT with field violations).
+
+    At most :data:`MAX_VIOLATIONS` are kept; a last one says how many more there were.
+    """
 
     def __init__(self, violations: list[FieldViolation] | FieldViolation) -> None:
-        self.violations = [violations] if isinstance(violations, FieldViolation) else list(violations)
+        violations = [violations] if isinstance(violations, FieldViolation) else list(violations)
+        if len(violations) > MAX_VIOLATIONS:
+            more = len(violations) - MAX_VIOLATIONS + 1
+            violations = [*violations[: MAX_VIOLATIONS - 1], FieldViolation("", f"and {more} more problems")]
+        self.violations = violations
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
 
 

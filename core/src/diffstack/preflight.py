@@ -11,14 +11,12 @@ from __future__ import annotations
 import math
 
 from diffstack.config import Settings
-from diffstack.engine.requests import GenerationRequest
+from diffstack.engine.families import ADAPTERS
+from diffstack.engine.requests import AUTO, GenerationRequest
 from diffstack.engine.samplers import SAMPLERS
 from diffstack.errors import FieldViolation, InvalidRequest
 from diffstack.plugins import PluginHost, load_plugins
 from diffstack.types import DenoiserKind, Family, ModelInfo
-
-AUTO_SCHEDULE = "auto"
-
 
 def installed_offer_names(host: PluginHost, hook: str) -> set[str]:
     """Names of the offers ``hook``'s implementations make for a model of any family."""
@@ -38,12 +36,11 @@ def violations_before_loading(
 ) -> list[FieldViolation]:
     """Every problem ``request`` has that no model is needed to see."""
     limits = settings.limits
+    multiple = min(adapter.size_multiple for adapter in ADAPTERS)  # the model's own is checked later
     violations: list[FieldViolation] = []
     for field, value in (("width", request.width), ("height", request.height)):
-        if value and value % limits.size_multiple:
-            violations.append(
-                FieldViolation(field, f"must be a multiple of {limits.size_multiple}, got {value}")
-            )
+        if value and value % multiple:
+            violations.append(FieldViolation(field, f"must be a multiple of {multiple}, got {value}"))
     if request.width and request.height and request.width * request.height > limits.max_pixels:
         violations.append(
             FieldViolation(
@@ -62,14 +59,14 @@ def violations_before_loading(
         violations.append(
             FieldViolation("sampler", f"unknown sampler {request.sampler!r}; choose one of {list(SAMPLERS)}")
         )
-    if request.schedule and request.schedule != AUTO_SCHEDULE:
+    if request.schedule and request.schedule != AUTO:
         schedules = installed_offer_names(host, "build_sigmas")
         if request.schedule not in schedules:
             violations.append(
                 FieldViolation(
                     "schedule",
                     f"no installed plugin offers a schedule named {request.schedule!r}; "
-                    f"installed: {[AUTO_SCHEDULE, *sorted(schedules)]}",
+                    f"installed: {[AUTO, *sorted(schedules)]}",
                 )
             )
     if request.wrappers:

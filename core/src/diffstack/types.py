@@ -207,10 +207,13 @@ class DenoiserWrapperOffer(Offer):
     """A stackable denoiser wrapper (a feature cache, say), enabled per request within policy.
 
     ``apply(denoiser, options)`` attaches it with the request's options merged over the admin's.
+    ``options`` is the frozen dataclass that declares those options (see :mod:`diffstack.options`):
+    the host checks a request's options against it before any plugin code runs.
     """
 
     denoiser_kinds: frozenset[DenoiserKind] = frozenset(DenoiserKind)
     apply: Callable[[torch.nn.Module, Mapping[str, Any]], DenoiserWrapper]
+    options: type | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffstack.options import OptionsError, parse_options
 from diffstack_deepcache.hooks import HOOK_NAME, DeepCacheConfig, apply_deep_cache, deep_modules
 
 # The tiny UNet's skip connections: 0 conv_in, 1 down_blocks.0 resnet, 2 its downsampler,
@@ -207,18 +208,27 @@ def test_one_deepcache_per_unet(unet: UNet2DConditionModel) -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "option", "message"),
     [
-        ({"interval": 0}, "interval must be an integer >= 1"),
-        ({"branch": -1}, "branch must be an integer >= 0"),
-        ({"start": 0.1}, "no num_inference_steps"),
-        ({"end": 2.5}, "neither a fraction below 1 nor a step index"),
-        ({"intervall": 3}, "unknown deepcache options: intervall"),
+        ({"interval": 0}, "interval", "greater than or equal to 1, got 0"),
+        ({"interval": 2.5}, "interval", "valid integer, got 2.5"),
+        ({"interval": "3"}, "interval", "valid integer, got '3'"),
+        ({"interval": True}, "interval", "valid integer, got True"),
+        ({"branch": -1}, "branch", "greater than or equal to 0, got -1"),
+        ({"start": float("nan")}, "start", "finite number"),
+        ({"start": 0.1}, "start", "no num_inference_steps"),
+        ({"end": 2.5}, "end", "neither a fraction below 1 nor a step index"),
+        ({"intervall": 3}, "intervall", "unknown option; known: interval, branch, start, end"),
     ],
 )
-def test_bad_options_say_what_is_wrong(options: dict[str, float], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        DeepCacheConfig.from_options(options)
+def test_bad_options_name_the_option_and_say_what_is_wrong(
+    options: dict[str, object], option: str, message: str
+) -> None:
+    with pytest.raises(OptionsError) as failure:
+        parse_options(DeepCacheConfig, options)
+    ((problem),) = failure.value.problems
+    assert problem.option == option
+    assert message in problem.message
 
 
 def test_a_branch_beyond_the_unet_is_refused(unet: UNet2DConditionModel) -> None:

@@ -181,8 +181,9 @@ def test_applies_to_a_transformer_that_already_ran_in_a_cache_context(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"threshold": -0.1}, "threshold must be >= 0"),
-        ({"treshold": 0.1}, "unknown first_block_cache options"),
+        ({"threshold": -0.1}, "threshold: Input should be greater than or equal to 0, got -0.1"),
+        ({"threshold": "high"}, "threshold: Input should be a valid number, got 'high'"),
+        ({"treshold": 0.1}, "treshold: unknown option; known: threshold"),
     ],
 )
 def test_bad_options_say_what_is_wrong(

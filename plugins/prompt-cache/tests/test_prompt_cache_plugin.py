@@ -87,7 +87,7 @@ def test_a_hit_skips_the_encoder_and_returns_the_same_embeddings() -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert encode.stats() == {
         "prompt_cache_hits": 1.0, "prompt_cache_misses": 1.0, "prompt_cache_evictions": 0.0,
-        "prompt_cache_entries": 1.0, "prompt_cache_bytes": float(ENTRY_BYTES),
+        "prompt_cache_entries": 1.0, "prompt_cache_bytes": float(ENTRY_BYTES), "prompt_cache_refused": 0.0,
         "prompt_cache_max_bytes": float(256 * 2**20),
     }  # fmt: skip
 

@@ -11,6 +11,7 @@ from packaging.version import Version
 
 import diffstack.hookspecs
 import diffstack_sage
+from diffstack import probes
 from diffstack.types import AttentionOffer, AttentionShape, DenoiserKind, Family, ModelInfo
 from diffstack_sage import support
 
@@ -38,9 +39,9 @@ def installed(monkeypatch: pytest.MonkeyPatch):
     """Pretend a given sageattention release is installed (metadata only)."""
 
     def install(version: str | None) -> None:
-        monkeypatch.setattr(
-            support, "installed_version", lambda: None if version is None else Version(version)
-        )
+        found = None if version is None else Version(version)
+        monkeypatch.setattr(probes, "installed_version", lambda name: found)  # what needs_distribution reads
+        monkeypatch.setattr(support, "installed_version", lambda: found)
 
     return install
 
@@ -55,14 +56,14 @@ def test_probe_without_cuda_says_what_it_needs() -> None:
     [offer] = offers_for(model_on("cpu"))
     answer = offer.probe(model_on("cpu"))
     assert not answer.ok
-    assert answer.reason == "needs a CUDA GPU (compute capability ≥ 8.0), found cpu"
+    assert answer.reason == "needs a CUDA GPU, found cpu"
 
 
 def test_probe_without_the_package_says_how_to_install(installed) -> None:
     installed(None)
     [offer] = offers_for(model_on("cuda"))
-    assert (
-        offer.probe(model_on("cuda")).reason == "pip install sageattention (1.0.6 on PyPI; 2.x from source)"
+    assert offer.probe(model_on("cuda")).reason == (
+        "sageattention is not installed (pip install sageattention: 1.0.6 on PyPI, 2.x from source)"
     )
 
 
@@ -70,7 +71,9 @@ def test_probe_names_a_too_old_gpu(installed, monkeypatch: pytest.MonkeyPatch) -
     installed("1.0.6")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     [offer] = offers_for(model_on("cuda"))
-    assert offer.probe(model_on("cuda")).reason == "needs CUDA compute capability ≥ 8.0, found 7.5"
+    assert offer.probe(model_on("cuda")).reason == (
+        "needs a CUDA GPU with compute capability ≥ 8.0, found compute capability 7.5"
+    )
 
 
 def test_probe_reports_an_install_that_does_not_import(installed, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -44,29 +45,42 @@ def test_select_attention_offers_sparge_as_the_lossiest_candidate() -> None:
     )  # diffusers has no SpargeAttn backend (it "requires tuning per model")
 
 
+def pretend_installed(monkeypatch: pytest.MonkeyPatch, installed: bool) -> None:
+    """Make Python's module finder answer for spas_sage_attn as if it were (not) installed."""
+    find_spec = importlib.util.find_spec
+
+    def finder(name: str, *args: Any) -> Any:
+        if name == support.MODULE:
+            return object() if installed else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", finder)
+
+
 def test_probe_without_cuda() -> None:
-    assert (
-        offer_for(model_on("cpu")).probe(model_on("cpu")).reason
-        == "needs CUDA compute capability 8.0-9.0, found cpu"
-    )
+    assert offer_for(model_on("cpu")).probe(model_on("cpu")).reason == "needs a CUDA GPU, found cpu"
 
 
 def test_probe_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(support, "installed", lambda: False)
+    pretend_installed(monkeypatch, False)
     answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
-    assert answer.reason == "spas_sage_attn not installed (not on PyPI: build thu-ml/SpargeAttn from source)"
+    assert answer.reason == (
+        "spas_sage_attn is not installed (not on PyPI: build thu-ml/SpargeAttn from source)"
+    )
 
 
 @pytest.mark.parametrize(("capability", "found"), [((7, 5), "7.5"), ((10, 0), "10.0"), ((12, 0), "12.0")])
 def test_probe_names_an_unsupported_gpu(monkeypatch: pytest.MonkeyPatch, capability, found) -> None:
-    monkeypatch.setattr(support, "installed", lambda: True)
+    pretend_installed(monkeypatch, True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
-    assert answer.reason == f"needs CUDA compute capability 8.0-9.0, found {found}"
+    assert answer.reason == (
+        f"needs a CUDA GPU with compute capability 8.0-9.0, found compute capability {found}"
+    )
 
 
 def test_probe_reports_an_install_that_does_not_import(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(support, "installed", lambda: True)
+    pretend_installed(monkeypatch, True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     monkeypatch.setitem(sys.modules, "spas_sage_attn", None)
     answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
@@ -76,10 +90,13 @@ def test_probe_reports_an_install_that_does_not_import(monkeypatch: pytest.Monke
 @pytest.mark.parametrize(
     ("options", "reason"),
     [
-        ({"topk": 0}, "option topk must be in (0, 1], got 0"),
-        ({"method": "dense"}, "option method must be 'topk' or 'cdf', got 'dense'"),
-        ({"cdfthreshd": 1.5}, "option cdfthreshd must be in (0, 1], got 1.5"),
-        ({"top_k": 0.3}, "unknown option(s) top_k"),
+        ({"topk": 0}, "topk: Input should be greater than 0, got 0"),
+        ({"method": "dense"}, "method: Input should be 'topk' or 'cdf', got 'dense'"),
+        ({"cdfthreshd": 1.5}, "cdfthreshd: Input should be less than or equal to 1, got 1.5"),
+        (
+            {"top_k": 0.3},
+            "top_k: unknown option; known: method, topk, cdfthreshd, simthreshd1, pvthreshd",
+        ),
     ],
 )
 def test_probe_refuses_bad_options_first(options, reason) -> None:
@@ -105,7 +122,7 @@ def test_supports_head_dims_64_and_128_with_at_least_128_tokens(shape: Attention
 def test_supports_says_why_a_shape_stays_with_the_next_offer() -> None:
     offer = offer_for(model_on("cuda"))
     assert offer.supports(AttentionShape(8, 40, 4096, 4096)).reason == (
-        "SpargeAttn supports head dims 64 and 128; 40 stays with the next offer"
+        "SpargeAttn supports head dims 64, 128; 40 stays with the next offer"
     )
     assert offer.supports(AttentionShape(10, 64, 4096, 77)).reason == (
         "SpargeAttn needs ≥128 query and key tokens, got q4096 k77; it stays with the next offer"

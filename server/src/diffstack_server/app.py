@@ -197,8 +197,8 @@ async def create_server(
     if server_settings.admin_token:
         interceptors.append(AdminTokenInterceptor(server_settings.admin_token))
     options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
-        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.request_message_bytes),
+        ("grpc.max_send_message_length", limits.response_message_bytes),
         ("grpc.so_reuseport", 0),  # a busy port is an error, never silently shared
     ]
     grpc_server = grpc.aio.server(interceptors=interceptors, options=options)

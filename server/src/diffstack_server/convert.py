@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 SPEC = "spec"
 DEFAULT_QUALITY = 90
-DEFAULT_STRENGTH = 0.75
 # PNG level 1 is lossless like level 6 but several times faster to write; a generation server spends
 # its CPU on the pipeline, not on squeezing a few percent more out of the file.
 PNG_COMPRESS_LEVEL = 1
@@ -56,25 +55,28 @@ def request_from_spec(spec: types_pb2.GenerationSpec, limits: Limits) -> Generat
     """The engine request a ``GenerationSpec`` asks for (decodes the init image; the engine validates)."""
     from diffstack.engine import GenerationRequest  # torch and diffusers load with the engine, not before
 
-    init_image = None
+    fields: dict[str, Any] = {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "model": spec.model,
+        "width": spec.width,
+        "height": spec.height,
+        "steps": spec.steps,
+        "sampler": spec.sampler,
+        "seeds": tuple(spec.seeds),
+        "wrappers": {name: _options(w.options) for name, w in spec.wrappers.items()},
+    }
+    # Unset fields stay out, so the request type's own defaults apply (auto schedule, one image, ...).
+    if spec.schedule:
+        fields["schedule"] = spec.schedule
+    if spec.num_images:
+        fields["num_images"] = spec.num_images
+    for optional in ("guidance", "strength"):
+        if spec.HasField(optional):
+            fields[optional] = getattr(spec, optional)
     if spec.HasField("init_image"):
-        init_image = decode_image(spec.init_image, limits, field=f"{SPEC}.init_image")
-    return GenerationRequest(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        model=spec.model,
-        width=spec.width,
-        height=spec.height,
-        steps=spec.steps,
-        guidance=spec.guidance if spec.HasField("guidance") else None,
-        sampler=spec.sampler,
-        schedule=spec.schedule or "auto",
-        seeds=tuple(spec.seeds),
-        num_images=spec.num_images or 1,
-        init_image=init_image,
-        strength=spec.strength if spec.HasField("strength") else DEFAULT_STRENGTH,
-        wrappers={name: _options(w.options) for name, w in spec.wrappers.items()},
-    )
+        fields["init_image"] = decode_image(spec.init_image, limits, field=f"{SPEC}.init_image")
+    return GenerationRequest(**fields)
 
 
 def _options(options: Mapping[str, types_pb2.OptionValue]) -> dict[str, Any]:

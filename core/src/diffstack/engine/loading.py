@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diffstack.engine.families import Pipeline
+from diffstack.engine.families import ADAPTERS, FamilyAdapter, Pipeline, WeightPrefixes, adapter_for
 from diffstack.errors import FieldViolation, InvalidRequest, ModelError
 from diffstack.types import Family
 
@@ -61,38 +61,25 @@ def resolve_model_path(name: str, models_dir: Path | None) -> Path:
 
 def detect_family(path: Path) -> Family:
     """The family of a diffusers folder (from its configs) or a single file (from its weight names)."""
+    return detect_adapter(path).family
+
+
+def detect_adapter(path: Path) -> FamilyAdapter:
+    """The adapter of the first family (in :data:`ADAPTERS` order) that recognises the model."""
     if path.is_dir():
-        return _family_from_configs(path)
-    return _family_from_keys(_safetensors_keys(path))
-
-
-def _family_from_configs(folder: Path) -> Family:
-    transformer = _read_config(folder / "transformer")
-    if transformer.get("_class_name") == "FluxTransformer2DModel":
-        return Family.FLUX
-    unet = _read_config(folder / "unet")
-    if not unet:
-        raise ModelError(
-            f"{folder} has no unet/ or FLUX transformer/ config: not a supported diffusers model"
-        )
-    if unet.get("addition_embed_type") == "text_time":
-        return Family.SDXL
-    return Family.SD2 if unet.get("use_linear_projection") else Family.SD1
-
-
-def _family_from_keys(keys: set[str]) -> Family:
-    def has(prefix: str) -> bool:
-        return any(key.startswith(prefix) for key in keys)
-
-    if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
-        return Family.FLUX
-    if has("conditioner.embedders.1."):
-        return Family.SDXL
-    if has("cond_stage_model.model."):
-        return Family.SD2
-    if has("cond_stage_model.transformer.") or has("model.diffusion_model.input_blocks."):
-        return Family.SD1
-    raise ModelError("the weights match no supported family (SD1.x, SD2.x, SDXL, FLUX)")
+        configs = {child.name: _read_config(child) for child in path.iterdir() if child.is_dir()}
+        found = next((a for a in ADAPTERS if a.matches_configs(configs)), None)
+        if found is None:
+            raise ModelError(
+                f"{path.name} has no unet/ or FLUX transformer/ config: not a supported diffusers model"
+            )
+        return found
+    has = WeightPrefixes(_safetensors_keys(path))
+    found = next((a for a in ADAPTERS if a.matches_weights(has)), None)
+    if found is None:
+        families = ", ".join(a.family.value for a in ADAPTERS)
+        raise ModelError(f"the weights match no supported family ({families})")
+    return found
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -126,11 +113,7 @@ def check_format(path: Path) -> None:
 
 
 def pipeline_class(family: Family) -> type[Pipeline]:
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return {Family.SDXL: StableDiffusionXLPipeline, Family.FLUX: FluxPipeline}.get(
-        family, StableDiffusionPipeline
-    )
+    return adapter_for(family).pipeline_class()
 
 
 def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -> Pipeline:

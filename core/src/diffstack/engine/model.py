@@ -16,13 +16,11 @@ from diffstack.compose import ComposedStack, ModelUnderTest, compose_stack
 from diffstack.config import Settings
 from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
 from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
+from diffstack.engine.tokens import TokenCounter
 from diffstack.plugins import PluginHost
 from diffstack.types import Family, ModelInfo, PromptEmbeddings, PromptSpec, StackReport
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_GUIDANCE = {Family.SD1: 7.5, Family.SD2: 7.5, Family.SDXL: 5.0, Family.FLUX: 3.5}
-DEFAULT_STEPS = {Family.SD1: 20, Family.SD2: 20, Family.SDXL: 20, Family.FLUX: 28}
 
 
 @dataclass
@@ -49,6 +47,8 @@ class LoadedModel:
         self._eager = self.adapter.denoiser(self.pipeline)
         self.scheduler_config = self.pipeline.scheduler.config
         """The model's own scheduler config: every sampler is built from it, never from the last one."""
+        self.count_tokens = TokenCounter(self.pipeline.tokenizer)
+        """Validation's own tokenizer: the pipeline's belongs to the engine thread."""
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -56,14 +56,14 @@ class LoadedModel:
 
     @property
     def default_steps(self) -> int:
-        return self.card.default_steps or DEFAULT_STEPS[self.info.family]
+        return self.card.default_steps or self.adapter.default_steps
 
     @property
     def default_guidance(self) -> float:
         return (
             self.card.default_guidance
             if self.card.default_guidance is not None
-            else DEFAULT_GUIDANCE[self.info.family]
+            else self.adapter.default_guidance
         )
 
 
@@ -76,9 +76,7 @@ def resolve_device(settings: Settings) -> str:
 def resolve_dtype(settings: Settings, device: str, family: Family) -> torch.dtype:
     if settings.engine.dtype != "auto":
         return getattr(torch, settings.engine.dtype)
-    if not device.startswith("cuda"):
-        return torch.float32
-    return torch.bfloat16 if family is Family.FLUX else torch.float16
+    return adapter_for(family).dtype(device)
 
 
 def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> LoadedModel:
@@ -161,13 +159,10 @@ def apply_attention(denoiser: torch.nn.Module, stack: ComposedStack) -> None:
 
 
 def default_size(pipeline: Pipeline, adapter: FamilyAdapter, card: ModelCard) -> tuple[int, int]:
-    """The model card's size, else the size the denoiser was built for (1024 for FLUX)."""
+    """The model card's size, else the family's."""
     if card.default_width and card.default_height:
         return card.default_width, card.default_height
-    if adapter.family is Family.FLUX:
-        return 1024, 1024
-    size = int(adapter.denoiser(pipeline).config.sample_size) * pipeline.vae_scale_factor
-    return size, size
+    return adapter.default_size(pipeline)
 
 
 def _encode_without_grad(adapter: FamilyAdapter, pipeline: Pipeline, spec: PromptSpec) -> PromptEmbeddings:

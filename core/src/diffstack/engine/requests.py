@@ -12,9 +12,17 @@ if TYPE_CHECKING:
     from diffstack.errors import DiffstackError
 
 
+AUTO = "auto"
+"""The schedule name that asks for the best schedule this model and sampler can follow."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One client's request. Zero and empty values mean "the model's default"."""
+    """One client's request. Zero and empty values mean "the model's default".
+
+    The defaults here are the only ones: the CLI's flags and the wire conversion read them from this
+    class (``GenerationRequest.strength``), and validation fills in the model's for the zero values.
+    """
 
     prompt: str
     negative_prompt: str = ""
@@ -24,7 +32,7 @@ class GenerationRequest:
     steps: int = 0
     guidance: float | None = None
     sampler: str = ""
-    schedule: str = "auto"
+    schedule: str = AUTO
     seeds: tuple[int, ...] = ()
     num_images: int = 1
     init_image: Image.Image | None = None

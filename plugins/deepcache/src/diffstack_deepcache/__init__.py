@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from diffstack import Availability, DenoiserKind, DenoiserWrapper, DenoiserWrapperOffer, ModelInfo, hookimpl
+from diffstack import (
+    Availability,
+    DenoiserKind,
+    DenoiserWrapper,
+    DenoiserWrapperOffer,
+    ModelInfo,
+    hookimpl,
+    parse_options,
+)
+from diffstack_deepcache.config import DeepCacheConfig
 
 if TYPE_CHECKING:
     import torch
@@ -25,9 +34,9 @@ def _probe(model: ModelInfo) -> Availability:
 
 
 def _apply(denoiser: torch.nn.Module, options: Mapping[str, Any]) -> DenoiserWrapper:
-    from diffstack_deepcache.hooks import DeepCacheConfig, apply_deep_cache
+    from diffstack_deepcache.hooks import apply_deep_cache
 
-    return apply_deep_cache(denoiser, DeepCacheConfig.from_options(options))
+    return apply_deep_cache(denoiser, parse_options(DeepCacheConfig, options))
 
 
 @hookimpl
@@ -39,5 +48,6 @@ def wrap_denoiser(model: ModelInfo) -> list[DenoiserWrapperOffer]:
             probe=_probe,
             denoiser_kinds=frozenset({DenoiserKind.UNET}),
             apply=_apply,
+            options=DeepCacheConfig,
         )
     ]

@@ -17,66 +17,16 @@ layers only inside the one down block and the one up block that the branch cuts 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from diffstack_deepcache.config import DeepCacheConfig
+
 HOOK_NAME = "deepcache"
 """The name of our hooks in every registry they join (one per hooked module)."""
-
-
-@dataclass(frozen=True)
-class DeepCacheConfig:
-    """DeepCache's options, as an admin or a request writes them (``deepcache`` section).
-
-    ``start`` and ``end`` bound the window of steps that may be cached (full steps outside it). A
-    value below 1 is a fraction of the generation's steps and needs ``num_inference_steps``; 1 and
-    above is a step index (``end`` exclusive; ``None`` runs the window to the last step).
-    """
-
-    interval: int = 3
-    branch: int = 0
-    start: float = 0
-    end: float | None = None
-    num_inference_steps: int | None = None
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> DeepCacheConfig:
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown deepcache options: {', '.join(sorted(unknown))}")
-        return cls(**options)
-
-    def __post_init__(self) -> None:
-        if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"deepcache interval must be an integer >= 1, got {self.interval}")
-        if int(self.branch) != self.branch or self.branch < 0:
-            raise ValueError(f"deepcache branch must be an integer >= 0, got {self.branch}")
-        self.window()
-
-    def window(self) -> tuple[int, int | None]:
-        """The window as step indices: cached steps happen at ``start <= step < end``."""
-        return self._step("start", self.start), None if self.end is None else self._step("end", self.end)
-
-    def _step(self, name: str, value: float) -> int:
-        if value < 0:
-            raise ValueError(f"deepcache {name} must be >= 0, got {value}")
-        if value >= 1:
-            if int(value) != value:
-                raise ValueError(f"deepcache {name}={value} is neither a fraction below 1 nor a step index")
-            return int(value)
-        if value == 0:
-            return 0
-        if self.num_inference_steps is None:
-            raise ValueError(
-                f"deepcache {name}={value} is a fraction of the steps, but the options carry no "
-                "num_inference_steps: give a step index instead"
-            )
-        return math.floor(value * self.num_inference_steps + 0.5)
 
 
 @dataclass

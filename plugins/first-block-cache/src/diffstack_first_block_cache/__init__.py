@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from diffstack import Availability, DenoiserKind, DenoiserWrapper, DenoiserWrapperOffer, ModelInfo, hookimpl
+from diffstack import (
+    Availability,
+    DenoiserKind,
+    DenoiserWrapper,
+    DenoiserWrapperOffer,
+    ModelInfo,
+    hookimpl,
+    parse_options,
+)
+from diffstack_first_block_cache.config import FirstBlockCacheOptions
 
 if TYPE_CHECKING:
     import torch
@@ -25,9 +34,9 @@ def _probe(model: ModelInfo) -> Availability:
 
 
 def _apply(denoiser: torch.nn.Module, options: Mapping[str, Any]) -> DenoiserWrapper:
-    from diffstack_first_block_cache.cache import FirstBlockCacheHandle, threshold_from_options
+    from diffstack_first_block_cache.cache import FirstBlockCacheHandle
 
-    return FirstBlockCacheHandle(denoiser, threshold_from_options(options))
+    return FirstBlockCacheHandle(denoiser, parse_options(FirstBlockCacheOptions, options).threshold)
 
 
 @hookimpl
@@ -39,5 +48,6 @@ def wrap_denoiser(model: ModelInfo) -> list[DenoiserWrapperOffer]:
             probe=_probe,
             denoiser_kinds=frozenset({DenoiserKind.TRANSFORMER}),
             apply=_apply,
+            options=FirstBlockCacheOptions,
         )
     ]

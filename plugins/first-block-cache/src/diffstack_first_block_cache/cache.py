@@ -14,7 +14,6 @@ from a small hook of ours on the transformer, instead of failing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,20 +22,6 @@ from diffusers.hooks.first_block_cache import FBCHeadBlockHook
 from diffusers.models.cache_utils import CacheMixin
 
 DEFAULT_CONTEXT_HOOK = "diffstack_first_block_cache_default_context"
-
-DEFAULT_THRESHOLD = 0.08
-"""ParaAttention's published setting for FLUX (1.55x on an L20); diffusers' own default is 0.05."""
-
-
-def threshold_from_options(options: Mapping[str, Any]) -> float:
-    """The ``threshold`` option, checked: a relative change of the first block's residual (>= 0)."""
-    unknown = set(options) - {"threshold"}
-    if unknown:
-        raise ValueError(f"unknown first_block_cache options: {', '.join(sorted(unknown))}")
-    threshold = float(options.get("threshold", DEFAULT_THRESHOLD))
-    if threshold < 0:
-        raise ValueError(f"first_block_cache threshold must be >= 0, got {threshold}")
-    return threshold
 
 
 class FirstBlockCacheHandle:

@@ -6,15 +6,23 @@ device, so listing offers never imports Triton or touches the GPU.
 
 from __future__ import annotations
 
-import importlib.metadata
-
 from packaging.version import Version
 
-from diffstack import AttentionFn, AttentionShape, Availability, ModelInfo
+from diffstack import (
+    AttentionFn,
+    AttentionShape,
+    Availability,
+    ModelInfo,
+    all_of,
+    needs_cuda,
+    needs_distribution,
+)
+from diffstack import installed_version as distribution_version
 
 DISTRIBUTION = "sageattention"
 MAX_HEAD_DIM = 128
 MIN_CAPABILITY = (8, 0)
+INSTALL = "pip install sageattention: 1.0.6 on PyPI, 2.x from source"
 V1_KEY_BLOCK = 64
 """sageattention 1.x walks keys in blocks of 64."""
 DIFFUSERS_SAGE_MIN = Version("2.1.1")
@@ -23,10 +31,7 @@ DIFFUSERS_SAGE_MIN = Version("2.1.1")
 
 def installed_version() -> Version | None:
     """The installed sageattention release, or ``None``; read from metadata, nothing imported."""
-    try:
-        return Version(importlib.metadata.version(DISTRIBUTION))
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return distribution_version(DISTRIBUTION)
 
 
 def diffusers_backend() -> str | None:
@@ -36,21 +41,18 @@ def diffusers_backend() -> str | None:
 
 
 def probe(model: ModelInfo) -> Availability:
-    if not model.is_cuda:
-        return Availability.no(f"needs a CUDA GPU (compute capability ≥ 8.0), found {model.device}")
-    version = installed_version()
-    if version is None:
-        return Availability.no("pip install sageattention (1.0.6 on PyPI; 2.x from source)")
-    import torch
-
-    capability = torch.cuda.get_device_capability(model.device)
-    if capability < MIN_CAPABILITY:
-        return Availability.no(f"needs CUDA compute capability ≥ 8.0, found {capability[0]}.{capability[1]}")
+    answer = all_of(
+        lambda: needs_cuda(model),
+        lambda: needs_distribution(DISTRIBUTION, install=INSTALL),
+        lambda: needs_cuda(model, MIN_CAPABILITY),
+    )
+    if not answer.ok:
+        return answer
     try:
         import sageattention  # noqa: F401  (a broken install, e.g. no Triton, fails here, not mid-request)
     except Exception as exc:
-        return Availability.no(f"sageattention {version} is installed but does not import: {exc}")
-    return Availability.yes(f"sageattention {version}")
+        return Availability.no(f"sageattention {installed_version()} is installed but does not import: {exc}")
+    return answer
 
 
 def supports(shape: AttentionShape) -> Availability:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -19,11 +17,3 @@ class StableFastOptions:
     """Keep weights as parameters when freezing, so LoRA weights can still be swapped in."""
     prefer_lowp_gemm: bool = True
     """Fuse linear+add into half-precision GEMMs (upstream's default)."""
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> StableFastOptions:
-        """Parse an admin's options; a ``ValueError`` names the unknown ones."""
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}")
-        return cls(**options)

@@ -8,14 +8,21 @@ which torch it needs before trying the import.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from diffstack import Availability, DenoiserKind, ModelInfo
+from diffstack import (
+    Availability,
+    DenoiserKind,
+    ModelInfo,
+    OptionsError,
+    needs_cuda,
+    needs_module,
+    parse_options,
+)
 from diffstack_stable_fast.config import StableFastOptions
 
 DISTRIBUTIONS = ("stable-fast-pruna", "stable-fast")
@@ -50,8 +57,8 @@ def torch_version() -> str:
 
 def probe(model: ModelInfo) -> Availability:
     try:
-        options = StableFastOptions.from_options(model.plugin_options("stable_fast"))
-    except (TypeError, ValueError) as exc:
+        options = parse_options(StableFastOptions, model.plugin_options("stable_fast"))
+    except OptionsError as exc:
         return Availability.no(f"bad [plugins.options.stable_fast]: {exc}")
     found = installed()
     if found is None:
@@ -66,10 +73,12 @@ def probe(model: ModelInfo) -> Availability:
         )
     if model.denoiser_kind is not DenoiserKind.UNET:
         return Availability.no("stable-fast compiles UNets (SD1/SD2/SDXL), not transformer models")
-    if not model.is_cuda:
-        return Availability.no(f"stable-fast needs a CUDA GPU, found {model.device}")
-    if options.triton and importlib.util.find_spec("triton") is None:
-        return Availability.no("option triton needs Triton (pip install triton), or set triton = false")
+    cuda = needs_cuda(model)
+    if not cuda.ok:
+        return cuda
+    triton = needs_module("triton", "option triton needs it: pip install triton, or set triton = false")
+    if options.triton and not triton.ok:
+        return triton
     try:
         import sfast  # noqa: F401  (a build for another torch or CUDA fails here, not mid-request)
     except Exception as exc:
@@ -82,4 +91,4 @@ def probe(model: ModelInfo) -> Availability:
 def build(denoiser: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
     from diffstack_stable_fast.compiler import compile_unet
 
-    return compile_unet(denoiser, StableFastOptions.from_options(model.plugin_options("stable_fast")))
+    return compile_unet(denoiser, parse_options(StableFastOptions, model.plugin_options("stable_fast")))

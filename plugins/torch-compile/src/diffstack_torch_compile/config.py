@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal, get_args
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+MODES: tuple[str, ...] = get_args(Mode)
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 DEFAULT_CACHE_DIR = "~/.cache/diffstack/compile"
 
@@ -16,7 +16,7 @@ DEFAULT_CACHE_DIR = "~/.cache/diffstack/compile"
 class CompileConfig:
     """How to compile. ``mode=None``: ``reduce-overhead`` (CUDA graphs) on CUDA, ``default`` elsewhere."""
 
-    mode: str | None = None
+    mode: Mode | None = None
     """A ``torch.compile`` mode; the max-autotune ones also need ``allow_max_autotune``."""
     fullgraph: bool = False
     """Fail instead of graph-breaking; kernels that Dynamo cannot trace (SpargeAttn) then fail the offer."""
@@ -34,17 +34,6 @@ class CompileConfig:
     allow_cpu: bool = False
     """Compile on the CPU too. Off by default: inductor's C++ build costs a minute or more at every
     cold start there, and the engine's CPU use (tests, the tiny default model) is not launch-bound."""
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> CompileConfig:
-        """Parse and check an admin's options; a ``ValueError`` names the bad option."""
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}")
-        config = cls(**options)
-        if config.mode is not None and config.mode not in MODES:
-            raise ValueError(f"option mode must be one of {', '.join(MODES)}, got {config.mode!r}")
-        return config
 
     def resolved_mode(self, device: str) -> str:
         return self.mode or ("reduce-overhead" if device.startswith("cuda") else "default")

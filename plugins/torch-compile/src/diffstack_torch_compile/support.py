@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
 import torch
 
-from diffstack import Availability, ModelInfo
+from diffstack import Availability, ModelInfo, OptionsError, needs_module, parse_options
 from diffstack_torch_compile.config import CompileConfig
 
 OPTIONS = "torch_compile"
@@ -15,8 +14,8 @@ OPTIONS = "torch_compile"
 
 def probe(model: ModelInfo) -> Availability:
     try:
-        config = CompileConfig.from_options(model.plugin_options(OPTIONS))
-    except (TypeError, ValueError) as exc:
+        config = parse_options(CompileConfig, model.plugin_options(OPTIONS))
+    except OptionsError as exc:
         return Availability.no(f"bad [plugins.options.torch_compile]: {exc}")
     mode = config.resolved_mode(model.device)
     if mode.startswith("max-autotune") and not config.allow_max_autotune:
@@ -29,10 +28,9 @@ def probe(model: ModelInfo) -> Availability:
             f"compiles for CUDA only by default, found {model.device}; set allow_cpu = true to compile "
             "for the CPU (a minute or more at each cold start)"
         )
-    if model.is_cuda and importlib.util.find_spec("triton") is None:
-        return Availability.no(
-            "inductor needs Triton for CUDA: pip install triton (the version your torch pins)"
-        )
+    triton = needs_module("triton", "inductor needs it for CUDA: pip install the version your torch pins")
+    if model.is_cuda and not triton.ok:
+        return triton
     if not model.is_cuda and not any(shutil.which(cxx) for cxx in ("g++", "clang++", "c++")):
         return Availability.no("inductor needs a C++ compiler for CPU code: apt-get install g++")
     return Availability.yes(f"mode {mode}, cache {config.cache_path}")
@@ -41,4 +39,4 @@ def probe(model: ModelInfo) -> Availability:
 def build(denoiser: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
     from diffstack_torch_compile.compiler import compile_denoiser
 
-    return compile_denoiser(denoiser, model, CompileConfig.from_options(model.plugin_options(OPTIONS)))
+    return compile_denoiser(denoiser, model, parse_options(CompileConfig, model.plugin_options(OPTIONS)))
