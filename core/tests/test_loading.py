@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffstack.engine import Engine
+from diffstack.engine import Engine, GenerationRequest
+from diffstack.engine.families import ADAPTERS, adapter_for
 from diffstack.engine.loading import check_format, detect_family, resolve_model_path
 from diffstack.errors import InvalidRequest, ModelError
 from diffstack.types import Family
@@ -98,3 +99,20 @@ def test_is_loaded_tells_whether_using_a_model_would_load_it(models_dir: Path) -
     assert not engine.is_loaded() and not engine.is_loaded("tiny-sd2")
     engine.model("tiny-sd2")
     assert engine.is_loaded("tiny-sd2") and not engine.is_loaded()
+
+
+def test_every_family_has_one_adapter_holding_its_facts() -> None:
+    assert {adapter.family for adapter in ADAPTERS} == set(Family)
+    assert all(adapter_for(adapter.family) is adapter for adapter in ADAPTERS)
+    flux, sd1 = adapter_for(Family.FLUX), adapter_for(Family.SD1)
+    assert (flux.default_steps, flux.default_guidance, flux.size_multiple) == (28, 3.5, 16)
+    assert (flux.dtype("cuda:0"), flux.dtype("cpu")) == (torch.bfloat16, torch.float32)
+    assert (sd1.default_steps, sd1.default_guidance, sd1.size_multiple) == (20, 7.5, 8)
+    assert sd1.dtype("cuda") is torch.float16
+    assert adapter_for(Family.SDXL).pipeline_class().__name__ == "StableDiffusionXLPipeline"
+
+
+def test_the_family_size_multiple_is_what_validation_asks(engine: Engine) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        engine.prepare(GenerationRequest("a red circle", model="tiny-flux", width=72, height=64))
+    assert [v.description for v in error.value.violations] == ["must be a positive multiple of 16, got 72"]

@@ -18,6 +18,7 @@ from diffstack.errors import FieldViolation, InvalidRequest
 from diffstack.plugins import PluginHost, load_plugins
 from diffstack.types import DenoiserKind, Family, ModelInfo
 
+
 def installed_offer_names(host: PluginHost, hook: str) -> set[str]:
     """Names of the offers ``hook``'s implementations make for a model of any family."""
     import torch

@@ -196,3 +196,59 @@ def test_concurrent_use_keeps_the_books_straight() -> None:
     assert stats["prompt_cache_misses"] == inner.calls
     assert stats["prompt_cache_entries"] <= 3
     assert stats["prompt_cache_bytes"] == stats["prompt_cache_entries"] * ENTRY_BYTES
+
+
+class ScriptedEncoder:
+    """Returns the embeddings it is given, in order; counts calls."""
+
+    def __init__(self, *results: dict[str, torch.Tensor]) -> None:
+        self.results = list(results)
+        self.calls = 0
+
+    def __call__(self, spec: PromptSpec) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        return self.results.pop(0)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"prompt_embeds": torch.tensor([[1.0, float("nan")]])},
+        {"prompt_embeds": torch.tensor([[1.0, float("inf")]])},
+        {"prompt_embeds": torch.zeros(2, 2)},  # a batch of two where one was asked for
+    ],
+    ids=["nan", "inf", "batch-of-two"],
+)
+def test_broken_embeddings_are_returned_but_never_replayed(broken: dict[str, torch.Tensor]) -> None:
+    good = {"prompt_embeds": torch.ones(1, 2)}
+    inner = ScriptedEncoder(broken, good)
+    encode = cached(inner)
+    assert encode(PromptSpec("a cat"))["prompt_embeds"].shape == broken["prompt_embeds"].shape
+    assert torch.equal(encode(PromptSpec("a cat"))["prompt_embeds"], good["prompt_embeds"])
+    assert torch.equal(encode(PromptSpec("a cat"))["prompt_embeds"], good["prompt_embeds"])  # a hit now
+    assert inner.calls == 2
+    assert encode.stats()["prompt_cache_refused"] == 1.0
+
+
+def test_embeddings_shaped_unlike_the_earlier_ones_are_not_cached() -> None:
+    """One model's encoder pads every prompt alike: a different shape is a broken encoding (a
+    tokenizer whose truncation another thread switched off made 302-token embeddings)."""
+    inner = ScriptedEncoder(
+        {"prompt_embeds": torch.ones(1, 77, 4)},
+        {"prompt_embeds": torch.ones(1, 302, 4)},
+        {"prompt_embeds": torch.ones(1, 77, 4)},
+    )
+    encode = cached(inner)
+    encode(PromptSpec("a"))
+    encode(PromptSpec("b"))
+    encode(PromptSpec("b"))
+    assert inner.calls == 3
+    assert encode.stats()["prompt_cache_entries"] == 2.0
+    assert encode.stats()["prompt_cache_refused"] == 1.0
+
+
+def test_bad_options_are_named_by_the_probe() -> None:
+    model = model_info(options={"prompt_cache": {"max_bytes": "lots"}})
+    assert offer_for(model).probe(model).reason == (
+        "bad [plugins.options.prompt_cache]: max_bytes: Input should be a valid integer, got 'lots'"
+    )
