@@ -310,10 +310,12 @@ def test_plugins_filters_by_hook(env: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_generate_flags_left_out_keep_the_request_types_defaults(tmp_path: Path) -> None:
-    from diffstack.cli import _parser, _request_fields
+    from diffstack.cli import _request_fields, build_parser
     from diffstack.engine import GenerationRequest
 
-    args = _parser().parse_args(["generate", "a red circle"])
+    args = build_parser().parse_args(["generate", "a red circle"])
     assert GenerationRequest(**_request_fields(args)) == GenerationRequest("a red circle")
-    args = _parser().parse_args(["generate", "a", "--strength", "0.5", "--seed", "3", "--schedule", "karras"])
+    args = build_parser().parse_args(
+        ["generate", "a", "--strength", "0.5", "--seed", "3", "--schedule", "karras"]
+    )
     assert _request_fields(args) == {"prompt": "a", "strength": 0.5, "seeds": (3,), "schedule": "karras"}

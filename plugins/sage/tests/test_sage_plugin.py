@@ -13,6 +13,7 @@ import diffstack.hookspecs
 import diffstack_sage
 from diffstack import probes
 from diffstack.types import AttentionOffer, AttentionShape, DenoiserKind, Family, ModelInfo
+from diffstack_sage import support
 
 
 def model_on(device: str) -> ModelInfo:
