@@ -309,13 +309,10 @@ def test_plugins_filters_by_hook(env: Path, capsys: pytest.CaptureFixture[str]) 
     assert "schedules" in {r["name"] for r in records} and "sdpa" not in {r["name"] for r in records}
 
 
-def test_generate_flags_left_out_keep_the_request_types_defaults(tmp_path: Path) -> None:
-    from diffstack.cli import _request_fields, build_parser
+def test_generate_flags_left_out_keep_the_request_types_defaults() -> None:
     from diffstack.engine import GenerationRequest
 
-    args = build_parser().parse_args(["generate", "a red circle"])
-    assert GenerationRequest(**_request_fields(args)) == GenerationRequest("a red circle")
-    args = build_parser().parse_args(
-        ["generate", "a", "--strength", "0.5", "--seed", "3", "--schedule", "karras"]
-    )
-    assert _request_fields(args) == {"prompt": "a", "strength": 0.5, "seeds": (3,), "schedule": "karras"}
+    args = cli.build_parser().parse_args(["generate", "a red circle"])
+    assert GenerationRequest(**cli.request_fields(args)) == GenerationRequest("a red circle")
+    args = cli.build_parser().parse_args(["generate", "a", "--seed", "3", "--schedule", "karras"])
+    assert cli.request_fields(args) == {"prompt": "a", "seeds": (3,), "num_images": 1, "schedule": "karras"}
