@@ -11,7 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from diffstack.engine import Engine
+from diffstack.testing import BASELINE_PLUGINS
 from diffstack_client import DiffstackClient, Finished, Progress, ServiceError
+from diffstack_client.v1 import diagnostics_pb2
 from diffstack_server.testing import WAIT_S, SpyEngine
 
 SERVICES = ("", "diffstack.v1.GenerationService", "diffstack.v1.DiagnosticsService")
@@ -55,8 +57,11 @@ def test_health_not_serving_until_the_engine_is_up(
         assert failure.value.code is grpc.StatusCode.UNAVAILABLE
         assert failure.value.reason == "NOT_READY"
         with pytest.raises(ServiceError) as failure:
-            client.plugins()
+            client.stack()
         assert failure.value.code is grpc.StatusCode.UNAVAILABLE
+        # The plugins loaded before the model started composing: diagnostics can already list them.
+        loaded = {p.name for p in client.plugins() if p.status == diagnostics_pb2.PLUGIN_STATUS_LOADED}
+        assert loaded == set(BASELINE_PLUGINS)
 
         release.set()
         client.wait_until_serving(timeout=WAIT_S)

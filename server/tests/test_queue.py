@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from diffstack.engine import GeneratedImage, GenerationJob, GenerationRequest, GenerationResult, StepEvent
+from diffstack.config import Settings
+from diffstack.engine import (
+    EngineWorker,
+    GeneratedImage,
+    GenerationJob,
+    GenerationRequest,
+    GenerationResult,
+    StepEvent,
+)
 from diffstack.errors import Cancelled, DiffstackError, NotReady, Overloaded
 from diffstack_server.batching import BatchQueue
 from diffstack_server.metrics import Metrics
@@ -51,6 +59,10 @@ class FakeEngine:
         ]
 
 
+def hosting(engine: FakeEngine) -> EngineWorker:
+    return EngineWorker(Settings(), engine)  # type: ignore[arg-type]
+
+
 def ticket(prompt: str, steps: int = 2, width: int = 8, streaming: bool = True, **extra: Any) -> Ticket:
     request = GenerationRequest(prompt=prompt, steps=steps, width=width, seeds=(len(prompt),), **extra)
     return Ticket(request, (steps, width), prompt, asyncio.get_running_loop(), streaming=streaming)
@@ -63,7 +75,7 @@ def run(coroutine: Any) -> Any:
 def test_groups_by_key_up_to_max_batch_in_arrival_order() -> None:
     async def main() -> list[list[str]]:
         engine = FakeEngine()
-        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=2)  # type: ignore[arg-type]
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=10, max_batch=2)
         tickets = [ticket("a"), ticket("b", steps=3), ticket("c"), ticket("d"), ticket("e", steps=3)]
         for t in tickets:
             queue.submit(t)
@@ -78,7 +90,7 @@ def test_groups_by_key_up_to_max_batch_in_arrival_order() -> None:
 
 def test_full_queue_refuses_and_closed_queue_is_not_ready() -> None:
     async def main() -> None:
-        queue = BatchQueue(FakeEngine(), Metrics(), queue_size=2, max_batch=1)  # type: ignore[arg-type]
+        queue = BatchQueue(hosting(FakeEngine()), Metrics(), queue_size=2, max_batch=1)
         queue.submit(ticket("a"))
         queue.submit(ticket("b"))
         with pytest.raises(Overloaded):
@@ -94,7 +106,7 @@ def test_positions_move_up_as_batches_leave() -> None:
     async def main() -> list[Any]:
         engine = FakeEngine()
         engine.step_gate = threading.Event()
-        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=1)  # type: ignore[arg-type]
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=10, max_batch=1)
         first, second, third = ticket("a"), ticket("b"), ticket("c")
         for t in (first, second, third):
             queue.submit(t)
@@ -115,7 +127,7 @@ def test_abort_after_grace_stops_running_work_and_fails_the_queue() -> None:
     async def main() -> tuple[BaseException | None, BaseException | None]:
         engine = FakeEngine()
         engine.step_gate = threading.Event()
-        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=1)  # type: ignore[arg-type]
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=10, max_batch=1)
         running, waiting = ticket("a", steps=50), ticket("b")
         queue.submit(running)
         queue.submit(waiting)
@@ -135,7 +147,7 @@ def test_abort_after_grace_stops_running_work_and_fails_the_queue() -> None:
 def test_withdrawn_ticket_leaves_the_queue() -> None:
     async def main() -> list[list[str]]:
         engine = FakeEngine()
-        queue = BatchQueue(engine, Metrics(), queue_size=10, max_batch=4)  # type: ignore[arg-type]
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=10, max_batch=4)
         kept, dropped = ticket("a"), ticket("b")
         queue.submit(kept)
         queue.submit(dropped)

@@ -37,6 +37,18 @@ class EngineSettings(_Section):
     warmup_steps: int = 2
     """Steps of one real generation run when a model is loaded, so the first client does not pay for
     CUDA-graph recording and lazy initialisation (0 turns it off)."""
+    preload: list[str] = Field(default_factory=list)
+    """Models (names inside ``models_dir``) loaded at start, besides the default, so they serve from
+    the first request without ``load_on_request``."""
+    load_on_request: bool = False
+    """Whether a client's request for a model that is not loaded loads it. Off by default: a load takes
+    the device thread for seconds to minutes and gigabytes of GPU memory, which no anonymous client
+    should be able to spend; the admin lists models in ``preload`` or turns this on."""
+    max_loaded_models: int = Field(default=2, ge=1)
+    """At most this many models stay loaded; loading one more unloads the least recently used one that
+    no request holds (the default model is never unloaded)."""
+    max_models_bytes: int | None = Field(default=None, ge=0)
+    """If set, the loaded models' parameters and buffers stay within this many bytes the same way."""
 
 
 def cpu_threads(settings: EngineSettings) -> int:
@@ -142,6 +154,15 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` over HTTP on this port (0 picks a free one); off when unset."""
+    metrics_host: str = "127.0.0.1"
+    """Where ``/metrics`` listens: loopback by default, whatever ``host`` is, so a scraper on another
+    machine is a deliberate choice (set ``0.0.0.0``, ideally with ``metrics_require_token``)."""
+    metrics_require_token: bool = False
+    """Require ``Authorization: Bearer <admin_token>`` on ``/metrics`` (needs ``admin_token``)."""
+    reflection: bool = True
+    """Serve gRPC server reflection (so grpcurl works without our stubs); it reveals only the public
+    ``diffstack.v1`` contract."""
     queue_size: int = 32
     max_batch: int = 4
     batch_wait_ms: int = 5

@@ -3,16 +3,21 @@
 ``create_server(settings, engine=None)`` builds the whole server and binds its port (0 gives a free
 one); the CLI, the tests and the benchmarks all use it. ``serve(settings)`` only adds signal handling
 and waits. Start-up order, as load balancers expect it: the port opens at once with health
-NOT_SERVING, the engine loads and warms in a worker thread, then health turns SERVING. On SIGTERM or
-SIGINT: health NOT_SERVING, new generation requests get UNAVAILABLE, queued and running requests
-finish within ``server.grace_seconds``, the process exits 0 (a second signal stops at once).
+NOT_SERVING, the engine starts on its worker's device thread (plugins first, so ListPlugins answers
+while the models still compose and warm), then health turns SERVING. On SIGTERM or SIGINT: health
+NOT_SERVING, new generation requests get UNAVAILABLE, queued and running requests finish within
+``server.grace_seconds`` (what is left then fails with UNAVAILABLE, so clients retry elsewhere), the
+process exits 0 (a second signal stops the work at once). The process exits even when a plugin never
+returns on the device thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -22,13 +27,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from diffstack.config import Settings
-from diffstack.errors import Cancelled
+from diffstack.engine import EngineWorker, ServingEngine
+from diffstack.errors import NotReady
 from diffstack.logs import configure_logging
 from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
 from diffstack_server.batching import BatchQueue
 from diffstack_server.interceptors import AdminTokenInterceptor, StatusInterceptor
 from diffstack_server.metrics import Metrics
-from diffstack_server.protocols import ServingEngine
 from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
 
 log = structlog.get_logger("diffstack.server")
@@ -40,7 +45,7 @@ HEALTH_SERVICES = ("", GENERATION_SERVICE, DIAGNOSTICS_SERVICE)
 
 
 class DiffstackServer:
-    """A gRPC server with its engine, queue, health and metrics; made by :func:`create_server`."""
+    """A gRPC server with its engine worker, queue, health and metrics; made by :func:`create_server`."""
 
     def __init__(
         self,
@@ -57,12 +62,19 @@ class DiffstackServer:
         self.port = port
         self.metrics_port: int | None = None
         self.engine_error: BaseException | None = None
+        self.ready = asyncio.Event()
+        """Set once the engine is up (or failed to start: see :attr:`engine_error`)."""
         self._engine_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     @property
+    def worker(self) -> EngineWorker:
+        return self.runtime.worker
+
+    @property
     def engine(self) -> ServingEngine | None:
-        return self.runtime.engine
+        return self.runtime.worker.engine
 
     async def start(self) -> None:
         """Open the port (health NOT_SERVING) and bring the engine up; returns before it is ready."""
@@ -71,8 +83,9 @@ class DiffstackServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.start()
         if server_settings.metrics_port is not None:
+            token = server_settings.admin_token if server_settings.metrics_require_token else None
             self.metrics_port = self.runtime.metrics.serve_http(
-                server_settings.host, server_settings.metrics_port
+                server_settings.metrics_host, server_settings.metrics_port, token=token
             )
         log.info("listening", host=server_settings.host, port=self.port, metrics_port=self.metrics_port)
         self._engine_task = asyncio.get_running_loop().create_task(
@@ -80,84 +93,65 @@ class DiffstackServer:
         )
 
     async def _bring_up(self) -> None:
-        runtime = self.runtime
+        started = time.perf_counter()
         try:
-            if runtime.engine is None:
-                started = time.perf_counter()
-                engine = await asyncio.get_running_loop().run_in_executor(
-                    runtime.engine_thread, _start_engine, self.settings
-                )
-                log.info("engine_started", seconds=round(time.perf_counter() - started, 2))
-                runtime.engine = engine
+            await asyncio.wrap_future(self.worker.start())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # recorded and logged; serve() exits 1, health stays NOT_SERVING
             self.engine_error = exc
             log.exception("engine_start_failed")
-            runtime.ready.set()  # wake the waiters; they check engine_error
+            self.ready.set()  # wake the waiters; they check engine_error
             return
-        server = self.settings.server
-        runtime.queue = BatchQueue(
-            runtime.engine,
-            runtime.metrics,
-            queue_size=server.queue_size,
-            max_batch=server.max_batch,
-            batch_wait_ms=server.batch_wait_ms,
-            worker=runtime.engine_thread,
-        )
-        runtime.queue.start()
-        if not runtime.draining:
+        log.info("engine_started", seconds=round(time.perf_counter() - started, 2))
+        self.runtime.queue.start()
+        if not self._stopping:
             for service in HEALTH_SERVICES:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving")
-        runtime.ready.set()
+        self.ready.set()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the engine is up (raises what engine start-up raised)."""
-        await asyncio.wait_for(self.runtime.ready.wait(), timeout)
+        await asyncio.wait_for(self.ready.wait(), timeout)
         if self.engine_error is not None:
             raise RuntimeError("the engine failed to start") from self.engine_error
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new work, finish queued and running work within ``grace``
-        seconds (default ``server.grace_seconds``), then close the port. Safe to call twice."""
-        if self.runtime.draining:
+        seconds (default ``server.grace_seconds``), then close the port. Work still queued or running
+        when the grace runs out fails with UNAVAILABLE (retry elsewhere). Never waits for the engine's
+        device thread beyond the grace: see :attr:`engine_stuck`. Safe to call twice."""
+        if self._stopping:
             await self._stopped.wait()
             return
+        self._stopping = True
         grace = self.settings.server.grace_seconds if grace is None else grace
         give_up_at = time.monotonic() + grace
-        self.runtime.draining = True
-        await self.health.enter_graceful_shutdown()
         queue = self.runtime.queue
-        log.info(
-            "draining",
-            grace_s=grace,
-            queued=queue.depth if queue else 0,
-            running=queue.in_flight if queue else 0,
-        )
+        queue.close()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", grace_s=grace, queued=queue.depth, running=queue.in_flight)
         if self._engine_task is not None and not self._engine_task.done():
-            self._engine_task.cancel()  # the worker thread finishes loading on its own; we stop waiting
-        if queue is not None:
-            if not await queue.drain(max(0.0, give_up_at - time.monotonic())):
-                log.warning("grace_expired_cancelling", queued=queue.depth, running=queue.in_flight)
-                queue.abort(Cancelled("the server is shutting down"))
-            await queue.stop(timeout=max(1.0, give_up_at - time.monotonic()))
+            self._engine_task.cancel()  # the device thread finishes starting on its own; we stop waiting
+        if not await queue.drain(max(0.0, give_up_at - time.monotonic())):
+            log.warning("grace_expired", queued=queue.depth, running=queue.in_flight)
+            queue.abort(NotReady("the server is shutting down; retry on another replica"))
+        await queue.stop(timeout=max(1.0, give_up_at - time.monotonic()))
+        self.worker.stop()
         # Handlers still encoding or sending their last message get the rest of the grace period.
         await self.grpc_server.stop(max(0.5, give_up_at - time.monotonic()))
         self.runtime.metrics.close()
         log.info("stopped")
         self._stopped.set()
 
+    @property
+    def engine_stuck(self) -> bool:
+        """After :meth:`stop`: a call on the engine's device thread (a plugin, say) never returned."""
+        return self._stopping and not self.worker.join(timeout=0.5)
+
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
-
-
-def _start_engine(settings: Settings) -> ServingEngine:
-    """Import and start the engine: torch and diffusers load here, in a worker thread, after the port
-    has opened (health NOT_SERVING), so probes get answers from the first second."""
-    from diffstack.engine import Engine
-
-    return Engine.start(settings)
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -186,13 +180,24 @@ async def create_server(
 ) -> tuple[DiffstackServer, int]:
     """Build the server and bind its port (``server.port`` 0 picks a free one); call ``start()`` next.
 
-    Without ``engine`` the server starts :class:`diffstack.engine.Engine` from ``settings`` itself
-    after the port opens; tests and benchmarks may pass an engine that is already started.
+    Without ``engine`` the server's :class:`~diffstack.engine.EngineWorker` starts
+    :class:`diffstack.engine.Engine` from ``settings`` on its device thread after the port opens; tests
+    and benchmarks may pass an engine that is already started.
     Call it inside the event loop that will run the server.
     """
     server_settings, limits = settings.server, settings.limits
+    if server_settings.metrics_require_token and not server_settings.admin_token:
+        raise ValueError("server.metrics_require_token needs server.admin_token")
     metrics = Metrics()
-    runtime = Runtime(settings=settings, metrics=metrics, engine=engine)
+    worker = EngineWorker(settings, engine)
+    queue = BatchQueue(
+        worker,
+        metrics,
+        queue_size=server_settings.queue_size,
+        max_batch=server_settings.max_batch,
+        batch_wait_ms=server_settings.batch_wait_ms,
+    )
+    runtime = Runtime(settings=settings, worker=worker, queue=queue, metrics=metrics)
     interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
     if server_settings.admin_token:
         interceptors.append(AdminTokenInterceptor(server_settings.admin_token))
@@ -206,9 +211,11 @@ async def create_server(
     diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsServicer(runtime), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(
-        (GENERATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
-    )
+    if server_settings.reflection:
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            grpc_server,
+        )
     address = _bind_address(server_settings.host, server_settings.port)
     credentials = server_credentials(settings)
     if credentials is None:
@@ -233,21 +240,30 @@ async def serve_async(settings: Settings) -> int:
         log.info("signal", signal=signal.Signals(signum).name, count=signals)
         if signals == 1:
             stop.set()
-        elif server.runtime.queue is not None:  # a second signal: stop the work now
-            server.runtime.queue.abort(Cancelled("the server is shutting down"))
+        else:  # a second signal: stop the work now
+            server.runtime.queue.abort(NotReady("the server is shutting down; retry on another replica"))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await server.start()
     waiting = asyncio.ensure_future(stop.wait())
-    ready = asyncio.ensure_future(server.runtime.ready.wait())
+    ready = asyncio.ensure_future(server.ready.wait())
     await asyncio.wait({waiting, ready}, return_when=asyncio.FIRST_COMPLETED)
     if server.engine_error is None:
         await waiting
     waiting.cancel()
     ready.cancel()
     await server.stop()
-    return 1 if server.engine_error is not None else 0
+    status = 1 if server.engine_error is not None else 0
+    if server.engine_stuck:
+        # A plugin never returned on the device thread (it may hold an import lock or the GPU): the
+        # process must end anyway, so it ends here, without the interpreter's orderly shutdown.
+        log.warning("engine_thread_stuck_exiting", status=status)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def serve(settings: Settings, log_level: int = logging.INFO) -> int:

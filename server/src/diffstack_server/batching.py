@@ -1,24 +1,25 @@
 """The bounded queue and the dynamic batcher between the RPC handlers and the engine.
 
 Handlers :meth:`~BatchQueue.submit` prepared requests and await their
-:class:`~diffstack_server.tickets.Ticket`. One asyncio task
-takes the oldest waiting request, gathers waiting requests with the same batch key up to
-``max_batch`` images (waiting up to ``batch_wait_ms`` for more to arrive when the batch is not full,
-like Triton's ``max_queue_delay``), and runs them as one ``engine.run`` call on a single worker
-thread: one pipeline at a time owns the device. A batch that runs out of memory is split in two once
-and each half retried; a half that still does not fit fails with ``OutOfMemory``.
+:class:`~diffstack_server.tickets.Ticket`. One asyncio task takes the oldest waiting request, gathers
+waiting requests with the same batch key up to ``max_batch`` images (waiting up to ``batch_wait_ms``
+for more to arrive when the batch is not full, like Triton's ``max_queue_delay``), and runs them as
+one ``engine.run`` call on the engine's device thread (:class:`~diffstack.engine.EngineWorker`): one
+pipeline at a time owns the device. A batch that runs out of memory is split in two once and each
+half retried; a half that still does not fit fails with ``OutOfMemory``.
 
 Cancellation and deadlines reach the engine through each job's ``should_stop``, which the engine
 checks after every step: a cancelled request stops at the next step, and a request cancelled while
 still queued never runs. The queue is bounded: a full queue answers :class:`Overloaded` at once
-(RESOURCE_EXHAUSTED) instead of letting latency grow without limit.
+(RESOURCE_EXHAUSTED) instead of letting latency grow without limit. The bound applies before any work:
+a handler reserves its place first (:meth:`~BatchQueue.reserve`), then validates, tokenizes and (if the policy
+allows) waits for its model to load, then fills the place with its ticket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import structlog
@@ -26,9 +27,8 @@ import structlog
 from diffstack.errors import Cancelled, DiffstackError, NotReady, OutOfMemory, Overloaded
 
 if TYPE_CHECKING:
-    from diffstack.engine import GenerationResult
+    from diffstack.engine import EngineWorker, GenerationResult
     from diffstack_server.metrics import Metrics
-    from diffstack_server.protocols import ServingEngine
     from diffstack_server.tickets import Ticket
 
 log = structlog.get_logger("diffstack.server.batching")
@@ -38,36 +38,65 @@ log = structlog.get_logger("diffstack.server.batching")
 # -------------------------------------------------------------------------------------------------
 
 
+class Reservation:
+    """A place in the queue, taken before the request's preparation and filled by its ticket."""
+
+    def __init__(self, queue: BatchQueue) -> None:
+        self._queue: BatchQueue | None = queue
+
+    def fill(self, ticket: Ticket) -> Ticket:
+        """Queue ``ticket`` in this place (NotReady if the queue closed meanwhile)."""
+        queue = self._take()
+        if queue is None:
+            raise RuntimeError("a reservation is filled once")
+        return queue._enter(ticket)
+
+    def release(self) -> None:
+        """Give the place back unused (no-op once filled or released)."""
+        self._take()
+
+    def _take(self) -> BatchQueue | None:
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue._reserved -= 1
+        return queue
+
+
 class BatchQueue:
-    """A bounded FIFO of tickets and the task that runs them in batches on one worker thread."""
+    """A bounded FIFO of tickets and the task that runs them in batches on the engine's device thread."""
 
     def __init__(
         self,
-        engine: ServingEngine,
+        worker: EngineWorker,
         metrics: Metrics,
         *,
         queue_size: int,
         max_batch: int,
         batch_wait_ms: float = 0.0,
-        worker: ThreadPoolExecutor | None = None,
     ) -> None:
-        self.engine = engine
+        self.worker = worker
         self.metrics = metrics
         self.queue_size = queue_size
         self.max_batch = max(1, max_batch)
         self.batch_wait_s = max(0.0, batch_wait_ms / 1000.0)
         self._waiting: list[Ticket] = []
         self._running: list[Ticket] = []
+        self._reserved = 0
         self._closed = False
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        # One thread runs every batch. The server passes the thread that started the engine: CUDA
-        # graphs recorded while composing must be replayed (and re-recorded) on the same thread.
-        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffstack-engine")
         self._task: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="diffstack-batcher")
@@ -89,7 +118,8 @@ class BatchQueue:
         return True
 
     def abort(self, error: DiffstackError) -> None:
-        """Fail every queued request with ``error`` and stop the running ones at their next step."""
+        """Fail every queued request with ``error`` and stop the running ones at their next step
+        (with the same error)."""
         self.close()
         for ticket in self._waiting:
             ticket.finish(error)
@@ -105,16 +135,26 @@ class BatchQueue:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except TimeoutError:
                 log.warning("batcher_stop_timeout", running=len(self._running))
-        self._worker.shutdown(wait=False)
 
     # -- submitting --------------------------------------------------------------------------------
 
-    def submit(self, ticket: Ticket) -> Ticket:
-        """Queue ``ticket``; raises :class:`Overloaded` when the queue is full, NotReady when closed."""
+    def reserve(self) -> Reservation:
+        """Take a place for a request about to be prepared; raises :class:`Overloaded` when the queue
+        (waiting plus reserved places) is full, NotReady when closed. Cheap: call it before any work."""
         if self._closed:
-            raise NotReady("the server is shutting down")
-        if len(self._waiting) >= self.queue_size:
+            raise NotReady("the server is shutting down; retry on another replica")
+        if len(self._waiting) + self._reserved >= self.queue_size:
             raise Overloaded(f"the queue is full ({self.queue_size} requests waiting); retry later")
+        self._reserved += 1
+        return Reservation(self)
+
+    def submit(self, ticket: Ticket) -> Ticket:
+        """Queue ``ticket`` (reserve and fill in one step)."""
+        return self.reserve().fill(ticket)
+
+    def _enter(self, ticket: Ticket) -> Ticket:
+        if self._closed:
+            raise NotReady("the server is shutting down; retry on another replica")
         self._waiting.append(ticket)
         ticket.move_to(len(self._waiting) - 1)
         self._idle.clear()
@@ -220,16 +260,15 @@ class BatchQueue:
             images=sum(t.images for t in batch),
             queued=len(self._waiting),
         )
-        loop = asyncio.get_running_loop()
         outcomes: list[GenerationResult | BaseException]
         try:
-            outcomes = await loop.run_in_executor(self._worker, self._run_in_worker, batch)
+            outcomes = await asyncio.wrap_future(self.worker.submit(self._run_in_worker, batch))
         except asyncio.CancelledError:  # the server is stopping hard: stop the work, fail the batch
             for ticket in batch:
                 ticket.cancel(NotReady("the server stopped"))
                 ticket.finish(NotReady("the server stopped"))
             raise
-        except Exception as exc:  # the worker could not take the batch (shut down)
+        except Exception as exc:  # the worker could not take the batch (stopped)
             outcomes = [exc] * len(batch)
         finally:
             for ticket in batch:
@@ -242,7 +281,7 @@ class BatchQueue:
     # -- the worker thread ---------------------------------------------------------------------------
 
     def _run_in_worker(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
-        """Run the batch; on OutOfMemory split it in two once and run each half."""
+        """Run the batch on the device thread; on OutOfMemory split it in two once and run each half."""
         with structlog.contextvars.bound_contextvars(request_ids=[t.request_id for t in batch]):
             return self._run_or_split(batch)
 
@@ -267,10 +306,13 @@ class BatchQueue:
             return [exc] * len(batch)
 
     def _call_engine(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+        engine = self.worker.engine
+        if engine is None:
+            raise NotReady("the engine is not started")
         started = time.perf_counter()
         try:
             outcomes: list[GenerationResult | BaseException] = list(
-                self.engine.run([ticket.job() for ticket in batch])
+                engine.run([ticket.job() for ticket in batch])
             )
         finally:
             self.metrics.observe_batch(

@@ -6,16 +6,21 @@ one process (tests, benchmarks) without clashing over the global registry.
 
 from __future__ import annotations
 
+import hmac
+import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from collections.abc import Iterable
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 GENERATION_METHODS = frozenset(
     {"/diffstack.v1.GenerationService/Generate", "/diffstack.v1.GenerationService/GenerateStream"}
@@ -92,7 +97,6 @@ class Metrics:
         self.images = 0
         self.batches = 0
         self._http: WSGIServer | None = None
-        self._http_thread: threading.Thread | None = None
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -141,9 +145,18 @@ class Metrics:
 
     # -- exposition ---------------------------------------------------------------------------------
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns the bound port."""
-        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, token: str | None = None) -> int:
+        """Expose ``/metrics`` on ``host:port`` (0 picks a free port); returns the bound port.
+
+        With ``token``, a scrape must send ``Authorization: Bearer <token>`` (Prometheus:
+        ``authorization: {credentials: ...}``); others get 401.
+        """
+        app = make_wsgi_app(self.registry)
+        if token is not None:
+            app = _bearer_required(app, token)
+        server_class = _ThreadingIPv6Server if ":" in host else _ThreadingServer
+        self._http = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=self._http.serve_forever, name="diffstack-metrics", daemon=True).start()
         return int(self._http.server_port)
 
     def close(self) -> None:
@@ -151,3 +164,32 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingIPv6Server(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not logged: one line per scrape would drown the server's own log."""
+
+
+def _bearer_required(app: WSGIApplication, token: str) -> WSGIApplication:
+    expected = f"Bearer {token}".encode()
+
+    def checked(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        given = str(environ.get("HTTP_AUTHORIZATION", "")).encode()
+        if not hmac.compare_digest(given, expected):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="diffstack"')],
+            )
+            return [b"/metrics needs the admin token: send 'Authorization: Bearer <token>'\n"]
+        return app(environ, start_response)
+
+    return checked

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -32,8 +31,9 @@ from diffstack_server.tickets import Preview, PreviewPolicy, Progress, Queued, T
 
 if TYPE_CHECKING:
     from diffstack.config import Settings
+    from diffstack.engine import EngineWorker, ServingEngine
+    from diffstack.engine.model import LoadedModel
     from diffstack_server.metrics import Metrics
-    from diffstack_server.protocols import ServingEngine
 
 log = structlog.get_logger("diffstack.server.generation")
 
@@ -42,36 +42,37 @@ PREVIEW_QUALITY = 80
 
 @dataclass
 class Runtime:
-    """What the servicers share: the settings, the metrics, and (once started) the engine and queue."""
+    """What the servicers share: the settings, the engine's worker, the queue and the metrics."""
 
     settings: Settings
+    worker: EngineWorker
+    queue: BatchQueue
     metrics: Metrics
-    engine: ServingEngine | None = None
-    queue: BatchQueue | None = None
-    draining: bool = False
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    engine_thread: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffstack-engine")
-    )
-    """The one thread that starts the engine and runs every batch (CUDA graphs are per thread)."""
+
+    @property
+    def draining(self) -> bool:
+        return self.queue.closed
 
     def serving(self) -> tuple[ServingEngine, BatchQueue]:
         """The engine and queue, or :class:`NotReady` while starting or draining."""
         if self.draining:
             raise NotReady("the server is shutting down; retry on another replica")
-        if self.engine is None or self.queue is None:
+        engine = self.worker.engine
+        if engine is None or not self.queue.started:
             raise NotReady("the server is starting: the model is loading and its stack warming up")
-        return self.engine, self.queue
-
-    def executor_for(self, engine: ServingEngine, model: str) -> ThreadPoolExecutor | None:
-        """Where to call into ``model``: loading composes (and may compile) it, so that happens on
-        the engine thread; a loaded model's cheap calls take the default pool."""
-        return None if engine.is_loaded(model) else self.engine_thread
+        return engine, self.queue
 
     def started_engine(self) -> ServingEngine:
-        if self.engine is None:
+        engine = self.worker.engine
+        if engine is None:
             raise NotReady("the server is starting: the model is loading and its stack warming up")
-        return self.engine
+        return engine
+
+    async def checkout(self, name: str) -> LoadedModel:
+        """Model ``name``, pinned (release with ``unpin``): loaded ones at once, others loaded on the
+        device thread if ``engine.load_on_request`` allows, else INVALID_ARGUMENT."""
+        future = self.worker.checkout(name, may_load=self.settings.engine.load_on_request)
+        return await asyncio.wrap_future(future)
 
 
 def _deadline(context: Any) -> float | None:
@@ -97,12 +98,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.GenerateRequest, context: Any = None
     ) -> generation_pb2.GenerateResponse:
         ticket = await self._enqueue(request.spec, request.output, context)
-        queue = self.runtime.queue
         try:
             result = await asyncio.shield(ticket.future)
         except asyncio.CancelledError:
-            if queue is not None:
-                queue.withdraw(ticket, _why_ended(context))
+            self.runtime.queue.withdraw(ticket, _why_ended(context))
             raise
         return generation_pb2.GenerateResponse(result=await self._encode(ticket, result, request.output))
 
@@ -110,7 +109,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.GenerateStreamRequest, context: Any = None
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         ticket = await self._enqueue(request.spec, request.output, context, previews=request.previews)
-        queue = self.runtime.queue
         finished = False
         try:
             async for event in ticket.events():
@@ -121,8 +119,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 result=await self._encode(ticket, result, request.output)
             )
         finally:
-            if not finished and queue is not None:
-                queue.withdraw(ticket, _why_ended(context))
+            if not finished:
+                self.runtime.queue.withdraw(ticket, _why_ended(context))
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -133,32 +131,38 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         context: Any,
         previews: generation_pb2.PreviewOptions | None = None,
     ) -> Ticket:
+        """Admit first (a full queue refuses before any work), then check, resolve and pin the model,
+        prepare the request off the event loop, and fill the reserved place with its ticket."""
         engine, queue = self.runtime.serving()
-        settings = self.runtime.settings
-        convert.check_output(output)
-        if previews is not None:
-            convert.check_previews(previews)
-        loop = asyncio.get_running_loop()
-        # Decoding an init image and tokenizing the prompt are CPU work: off the event loop.
-        executor = self.runtime.executor_for(engine, spec.model)
-        prepared, key = await loop.run_in_executor(executor, self._prepare, engine, spec)
-        policy = None
-        if previews is not None and previews.enabled:
-            cap = settings.server.preview_max_side
-            policy = PreviewPolicy(
-                interval_s=settings.server.preview_interval_s,
-                max_side=min(previews.max_side, cap) if previews.max_side else cap,
+        place = queue.reserve()
+        model = None
+        try:
+            convert.check_output(output)
+            if previews is not None:
+                convert.check_previews(previews)
+            try:
+                model = await self.runtime.checkout(spec.model)
+            except InvalidRequest as error:
+                raise convert.in_spec(error) from None
+            # Decoding an init image and tokenizing the prompt are CPU work: off the event loop.
+            prepared, key = await asyncio.to_thread(self._prepare, engine, model, spec)
+            ticket = Ticket(
+                request=prepared,
+                key=key,
+                request_id=current_request_id(),
+                loop=asyncio.get_running_loop(),
+                deadline=_deadline(context),
+                streaming=previews is not None,
+                previews=self._preview_policy(previews),
             )
-        ticket = Ticket(
-            request=prepared,
-            key=key,
-            request_id=current_request_id(),
-            loop=loop,
-            deadline=_deadline(context),
-            streaming=previews is not None,
-            previews=policy,
-        )
-        queue.submit(ticket)
+            place.fill(ticket)
+        except BaseException:
+            place.release()
+            if model is not None:
+                engine.unpin(model)
+            raise
+        pinned = model
+        ticket.future.add_done_callback(lambda _: engine.unpin(pinned))
         log.info(
             "queued",
             model=prepared.model,
@@ -169,10 +173,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
         return ticket
 
-    def _prepare(self, engine: ServingEngine, spec: types_pb2.GenerationSpec) -> tuple[Any, Any]:
+    def _preview_policy(self, previews: generation_pb2.PreviewOptions | None) -> PreviewPolicy | None:
+        if previews is None or not previews.enabled:
+            return None
+        server = self.runtime.settings.server
+        cap = server.preview_max_side
+        return PreviewPolicy(
+            interval_s=server.preview_interval_s,
+            max_side=min(previews.max_side, cap) if previews.max_side else cap,
+        )
+
+    def _prepare(
+        self, engine: ServingEngine, model: LoadedModel, spec: types_pb2.GenerationSpec
+    ) -> tuple[Any, Any]:
+        """The prepared request and its batch key, computed once here."""
         request = convert.request_from_spec(spec, self.runtime.settings.limits)
         try:
-            prepared = engine.prepare(request)
+            prepared = engine.prepare(request, model)
         except InvalidRequest as error:
             raise convert.in_spec(error) from None
         return prepared, engine.batch_key(prepared)
@@ -182,9 +199,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> types_pb2.GenerationResult:
         started = time.perf_counter()
         queue_s = ticket.queue_seconds
-        message = await asyncio.get_running_loop().run_in_executor(
-            None, convert.result_message, result, output, {"queue_s": queue_s}
-        )
+        message = await asyncio.to_thread(convert.result_message, result, output, {"queue_s": queue_s})
         message.timings["output_s"] = time.perf_counter() - started
         self.runtime.metrics.observe_images(len(message.images))
         return message
@@ -200,9 +215,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             return generation_pb2.GenerateStreamResponse(
                 progress=generation_pb2.ProgressEvent(step=event.step, total=event.total)
             )
-        images = await asyncio.get_running_loop().run_in_executor(
-            None, _encode_previews, event, previews.format
-        )
+        images = await asyncio.to_thread(_encode_previews, event, previews.format)
         return generation_pb2.GenerateStreamResponse(
             preview=generation_pb2.PreviewEvent(step=event.step, images=images)
         )
@@ -224,18 +237,21 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
     async def ListPlugins(
         self, request: diagnostics_pb2.ListPluginsRequest, context: Any = None
     ) -> diagnostics_pb2.ListPluginsResponse:
-        engine = self.runtime.started_engine()
-        return diagnostics_pb2.ListPluginsResponse(
-            plugins=[convert.plugin_message(p) for p in engine.plugins]
-        )
+        """Answers as soon as the plugins loaded, while the models still compose."""
+        plugins = self.runtime.worker.plugins
+        if plugins is None:
+            raise NotReady("the server is starting: the plugins are loading")
+        return diagnostics_pb2.ListPluginsResponse(plugins=[convert.plugin_message(p) for p in plugins])
 
     async def GetStack(
         self, request: diagnostics_pb2.GetStackRequest, context: Any = None
     ) -> diagnostics_pb2.GetStackResponse:
         engine = self.runtime.started_engine()
-        executor = self.runtime.executor_for(engine, request.model)
-        report = await asyncio.get_running_loop().run_in_executor(executor, engine.report, request.model)
-        return diagnostics_pb2.GetStackResponse(stack=convert.stack_message(report))
+        model = await self.runtime.checkout(request.model)
+        try:
+            return diagnostics_pb2.GetStackResponse(stack=convert.stack_message(model.report))
+        finally:
+            engine.unpin(model)
 
     async def ListModels(
         self, request: diagnostics_pb2.ListModelsRequest, context: Any = None
@@ -246,14 +262,14 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
     async def GetStats(
         self, request: diagnostics_pb2.GetStatsRequest, context: Any = None
     ) -> diagnostics_pb2.GetStatsResponse:
-        metrics, queue, engine = self.runtime.metrics, self.runtime.queue, self.runtime.engine
+        metrics, queue, engine = self.runtime.metrics, self.runtime.queue, self.runtime.worker.engine
         engine_stats = engine.stats() if engine is not None else {}
         latency = metrics.latency()
         allocated = engine_stats.get("gpu_memory_allocated_bytes")
         reserved = engine_stats.get("gpu_memory_reserved_bytes")
         return diagnostics_pb2.GetStatsResponse(
-            queue_depth=queue.depth if queue else 0,
-            in_flight=queue.in_flight if queue else 0,
+            queue_depth=queue.depth,
+            in_flight=queue.in_flight,
             requests_served=metrics.served,
             requests_failed=metrics.failed,
             images_served=metrics.images,

@@ -11,11 +11,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffstack.engine import GenerationJob, GenerationRequest, GenerationResult, StepEvent
 from diffstack.errors import DiffstackError, OutOfMemory
 from diffstack_server.protocols import ServingEngine
+
+if TYPE_CHECKING:
+    from diffstack.engine.model import LoadedModel
 
 WAIT_S = 30.0
 """The bound on every wait of a test: a broken server fails the test, it never hangs it."""
@@ -52,17 +55,23 @@ class SpyEngine:
     def plugins(self) -> Any:
         return self.engine.plugins
 
-    def is_loaded(self, name: str = "") -> bool:
-        return self.engine.is_loaded(name)
+    def resolve(self, name: str) -> str:
+        return self.engine.resolve(name)
+
+    def pin(self, key: str) -> LoadedModel | None:
+        return self.engine.pin(key)
+
+    def load(self, key: str) -> LoadedModel:
+        return self.engine.load(key)
+
+    def unpin(self, model: LoadedModel) -> None:
+        self.engine.unpin(model)
 
     def models(self) -> Any:
         return self.engine.models()
 
-    def report(self, model: str = "") -> Any:
-        return self.engine.report(model)
-
-    def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        return self.engine.prepare(request)
+    def prepare(self, request: GenerationRequest, model: LoadedModel | None = None) -> GenerationRequest:
+        return self.engine.prepare(request, model)
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
         return self.engine.batch_key(request)

@@ -1,21 +1,41 @@
-"""The engine: models by name, request validation, and batched generation through diffusers."""
+"""The engine: models by their resolved name, request validation, and batched generation.
+
+Every spelling of a model (``m``, a symlink to ``m``) resolves to one key, the model's path inside the
+models directory, and is loaded once under it. Loaded models are capped (``engine.max_loaded_models``
+and ``engine.max_models_bytes``): loading one more unloads the least recently used model that no
+request holds; the default model is never unloaded. Loading and generating touch the device and belong
+on one thread (:class:`diffstack.engine.worker.EngineWorker` owns it); resolving a name, finding a
+loaded model and preparing a request are cheap and run on any thread without waiting for a load.
+"""
 
 from __future__ import annotations
 
+import functools
+import gc
 import threading
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
 import torch
 
 from diffstack.config import Settings, cpu_threads
-from diffstack.engine.loading import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, detect_family, resolve_model_path
+from diffstack.engine.loading import (
+    DEFAULT_MODEL_DIR,
+    DEFAULT_MODEL_NAME,
+    MODEL_NAME,
+    detect_family,
+    model_key,
+    resolve_model_path,
+    without_dirs,
+)
 from diffstack.engine.model import LoadedModel, load_model
 from diffstack.engine.requests import GenerationJob, GenerationRequest, GenerationResult, ModelListing
 from diffstack.engine.run import run_batch
 from diffstack.engine.validation import prepare_request
-from diffstack.errors import DiffstackError
+from diffstack.errors import DiffstackError, InvalidRequest, ModelError, Overloaded
 from diffstack.plugins import PluginHost, load_plugins
 from diffstack.types import PluginRecord, StackReport
 
@@ -23,47 +43,176 @@ log = structlog.get_logger(__name__)
 
 
 class Engine:
-    """Serves generation for every model it can find; thread-safe.
+    """Serves generation for every model it can find.
 
-    Build it with :meth:`start`, which loads the plugins and the default model and composes that
-    model's stack before returning, so a server can report SERVING only once this is done.
+    Build it with :meth:`start`, which loads the plugins, the default model and ``engine.preload``
+    and composes their stacks before returning, so a server can report SERVING only once this is done.
     """
 
     def __init__(self, settings: Settings, host: PluginHost) -> None:
         self.settings = settings
         self.host = host
         torch.set_num_threads(cpu_threads(settings.engine))
-        self._models: dict[str, LoadedModel] = {}
-        self._loading = threading.Lock()
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._pins: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        """Guards the three tables above; held for lookups only, never while a model loads."""
+        self._load_lock = threading.Lock()
+        """Serialises loads; a request for a loaded model never takes it."""
 
     @classmethod
     def start(cls, settings: Settings, host: PluginHost | None = None) -> Engine:
         engine = cls(settings, host if host is not None else load_plugins(settings.plugins))
-        engine.model(settings.engine.default_model)
+        engine.model("")
+        for name in settings.engine.preload:
+            engine.model(name)
         return engine
 
     @property
     def plugins(self) -> tuple[PluginRecord, ...]:
         return self.host.records
 
-    @property
-    def default_model_name(self) -> str:
-        return self.settings.engine.default_model or DEFAULT_MODEL_NAME
+    # -- names -------------------------------------------------------------------------------------
 
-    def _path_of(self, name: str) -> Path:
+    @functools.cached_property
+    def default_model_name(self) -> str:
+        """The default model's key."""
+        configured = self.settings.engine.default_model
+        return self.resolve(configured) if configured else DEFAULT_MODEL_NAME
+
+    def _default_key(self) -> str | None:
+        """The default model's key, or None when the configured default does not resolve."""
+        try:
+            return self.default_model_name
+        except InvalidRequest:
+            return None
+
+    def resolve(self, name: str) -> str:
+        """The key of model ``name`` ("" for the default): its path inside the models directory.
+
+        Cheap (a name check and a file-system lookup), so unknown names are refused at once on any
+        thread. Raises InvalidRequest naming the field ``model``.
+        """
+        if not name:
+            return self.default_model_name
         if name == DEFAULT_MODEL_NAME and not self.settings.engine.default_model:
+            return DEFAULT_MODEL_NAME
+        models_dir = self.settings.engine.models_dir
+        return model_key(resolve_model_path(name, models_dir), models_dir)
+
+    def _path_of(self, key: str) -> Path:
+        if key == DEFAULT_MODEL_NAME and not self.settings.engine.default_model:
             return DEFAULT_MODEL_DIR
-        return resolve_model_path(name, self.settings.engine.models_dir)
+        models_dir = self.settings.engine.models_dir
+        assert models_dir is not None, "a key other than the embedded default comes from the models dir"
+        return models_dir.resolve() / key
+
+    # -- loaded models -----------------------------------------------------------------------------
+
+    def pin(self, key: str) -> LoadedModel | None:
+        """The loaded model ``key``, held against unloading until :meth:`unpin`; None if not loaded."""
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+                self._pins[key] = self._pins.get(key, 0) + 1
+            return model
+
+    def unpin(self, model: LoadedModel) -> None:
+        """Release a hold taken by :meth:`pin` or :meth:`load`."""
+        with self._lock:
+            left = self._pins.get(model.name, 0) - 1
+            if left > 0:
+                self._pins[model.name] = left
+            else:
+                self._pins.pop(model.name, None)
+
+    def load(self, key: str) -> LoadedModel:
+        """The model ``key``, loaded (and composed and warmed) if need be, pinned; call :meth:`unpin`.
+
+        Loading touches the device: call it on the engine's device thread. Raises Overloaded when every
+        loaded model is held by a request and there is no room for one more.
+        """
+        with self._load_lock:
+            model = self.pin(key)
+            if model is not None:
+                return model
+            is_default = key == self._default_key()
+            self._make_room(key, models=self.settings.engine.max_loaded_models - 1, must_load=is_default)
+            model = self._load(key)
+            size = _model_bytes(model)
+            with self._lock:
+                self._models[key] = model
+                self._bytes[key] = size
+                self._pins[key] = self._pins.get(key, 0) + 1
+            budget = self.settings.engine.max_models_bytes
+            if budget is not None and not is_default:
+                self._make_room(key, models=None, budget=budget, must_load=False)
+            return model
+
+    def _load(self, key: str) -> LoadedModel:
+        path = self._path_of(key)
+        try:
+            model = load_model(key, path, self.host, self.settings)
+        except ModelError as error:
+            raise ModelError(f"model {key!r} cannot be loaded: {without_dirs(str(error), path)}") from error
+        self._warm_up(model)
+        log.info("model_loaded", model=key, loaded=len(self._models) + 1)
+        return model
+
+    def _make_room(self, key: str, *, models: int | None, budget: int | None = None, must_load: bool) -> None:
+        """Unload least recently used models nobody holds until at most ``models`` others are loaded
+        and all loaded models fit ``budget`` bytes. ``key`` itself and the default are never unloaded;
+        when the rest cannot go, the load is refused (and ``key`` unloaded again if it just loaded)
+        unless it ``must_load`` (the default model always loads)."""
+        default = self._default_key()
+        with self._lock:
+
+            def over() -> bool:
+                others = sum(1 for k in self._models if k != key)
+                return (models is not None and others > models) or (
+                    budget is not None and sum(self._bytes.values()) > budget
+                )
+
+            dropped = 0
+            for victim in [k for k in self._models if k not in (key, default) and not self._pins.get(k)]:
+                if not over():
+                    break
+                self._drop(victim)
+                dropped += 1
+            full = over()
+            if full and not must_load and key in self._models:
+                self._pins.pop(key, None)
+                self._drop(key)
+                dropped += 1
+        if dropped:
+            _release_memory()
+        if full and not must_load:
+            why = (
+                f"{self.settings.engine.max_models_bytes} bytes (engine.max_models_bytes)"
+                if budget is not None
+                else f"{self.settings.engine.max_loaded_models} models (engine.max_loaded_models)"
+            )
+            raise Overloaded(
+                f"no room to load model {key!r}: the loaded models fill {why} and are in use; retry later"
+            )
+
+    def _drop(self, key: str) -> None:
+        """Forget a loaded model (caller holds ``_lock``); its memory goes with the last reference."""
+        del self._models[key]
+        self._bytes.pop(key, None)
+        log.info("model_unloaded", model=key)
 
     def model(self, name: str = "") -> LoadedModel:
-        """The loaded model ``name`` ("" for the default), loading and composing it on first use."""
-        name = name or self.default_model_name
-        with self._loading:
-            if name not in self._models:
-                model = load_model(name, self._path_of(name), self.host, self.settings)
-                self._warm_up(model)
-                self._models[name] = model
-            return self._models[name]
+        """The loaded model ``name`` ("" for the default), loading and composing it on first use
+        (for single-threaded callers such as the CLI and tests; a server pins what it uses)."""
+        return self._loaded(self.resolve(name))
+
+    def _loaded(self, key: str) -> LoadedModel:
+        model = self.load(key)
+        self.unpin(model)
+        return model
 
     def _warm_up(self, model: LoadedModel) -> None:
         """One short generation through the real pipeline call, as clients will make it."""
@@ -80,32 +229,38 @@ class Engine:
 
     def is_loaded(self, name: str = "") -> bool:
         """Whether ``name`` is in memory already (using it then neither loads nor composes)."""
-        return (name or self.default_model_name) in self._models
+        return self.resolve(name) in self._models
 
     def models(self) -> list[ModelListing]:
         """The default model, every loaded model and every entry of the models directory."""
-        names = {self.default_model_name, *self._models}
+        keys = {self.default_model_name, *self._models}
         models_dir = self.settings.engine.models_dir
         if models_dir is not None and models_dir.is_dir():
-            names.update(p.name for p in models_dir.iterdir() if p.is_dir() or p.suffix == ".safetensors")
-        return [self._listing(name) for name in sorted(names)]
+            for entry in models_dir.iterdir():
+                if MODEL_NAME.fullmatch(entry.name) and (entry.is_dir() or entry.suffix == ".safetensors"):
+                    try:
+                        keys.add(self.resolve(entry.name))
+                    except InvalidRequest:
+                        continue  # a link leading out of the models directory is no model of ours
+        return [self._listing(key) for key in sorted(keys)]
 
-    def _listing(self, name: str) -> ModelListing:
-        loaded = self._models.get(name)
+    def _listing(self, key: str) -> ModelListing:
+        loaded = self._models.get(key)
         family = ""
         if loaded is not None:
             family = loaded.info.family.value
         else:
+            path = self._path_of(key)
             try:
-                family = detect_family(self._path_of(name)).value
+                family = detect_family(path).value
             except DiffstackError as exc:
-                family = f"unknown ({exc})"
+                family = f"unknown ({without_dirs(str(exc), path)})"
         card = loaded.card if loaded is not None else None
         return ModelListing(
-            name=name,
+            name=key,
             family=family,
             loaded=loaded is not None,
-            default=name == self.default_model_name,
+            default=key == self.default_model_name,
             weights=card.weights if card else "",
             description=card.description if card else "",
         )
@@ -113,9 +268,17 @@ class Engine:
     def report(self, model: str = "") -> StackReport:
         return self.model(model).report
 
-    def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        """Validate ``request`` against the limits and its model; fill in defaults and seeds."""
-        return prepare_request(request, self.model(request.model), self.settings.limits)
+    # -- requests ----------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest, model: LoadedModel | None = None) -> GenerationRequest:
+        """Validate ``request`` against the limits and its model; fill in defaults and seeds.
+
+        A server passes the ``model`` it resolved and pinned; without it, the model is found by name
+        (and loaded if need be). The prepared request names the model by its key.
+        """
+        if model is None:
+            model = self.model(request.model)
+        return replace(prepare_request(request, model, self.settings.limits), model=model.name)
 
     @staticmethod
     def batch_key(request: GenerationRequest) -> Hashable:
@@ -137,15 +300,21 @@ class Engine:
         )
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]:
-        """Run prepared jobs with one batch key as one pipeline call (blocking)."""
-        if len({self.batch_key(job.request) for job in jobs}) != 1:
-            raise ValueError("engine.run takes jobs that share one batch key")
-        return run_batch(self.model(jobs[0].request.model), jobs)
+        """Run prepared jobs that share one batch key as one pipeline call (blocking; the caller
+        computed the key, so it is not computed again here)."""
+        key = jobs[0].request.model
+        with self._lock:
+            model = self._models.get(key)
+        return run_batch(model if model is not None else self._loaded(key), jobs)
 
     def stats(self) -> dict[str, float]:
-        """Counters from the stacks' components (the prompt cache, say) and GPU memory."""
+        """Counters from the stacks' components (the prompt cache, say), loaded models, GPU memory."""
         stats: dict[str, float] = {}
-        for model in list(self._models.values()):
+        with self._lock:
+            models = list(self._models.values())
+            stats["models_loaded"] = float(len(models))
+            stats["models_bytes"] = float(sum(self._bytes.values()))
+        for model in models:
             for component in model.stack.encoder_chain:
                 if hasattr(component, "stats"):
                     for key, value in component.stats().items():
@@ -154,3 +323,23 @@ class Engine:
             stats["gpu_memory_allocated_bytes"] = float(torch.cuda.memory_allocated())
             stats["gpu_memory_reserved_bytes"] = float(torch.cuda.memory_reserved())
         return stats
+
+
+def _model_bytes(model: LoadedModel) -> int:
+    """Bytes of the parameters and buffers of every module of the model's pipeline."""
+    seen: set[int] = set()
+    total = 0
+    for component in model.pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in (*component.parameters(), *component.buffers()):
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _release_memory() -> None:
+    """Give memory of unloaded models back (the CUDA caching allocator keeps it otherwise)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

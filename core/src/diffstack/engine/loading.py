@@ -7,6 +7,8 @@ names, never from a file name.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from diffstack.engine.families import ADAPTERS, FamilyAdapter, Pipeline, WeightPrefixes, adapter_for
-from diffstack.errors import FieldViolation, InvalidRequest, ModelError
+from diffstack.errors import FieldViolation, InvalidRequest, ModelError, shown
 from diffstack.types import Family
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
@@ -42,21 +44,63 @@ class ModelCard:
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
+NAME_MAX = 255
+"""The longest file name (in bytes) that POSIX file systems take: a longer model name cannot exist."""
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A model name is one entry of the models directory: letters, digits, ``.``, ``_``, ``-``, not starting
+with a dot (so never ``.``, ``..`` or a hidden entry), without separators or control characters."""
+
+
+def check_model_name(name: str) -> None:
+    """Raise InvalidRequest (field ``model``) unless ``name`` is one safe entry name."""
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
+        problem = f"is longer than {NAME_MAX} bytes"
+    elif not MODEL_NAME.fullmatch(name):
+        problem = (
+            "must be one entry of the models directory: letters, digits, '.', '_' and '-', "
+            "not starting with '.', without '/' or control characters"
+        )
+    else:
+        return
+    raise InvalidRequest(FieldViolation("model", f"model name {shown(name)} {problem}"))
+
+
 def resolve_model_path(name: str, models_dir: Path | None) -> Path:
-    """The path of model ``name`` inside ``models_dir``; never a path outside it (symlinks resolved)."""
+    """The resolved path of model ``name`` inside ``models_dir``; never a path outside it.
+
+    ``name`` must pass :func:`check_model_name`; symlinks are resolved first, so every spelling of
+    one model (a symlink to it, say) resolves to the same path: the key the engine loads it under.
+    """
+    check_model_name(name)
     if models_dir is None:
         raise InvalidRequest(
-            FieldViolation("model", f"unknown model {name!r}: no models directory is configured")
+            FieldViolation("model", f"unknown model {shown(name)}: no models directory is configured")
         )
     root = models_dir.resolve()
     candidate = (root / name).resolve()
-    if Path(name).is_absolute() or not candidate.is_relative_to(root) or candidate == root:
+    if not candidate.is_relative_to(root) or candidate == root:
         raise InvalidRequest(
-            FieldViolation("model", f"model name {name!r} must name an entry inside the models directory")
+            FieldViolation("model", f"model {shown(name)} must name an entry inside the models directory")
         )
     if not candidate.exists():
-        raise InvalidRequest(FieldViolation("model", f"unknown model {name!r}"))
+        raise InvalidRequest(FieldViolation("model", f"unknown model {shown(name)}"))
     return candidate
+
+
+def model_key(path: Path, models_dir: Path | None) -> str:
+    """The name a resolved model path is known by: its path inside the models directory."""
+    root = models_dir.resolve() if models_dir is not None else None
+    if root is not None and path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    return path.name
+
+
+def without_dirs(text: str, path: Path) -> str:
+    """``text`` (a library's error message, say) without the server's folders above ``path``: clients
+    learn which file of the model is wrong, never where models live on the server."""
+    for folder in {path.parent, path.resolve().parent}:
+        text = text.replace(f"{folder}{os.sep}", "")
+    return text
 
 
 def detect_family(path: Path) -> Family:
@@ -94,7 +138,8 @@ def _safetensors_keys(path: Path) -> set[str]:
         with safe_open(str(path), framework="pt") as weights:
             return set(weights.keys())
     except Exception as exc:
-        raise ModelError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+        reason = without_dirs(str(exc), path)
+        raise ModelError(f"{path.name} is not a readable safetensors file: {reason}") from exc
 
 
 def check_format(path: Path) -> None:
@@ -106,7 +151,7 @@ def check_format(path: Path) -> None:
         )
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ModelError(f"{path} is a folder without model_index.json: not a diffusers model folder")
+            raise ModelError(f"{path.name} has no model_index.json: not a diffusers model folder")
         return
     if path.suffix.lower() != ".safetensors":
         raise ModelError(f"{path.name}: expected a diffusers folder or a .safetensors file")
@@ -128,7 +173,7 @@ def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -
                 str(path), config=str(_single_file_config(path)), dtype=dtype, local_files_only=True
             )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load {path.name}: {exc}") from exc
+        raise ModelError(f"could not load {path.name}: {without_dirs(str(exc), path)}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
