@@ -504,10 +504,11 @@ ALWAYS = ("build", "eager", "plugin_host")
 """Parts every step stage runs, whatever ``--parts`` selects."""
 
 
-def step_stage(run: Run, key: str, smoke_compile: bool = False, only: set[str] | None = None) -> Any:
+# One benchmark script, read top to bottom: its branches are the stages a run may skip.
+def step_stage(run: Run, key: str, smoke_compile: bool = False, only: set[str] | None = None) -> Any:  # noqa: C901
     """The stage body for workload ``key`` (``sd15``, ``sdxl`` or ``flux``)."""
 
-    def body(record: dict[str, Any]) -> None:
+    def body(record: dict[str, Any]) -> None:  # noqa: C901
         bench = StepBench(run, key, smoke_compile)
         w = bench.workload
         record["workload"] = {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole check, as CI runs it: install, lint, type-check, then the test suite.
+# The whole check, as CI runs it: install, lint, type-check, the import layers, then the test suite.
+# Arguments go to pytest: `scripts/test.sh -m "not slow"` is the fast inner loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
@@ -8,5 +9,6 @@ if command -v npm >/dev/null && [[ -f clients/node/package-lock.json ]]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy core/src server/src
+.venv/bin/mypy core/src server/src clients/python/src plugins/*/src
+.venv/bin/lint-imports
 .venv/bin/python -m pytest "$@"

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path: Path) -> None:
     if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
         pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")

@@ -139,7 +139,8 @@ class Trainer:
             self.opt = None
 
     # ---- the step loop shared by both phases ------------------------------------------------
-    def _loop(self, phase: str, requested: str, budget_s: float, step_fn: Any, peak_lr: float) -> bool:
+    # The training loop, kept in one piece so a reader sees every stop condition together.
+    def _loop(self, phase: str, requested: str, budget_s: float, step_fn: Any, peak_lr: float) -> bool:  # noqa: C901
         """Run steps until the phase's plan is done (True) or this run's wall limit is hit (False)."""
         st = self.state
         if st["total"] is None and requested != "auto":

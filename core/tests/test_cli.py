@@ -89,6 +89,7 @@ def test_stack_prints_the_report(env: Path, capsys: pytest.CaptureFixture[str]) 
     assert "timing skipped on cpu" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_embedded_default_model_serves_with_no_configuration(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -98,6 +99,7 @@ def test_embedded_default_model_serves_with_no_configuration(
     assert Image.open(out).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_quality_scores_the_embedded_model_far_above_chance(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
@@ -145,8 +146,11 @@ def test_plugins_are_listed_with_their_distribution_and_status(composed: tuple[E
 
 def test_a_correct_kernel_passes_the_numeric_check(composed: tuple[Engine, StackReport]) -> None:
     report = composed[1]
-    assert statuses(report, "select_attention", "manual") <= {CandidateStatus.CHOSEN, CandidateStatus.SLOWER}
+    manual = statuses(report, "select_attention", "manual")
+    assert manual, "the manual kernel was considered"
+    assert manual <= {CandidateStatus.CHOSEN, CandidateStatus.SLOWER}
     errors = [c.numeric_error for c in report.slot("select_attention").candidates if c.offer == "manual"]
+    assert errors
     assert all(e is not None and e < 1e-4 for e in errors)
 
 
@@ -184,7 +188,10 @@ def test_generation_still_works_with_every_fake_installed(composed: tuple[Engine
     engine = composed[0]
     request = engine.prepare(GenerationRequest("a red circle", steps=2, seeds=(1,)))
     (result,) = engine.run([GenerationJob(request)])
-    assert isinstance(result, GenerationResult)
+    assert isinstance(result, GenerationResult), result
+    (image,) = result.images
+    assert (image.seed, image.image.size) == (1, (64, 64))
+    assert np.asarray(image.image).std() > 0, "a picture, not a blank"
 
 
 def test_the_report_records_timings_when_measuring(composed: tuple[Engine, StackReport]) -> None:

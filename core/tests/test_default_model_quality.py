@@ -11,13 +11,14 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
+import transformers
 
 from diffstack.synthetic.quality import QualityRow, evaluate, fixed_scenes, pipeline_generator
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
 
 MODEL = Path(str(resources.files("diffstack") / "default_model"))
 SCENES = fixed_scenes(12, seed=3)  # not the 48-prompt set the model card reports on

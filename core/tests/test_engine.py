@@ -120,7 +120,8 @@ def test_a_cancelled_job_does_not_stop_its_batch_neighbour(engine: Engine) -> No
     jobs = [GenerationJob(requests[0], should_stop=lambda: Cancelled("bye")), GenerationJob(requests[1])]
     cancelled, finished = engine.run(jobs)
     assert isinstance(cancelled, Cancelled)
-    assert isinstance(finished, GenerationResult)
+    assert isinstance(finished, GenerationResult), finished
+    assert [image.seed for image in finished.images] == [2]
 
 
 def test_previews_decode_the_current_latents(engine: Engine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from pathlib import Path
 
 import pluggy
@@ -144,16 +145,43 @@ def test_a_misspelled_hook_implementation_is_refused() -> None:
     assert record.status == "failed" and "compile_modle" in record.error
 
 
+# Meta-tests, in the spirit of datasette's: a hook is not done until it is documented and tested.
+
+
 def test_every_hook_spec_has_a_test_named_after_it() -> None:
-    source = Path(__file__).read_text()
+    folders = ["core/tests", "server/tests", "clients/python/tests", "plugins/*/tests", "tests"]
+    sources = "\n".join(path.read_text() for folder in folders for path in REPO.glob(f"{folder}/test_*.py"))
     for name in HOOK_NAMES:
-        assert re.search(rf"def test_{name}_", source), f"no test for hook {name}"
+        assert re.search(rf"def test_{name}_", sources), f"no test named after hook {name}"
 
 
-def test_every_hook_spec_is_documented_in_the_plugin_guide() -> None:
-    guide = (REPO / "README.md").read_text()
+def test_every_hook_spec_is_in_the_plugin_guide_with_its_signature() -> None:
+    readme = (REPO / "README.md").read_text()
+    guide = readme[readme.index("## Writing a plugin") :]
     for name in HOOK_NAMES:
-        assert f"`{name}`" in guide, f"README's plugin guide does not document {name}"
+        parameters = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"`{name}({parameters})`" in guide, f"README's plugin guide does not show {name}({parameters})"
+
+
+def test_every_hook_spec_documents_its_parameters_and_its_offers() -> None:
+    for name in HOOK_NAMES:
+        spec = getattr(hookspecs, name)
+        for parameter in inspect.signature(spec).parameters:
+            assert f":param {parameter}:" in spec.__doc__, f"{name} does not document {parameter}"
+        assert ":return:" in spec.__doc__, f"{name} does not say what it returns"
+
+
+def test_every_offer_a_hook_returns_is_in_the_public_api() -> None:
+    """Plugins import only ``diffstack``: whatever a hook returns must be importable from there."""
+    import diffstack
+    import diffstack.types
+
+    for name in HOOK_NAMES:
+        hints = typing.get_type_hints(getattr(hookspecs, name), localns=vars(diffstack.types))
+        returned = hints["return"]
+        (offer,) = typing.get_args(returned)
+        assert offer.__name__ in diffstack.__all__, f"{name} returns {offer.__name__}, not in diffstack"
+        assert getattr(diffstack, offer.__name__) is offer
 
 
 def test_hook_names_match_the_specs() -> None:

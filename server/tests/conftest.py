@@ -1,7 +1,8 @@
 """Fixtures for the server tests: a tiny real model, a real engine, and servers on free ports.
 
-Every end-to-end test runs the real engine (baseline plugins only) on a tiny SD1-shaped model built
-from configs and saved to disk; :class:`diffstack_server.testing.SpyEngine` observes and steers it.
+Every end-to-end test runs the real engine (baseline plugins only) on the tiny SD1-shaped model of the
+shared ``models_dir`` (:mod:`diffstack.pytest_plugin`); :class:`diffstack_server.testing.SpyEngine`
+observes and steers it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import structlog
 from diffstack.config import Settings
 from diffstack.engine import Engine
 from diffstack.plugins import load_plugins
-from diffstack.testing import baseline_settings, save_tiny_model
-from diffstack.types import Family
+from diffstack.testing import baseline_settings
 from diffstack_client import DiffstackClient
 from diffstack_server import BackgroundServer
 from diffstack_server.testing import WAIT_S, SpyEngine
@@ -43,14 +43,6 @@ def logs_through_logging() -> Iterator[None]:
     )
     yield
     structlog.configure(**previous)
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("server-models")
-    card = {"weights": "random", "default_width": 64, "default_height": 64, "default_steps": 4}
-    save_tiny_model(Family.SD1, root / MODEL, metadata=card)
-    return root
 
 
 def make_settings(models_dir: Path, **sections: dict[str, Any]) -> Settings:

@@ -118,9 +118,13 @@ def test_get_stack_of_unknown_model(client: DiffstackClient) -> None:
 
 
 def test_list_models(client: DiffstackClient) -> None:
-    (model,) = client.models()
-    assert (model.name, model.family, model.loaded, model.is_default) == ("tiny-sd1", "sd1", True, True)
-    assert model.weights == diagnostics_pb2.MODEL_WEIGHTS_RANDOM
+    models = {model.name: model for model in client.models()}
+    assert set(models) == {"tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-flux"}
+    default = models.pop("tiny-sd1")
+    assert (default.family, default.loaded, default.is_default) == ("sd1", True, True)
+    assert default.weights == diagnostics_pb2.MODEL_WEIGHTS_RANDOM
+    assert not any(model.is_default for model in models.values())
+    assert models["tiny-flux"].family == "flux"
 
 
 def test_get_stats(client: DiffstackClient) -> None:

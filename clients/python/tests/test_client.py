@@ -49,7 +49,7 @@ def test_build_spec_init_image_from_pil_bytes_or_path(tmp_path: Path) -> None:
 def test_unknown_parameter_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="colour"):
         build_spec("a", {"colour": "red"})  # type: ignore[typeddict-unknown-key]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="image_format must be one of"):
         output_options("gif", None)  # type: ignore[arg-type]
 
 

@@ -13,6 +13,8 @@ from diffusers import UNet2DConditionModel
 from diffstack.options import OptionsError, parse_options
 from diffstack_deepcache.hooks import HOOK_NAME, DeepCacheConfig, apply_deep_cache, deep_modules
 
+pytestmark = pytest.mark.slow
+
 # The tiny UNet's skip connections: 0 conv_in, 1 down_blocks.0 resnet, 2 its downsampler,
 # 3 down_blocks.1 resnet. Up blocks consume them last first: up_blocks.0 takes 3 then 2,
 # up_blocks.1 takes 1 then 0.

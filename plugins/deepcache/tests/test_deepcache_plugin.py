@@ -91,6 +91,7 @@ def generate(pipe: StableDiffusionPipeline) -> torch.Tensor:
     ).images
 
 
+@pytest.mark.slow
 def test_in_a_pipeline_interval_one_is_exact_and_larger_intervals_skip(pipe: StableDiffusionPipeline) -> None:
     model = model_info(Family.SD1, DenoiserKind.UNET)
     offer = offer_for(model)

@@ -131,6 +131,7 @@ def test_unet_projections_fuse_under_processors_that_read_fused_weights() -> Non
     torch.testing.assert_close(after, before)
 
 
+@pytest.mark.slow
 def test_calls_are_timed_and_cuda_graph_outputs_handed_out_as_copies(monkeypatch, tmp_path: Path) -> None:
     real_compile = torch.compile
     monkeypatch.setattr(

@@ -4,9 +4,17 @@ Kept free of torch/diffusers imports (numpy and Pillow only) so that the rendere
 load anywhere, including the training script on a bare GPU machine.
 """
 
-from .analysis import Reading, analyse
-from .quality import QualityRow, evaluate, fixed_scenes, markdown_table, psnr, score_image, ssim
-from .scenes import (
+from diffstack.synthetic.analysis import Reading, analyse
+from diffstack.synthetic.quality import (
+    QualityRow,
+    evaluate,
+    fixed_scenes,
+    markdown_table,
+    psnr,
+    score_image,
+    ssim,
+)
+from diffstack.synthetic.scenes import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,

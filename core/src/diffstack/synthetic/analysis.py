@@ -15,7 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .scenes import BACKGROUNDS, COLOURS, GRID, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, shape_coverage
+from diffstack.synthetic.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    GRID,
+    IMAGE_SIZE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    shape_coverage,
+)
 
 # A pixel belongs to the shape when it is this far (RGB distance) from the background; palette
 # colours are >= 100 away from every background, so this catches pixels more than ~half covered.

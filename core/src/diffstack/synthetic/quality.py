@@ -20,8 +20,17 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from .analysis import analyse
-from .scenes import ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, render
+from diffstack.synthetic.analysis import analyse
+from diffstack.synthetic.scenes import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    render,
+)
 
 GenerateFn = Callable[..., list[Image.Image]]
 
