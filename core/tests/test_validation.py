@@ -261,14 +261,14 @@ def test_auto_takes_the_best_schedule_that_serves_these_steps(with_schedules: En
 def test_echoed_input_is_bounded(engine: Engine) -> None:
     found = violations(engine, Limits(), schedule="s" * 4000, sampler="x" * 4000, wrappers={"w" * 4000: {}})
     assert set(found) == {"schedule", "sampler", "wrappers"}
-    assert all(len(description) < 300 for description in found.values())
+    assert all(len(description) <= 300 for description in found.values())
 
 
 def test_a_flood_of_violations_is_cut_short() -> None:
     error = InvalidRequest([FieldViolation(f"f{i}", "bad") for i in range(10_000)])
     assert len(error.violations) == MAX_VIOLATIONS
     assert error.violations[-1].description == f"and {10_000 - MAX_VIOLATIONS + 1} more problems"
-    assert len(FieldViolation("x" * 10_000, "y" * 10_000).description) <= 1000
+    assert len(FieldViolation("x" * 10_000, "y" * 10_000).description) <= 300
 
 
 def test_defaults_live_on_the_request_type() -> None:

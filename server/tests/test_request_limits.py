@@ -67,3 +67,15 @@ def test_echoed_input_stays_small_enough_to_reach_the_client(client: DiffstackCl
         client.generate("a cube", steps=1, schedule="s" * 4000)
     assert failure.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert len(failure.value.violations["spec.schedule"]) < 300
+
+
+def test_a_request_wrong_everywhere_still_gets_its_invalid_argument(client: DiffstackClient) -> None:
+    """Every echoed value, description and the count of violations are bounded, so the refusal fits
+    gRPC's 8 KiB metadata limit; unbounded, the client saw RESOURCE_EXHAUSTED instead."""
+    wrappers = {f"{i}" + "w" * 3000: {"k" * 3000: 1} for i in range(400)}
+    with pytest.raises(ServiceError) as failure:
+        client.generate(
+            "a cube", steps=1, schedule="s" * 4000, sampler="x" * 4000, width=7, wrappers=wrappers
+        )
+    assert failure.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert 2 <= len(failure.value.violations) <= 10

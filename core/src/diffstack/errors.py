@@ -9,10 +9,17 @@ from typing import Any
 MAX_SHOWN_CHARS = 80
 """How much of a client's value an error message repeats: enough to recognise it, never so much that
 an error grows past gRPC's trailer limit (a 4,000-character schedule name did)."""
-MAX_FIELD_CHARS = 200
-MAX_DESCRIPTION_CHARS = 1000
-MAX_VIOLATIONS = 20
+MAX_FIELD_CHARS = 120
+MAX_DESCRIPTION_CHARS = 300
+MAX_VIOLATIONS = 10
 """Violations beyond this are counted, not listed: ten thousand unknown option keys make one line."""
+MAX_MESSAGE_CHARS = 500
+"""The error's message (gRPC's status message) repeats at most this much of the violations.
+
+Together these keep a refusal under gRPC's default limits on a response's metadata (8 KiB soft,
+16 KiB hard), or the client
+would see RESOURCE_EXHAUSTED instead: 10 violations of at most 420 characters travel base64-encoded
+in the status details (≈5.6 KB) beside a message of at most 500."""
 
 
 def shown(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
@@ -55,7 +62,9 @@ class InvalidRequest(DiffstackError):
             more = len(violations) - MAX_VIOLATIONS + 1
             violations = [*violations[: MAX_VIOLATIONS - 1], FieldViolation("", f"and {more} more problems")]
         self.violations = violations
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+        super().__init__(
+            _cut("; ".join(f"{v.field}: {v.description}" for v in violations), MAX_MESSAGE_CHARS)
+        )
 
 
 class ModelError(DiffstackError):
