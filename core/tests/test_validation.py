@@ -275,3 +275,35 @@ def test_defaults_live_on_the_request_type() -> None:
     request = GenerationRequest("a")
     assert (request.schedule, request.strength, request.num_images) == ("auto", 0.75, 1)
     assert GenerationRequest.strength == 0.75
+
+
+HOSTILE: dict[str, list[object]] = {
+    "width": [0, -64, 7, 2**62, 10**30],
+    "height": [0, -64, 7, 2**62],
+    "steps": [0, -1, 2**62, 10**30],
+    "guidance": [float("nan"), float("inf"), -float("inf"), -1.0, 1e308],
+    "sampler": ["", "x" * 10_000, "\x00", "flow_euler"],
+    "schedule": ["", "x" * 10_000, "\x00", "karras"],
+    "num_images": [0, -1, 2**62],
+    "seeds": [(-1,), (2**63,), tuple(range(100))],
+    "strength": [float("nan"), float("inf"), -1.0, 0.0, 2.0],
+    "negative_prompt": ["\ud800", "x" * 100_000],
+    "wrappers": [{"": {}}, {"x" * 10_000: {"k": float("nan")}}],
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(field, value) for field, values in HOSTILE.items() for value in values]
+)
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_hostile_values_are_refused_or_served_never_raised(
+    engine: Engine, field: str, value: object, img2img: bool
+) -> None:
+    fields: dict[str, object] = {"prompt": "a red circle", field: value}
+    if img2img:
+        fields["init_image"] = Image.new("RGB", (64, 64))
+    try:
+        engine.prepare(GenerationRequest(**fields))  # type: ignore[arg-type]
+    except InvalidRequest as error:
+        assert error.violations
+        assert all(len(v.description) <= 300 for v in error.violations)

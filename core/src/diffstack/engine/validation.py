@@ -244,7 +244,10 @@ def _takes_sigmas(sampler: str) -> bool:
 
 
 def _steps_run(request: GenerationRequest) -> int:
-    """The steps img2img runs: diffusers skips the first ``1 - strength`` of them."""
+    """The steps img2img runs: diffusers skips the first ``1 - strength`` of them (a strength out of
+    range, NaN say, counts as all steps: the strength check names it)."""
+    if not 0 < request.strength <= 1:
+        return request.steps
     return int(request.steps * request.strength)
 
 
@@ -263,8 +266,8 @@ def _auto_schedule(model: LoadedModel, sampler: str, steps: int, limits: Limits)
 def _sigmas_problem(model: LoadedModel, schedule: str, sampler: str, steps: int) -> str:
     """What is wrong with a schedule's sigmas at this step count ("" when nothing): composition
     checked them at 10 steps only, and a schedule may fail at others."""
-    scheduler = SAMPLERS[sampler].build(model.scheduler_config)
     try:
+        scheduler = SAMPLERS[sampler].build(model.scheduler_config)
         sigmas = model.stack.schedules[schedule].build(steps, scheduler)
     except Exception as exc:  # a plugin's fault, reported as the reason this schedule cannot serve
         return f"it raised {type(exc).__name__}: {shown(str(exc), 200)}"
