@@ -379,9 +379,8 @@ class StepBench:
         record["chosen"] = {k: list(v) for k, v in report.summary().items()}
         stack = loaded.denoiser_for(with_wrappers=False)
         record["stack_module"] = type(stack).__name__
-        for attribute in ("diffstack_notes", "diffstack_compile_seconds"):
-            if hasattr(stack, attribute):
-                record[attribute] = getattr(stack, attribute)
+        if hasattr(stack, "diffstack_compile_seconds"):
+            record["diffstack_compile_seconds"] = stack.diffstack_compile_seconds
         for candidate in report.slot("compile_model").candidates:
             if candidate.time_ms is None:
                 continue
@@ -477,14 +476,18 @@ class StepBench:
         """The torch_compile offer built and timed directly, whatever composition's numeric check said."""
         import time
 
+        from diffstack.types import Built
+
         sources, _ = self.host.collect("compile_model", model=self.info)
         offer = next(s.offer for s in sources if s.offer.name == "torch_compile")
         began = time.perf_counter()
-        module = offer.build(self.denoiser, self.info)
+        built = offer.build(self.denoiser, self.info)
+        module, record["notes"] = (
+            (built.value, list(built.notes)) if isinstance(built, Built) else (built, [])
+        )
         output = measure.first_output(module, self.inputs)
         measure.sync(self.device)
         record["first_call_s"] = time.perf_counter() - began
-        record["notes"] = list(getattr(module, "diffstack_notes", ()))
         timing = measure.timed(self.call(module), self.device, self.repeats)
         assert self.reference is not None
         self.row(

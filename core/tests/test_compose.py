@@ -6,6 +6,7 @@ the host imports it, calls its hooks, probes, checks and (where asked) times its
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 
 from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
 from diffstack.plugins import load_plugins
+from diffstack.render import report_text
 from diffstack.testing import BASELINE_PLUGINS, baseline_settings
-from diffstack.types import CandidateStatus, StackReport
+from diffstack.types import CandidateStatus, PluginStatus, StackReport
 
 FAKES = {
     "fake_good": """
@@ -96,7 +98,50 @@ FAKES = {
         def select_atention(model):
             return []
     """,
+    "fake_answers_badly": """
+        from diffstack.hookspecs import hookimpl
+
+        @hookimpl
+        def select_attention(model):
+            return {"name": "not an offer"}
+
+        @hookimpl
+        def build_sigmas(model):
+            return ["karras"]
+    """,
+    "fake_defaults": """
+        from diffstack.hookspecs import hookimpl
+
+        @hookimpl
+        def build_sigmas(model=None):
+            return []
+    """,
+    "fake_impostor": """
+        from diffstack.hookspecs import hookimpl
+        from diffstack.types import SigmasOffer
+
+        def linear(steps, scheduler):
+            return [float(steps - i) for i in range(steps)] + [0.0]
+
+        @hookimpl
+        def build_sigmas(model):
+            return [SigmasOffer(name="default", priority=1000, build=linear)]
+    """,
+    "fake_notes": """
+        from diffstack.hookspecs import hookimpl
+        from diffstack.types import Availability, Built, CompileOffer
+
+        @hookimpl
+        def compile_model(model):
+            return [CompileOffer(
+                name="labelled",
+                probe=lambda model: Availability.yes("runs anywhere"),
+                build=lambda denoiser, model: Built(denoiser, notes=("mode eager", "cache cold")),
+            )]
+    """,
 }
+ALIASES = {"fake_good_again": "fake_good"}
+"""Entry points that name a module another entry point already loads."""
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +153,10 @@ def fake_distribution(tmp_path_factory: pytest.TempPathFactory) -> Path:
     info = site / "diffstack_fakes-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: diffstack-fakes\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[diffstack]\n" + "".join(f"{n} = {n}\n" for n in FAKES))
+    targets = {**{name: name for name in FAKES}, **ALIASES}
+    (info / "entry_points.txt").write_text(
+        "[diffstack]\n" + "".join(f"{n} = {t}\n" for n, t in targets.items())
+    )
     return site
 
 
@@ -118,7 +166,7 @@ def composed(fake_distribution: Path, models_dir: Path) -> tuple[Engine, StackRe
         patch.syspath_prepend(str(fake_distribution))
         settings = baseline_settings(
             models_dir,
-            plugins={"allow": [*BASELINE_PLUGINS, *FAKES]},
+            plugins={"allow": [*BASELINE_PLUGINS, *FAKES, *ALIASES]},
             compose={"measure": "always", "repeats": 5},
         )
         engine = Engine.start(settings, load_plugins(settings.plugins))
@@ -165,7 +213,7 @@ def test_wrong_numbers_are_rejected_in_attention_and_compile(composed: tuple[Eng
     assert statuses(report, "select_attention", "garbage") == {CandidateStatus.REJECTED}
     assert "relative error" in reasons(report, "select_attention", "garbage")
     assert statuses(report, "compile_model", "doubler") == {CandidateStatus.REJECTED}
-    assert report.slot("compile_model").chosen == ("eager",)
+    assert report.slot("compile_model").chosen in {("eager",), ("labelled",)}  # both match eager
 
 
 def test_the_choice_follows_measured_time_not_priority(composed: tuple[Engine, StackReport]) -> None:
@@ -215,3 +263,49 @@ def test_deny_list_turns_a_plugin_off(
 def test_autoload_off_loads_nothing(models_dir: Path) -> None:
     settings = baseline_settings(models_dir, plugins={"autoload": False})
     assert load_plugins(settings.plugins).records == ()
+
+
+def test_answers_that_are_not_offers_fail_their_plugin_not_the_stack(
+    composed: tuple[Engine, StackReport],
+) -> None:
+    report = composed[1]
+    for slot, expected in (
+        ("select_attention", "hook returned dict; expected AttentionOffer"),
+        ("build_sigmas", "hook returned 'karras'; expected SigmasOffer"),
+    ):
+        (failed,) = [c for c in report.slot(slot).candidates if c.plugin == "fake_answers_badly"]
+        assert failed.status is CandidateStatus.FAILED and expected in failed.reason
+
+
+def test_load_time_faults_are_recorded(composed: tuple[Engine, StackReport]) -> None:
+    records = {r.name: r for r in composed[0].plugins}
+    assert records["fake_good"].status is PluginStatus.LOADED
+    assert records["fake_good_again"].status is PluginStatus.FAILED
+    assert "already loaded as plugin 'fake_good'" in records["fake_good_again"].error
+    assert records["fake_defaults"].status is PluginStatus.FAILED
+    assert "build_sigmas gives its parameters defaults (model)" in records["fake_defaults"].error
+
+
+def test_an_offer_named_like_a_built_in_does_not_replace_it(composed: tuple[Engine, StackReport]) -> None:
+    report = composed[1]
+    assert report.slot("build_sigmas").chosen == ("default",)
+    (impostor,) = [c for c in report.slot("build_sigmas").candidates if c.plugin == "fake_impostor"]
+    assert impostor.status is CandidateStatus.REJECTED
+    assert "already offered in this slot by built-in plugin 'schedules'" in impostor.reason
+    chosen = [c for c in report.slot("build_sigmas").candidates if c.status is CandidateStatus.CHOSEN]
+    assert [c.plugin for c in chosen] == ["schedules"]
+
+
+def test_probe_reasons_and_build_notes_reach_the_report(composed: tuple[Engine, StackReport]) -> None:
+    report = composed[1]
+    (labelled,) = [c for c in report.slot("compile_model").candidates if c.offer == "labelled"]
+    assert labelled.notes == ("runs anywhere", "mode eager", "cache cold")
+    assert "labelled (fake_notes): runs anywhere; mode eager; cache cold" in report_text(report)
+
+
+def test_the_composed_stack_is_frozen(composed: tuple[Engine, StackReport]) -> None:
+    stack = composed[0].model().stack
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stack.auto_schedule = "karras"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        stack.schedules["karras"] = stack.schedules["default"]  # type: ignore[index]

@@ -23,6 +23,7 @@ from diffstack.types import (
     Family,
     ModelInfo,
     PluginRecord,
+    PluginStatus,
     SigmasOffer,
 )
 
@@ -32,7 +33,7 @@ MODEL = ModelInfo("m", Family.SD1, DenoiserKind.UNET, "cpu", torch.float32)
 
 def host_with(plugin: object) -> PluginHost:
     host = PluginHost()
-    host.register(plugin, PluginRecord("probe", "", "", "", (), "loaded"))
+    host.register(plugin, PluginRecord("probe", "", "", "", (), PluginStatus.LOADED))
     return host
 
 

@@ -69,6 +69,10 @@ class PluginSettings(_Section):
     deny: list[str] = Field(default_factory=list)
     """These plugin names never load."""
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    import_timeout_s: float | None = Field(default=60.0, gt=0)
+    """Longest a plugin's import (or one call of its hook) may take before it is recorded as
+    "timed out" and skipped; ``None`` waits forever. The stuck import is abandoned, not stopped:
+    Python cannot stop a thread."""
 
 
 class ComposeSettings(_Section):
@@ -89,6 +93,12 @@ class ComposeSettings(_Section):
     """Timed repetitions per candidate (median taken) after warm-up."""
     batch: int = 2
     """Batch size of the measured denoiser calls (2 = one image with classifier-free guidance)."""
+    probe_timeout_s: float | None = Field(default=30.0, gt=0)
+    """Longest an offer's probe (or ``supports``) may take before the offer is recorded as "timed
+    out"; ``None`` waits forever."""
+    build_timeout_s: float | None = Field(default=600.0, gt=0)
+    """Longest an offer's build and numeric check may take (compile offers: the build only, since
+    their first call records CUDA graphs that must stay on the engine's thread)."""
 
 
 CPU_MAX_COST = 20 * 1024 * 1024

@@ -12,7 +12,10 @@ checks numbers against the reference, measures and composes (see :mod:`diffstack
 that raises is recorded against its plugin and skipped; the others still compose.
 
 Implementations take keyword arguments only, may accept any subset of a spec's arguments, and must
-not give their parameters defaults (pluggy does not pass them).
+not give their parameters defaults (pluggy does not pass them; the host refuses such a plugin at
+load). A hook returns one offer, a list of offers or ``None``; anything else fails that plugin's
+answer. A build may return its object wrapped in :class:`~diffstack.types.Built` to add notes to the
+report.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffstack.types import PluginRecord, StackReport
+from diffstack.types import CandidateReport, PluginRecord, StackReport
 
 
 def to_jsonable(value: Any) -> Any:
@@ -70,7 +70,17 @@ def report_text(report: StackReport) -> str:
         if rows:
             headers = ("scope", "offer", "plugin", "prio", "status", "rel err", "ms", "setup s", "reason")
             lines.append(_indent(table(headers, rows)))
+        lines += _notes(slot.candidates)
     return "\n".join(lines)
+
+
+def _notes(candidates: Sequence[CandidateReport]) -> list[str]:
+    """What offers said of themselves (a probe's yes, a build's notes), once per offer."""
+    seen: dict[tuple[str, str], tuple[str, ...]] = {}
+    for c in candidates:
+        if c.notes:
+            seen.setdefault((c.plugin, c.offer), c.notes)
+    return [f"  {offer} ({plugin}): {'; '.join(notes)}" for (plugin, offer), notes in seen.items()]
 
 
 def _number(value: float | None, fmt: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +92,20 @@ class Availability:
 
 Probe = Callable[[ModelInfo], Availability]
 
+BuiltT = TypeVar("BuiltT")
+
+
+@dataclass(frozen=True)
+class Built(Generic[BuiltT]):
+    """What a build returned, with notes for the report (the mode it chose, a cache it loaded).
+
+    A ``build`` may return its object bare or wrapped in ``Built``; the notes travel, unchanged, in
+    the candidate's ``notes`` to the CLI, the logs and the diagnostics RPC.
+    """
+
+    value: BuiltT
+    notes: tuple[str, ...] = ()
+
 
 def always_available(model: ModelInfo) -> Availability:
     """The default probe, for offers that work everywhere the engine runs."""
@@ -136,7 +150,7 @@ class AttentionOffer(Offer):
     names the diffusers attention-dispatch backend that serves transformer denoisers (FLUX).
     """
 
-    build: Callable[[ModelInfo], AttentionFn]
+    build: Callable[[ModelInfo], AttentionFn | Built[AttentionFn]]
     supports: Callable[[AttentionShape], Availability] = supports_every_shape
     diffusers_backend: str | None = None
 
@@ -223,9 +237,10 @@ class DenoiserWrapperOffer(Offer):
 
 @dataclass(frozen=True, kw_only=True)
 class CompileOffer(Offer):
-    """A way to execute the denoiser faster. ``build`` returns the module that replaces it."""
+    """A way to execute the denoiser faster. ``build`` returns the module that replaces it (bare or
+    in :class:`Built`, with notes such as the compile mode)."""
 
-    build: Callable[[torch.nn.Module, ModelInfo], torch.nn.Module]
+    build: Callable[[torch.nn.Module, ModelInfo], torch.nn.Module | Built[torch.nn.Module]]
 
 
 AnyOffer = AttentionOffer | SigmasOffer | EncoderOffer | DenoiserWrapperOffer | CompileOffer
@@ -244,11 +259,16 @@ class CandidateStatus(enum.StrEnum):
     SLOWER = "slower"
     REJECTED = "rejected"  # the probe said no, or the numbers were wrong
     FAILED = "failed"  # raised while probing, building or running
+    TIMED_OUT = "timed out"  # probing, building or checking ran past its limit (compose.*_timeout_s)
 
 
 @dataclass(frozen=True)
 class CandidateReport:
-    """One offer's fate in one slot (and, for attention, one shape)."""
+    """One offer's fate in one slot (and, for attention, one shape).
+
+    ``reason`` says why it was not chosen (or why a stackable offer is available); ``notes`` carry
+    what the offer itself said: its probe's "yes, because …" and its build's :class:`Built` notes.
+    """
 
     plugin: str
     offer: str
@@ -259,6 +279,7 @@ class CandidateReport:
     numeric_error: float | None = None
     time_ms: float | None = None
     setup_s: float | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -270,6 +291,15 @@ class SlotReport:
     candidates: tuple[CandidateReport, ...]
 
 
+class PluginStatus(enum.StrEnum):
+    """Whether a plugin took part; the values are the words the CLI and the logs show."""
+
+    LOADED = "loaded"
+    FAILED = "failed"  # import, validation or registration failed; ``error`` says why
+    DISABLED = "disabled"  # turned off by the allow/deny lists
+    TIMED_OUT = "timed out"  # its import ran past ``plugins.import_timeout_s``
+
+
 @dataclass(frozen=True)
 class PluginRecord:
     """A plugin as the host saw it: the same data for the CLI, the logs and the diagnostics RPC."""
@@ -279,7 +309,7 @@ class PluginRecord:
     version: str
     entry_point: str
     hooks: tuple[str, ...]
-    status: str  # "loaded", "failed" or "disabled"
+    status: PluginStatus
     error: str = ""
 
 

@@ -58,7 +58,8 @@ def main(cache_dir: str) -> None:
     }
     with torch.inference_mode():
         eager = unet(**inputs, return_dict=False)[0]
-        compiled = offer.build(unet, model)
+        built = offer.build(unet, model)
+        compiled = built.value
         output = compiled(**inputs, return_dict=False)[0]
     error = float((output - eager).norm() / eager.norm())
     print(
@@ -67,7 +68,7 @@ def main(cache_dir: str) -> None:
                 "probe": offer.probe(model).reason,
                 "error": error,
                 "compile_seconds": compiled.diffstack_compile_seconds,
-                "notes": compiled.diffstack_notes,
+                "notes": built.notes,
                 "hits": counters["inductor"]["fxgraph_cache_hit"],
                 "misses": counters["inductor"]["fxgraph_cache_miss"],
             }

@@ -31,18 +31,6 @@ _PIL_FORMATS: dict[int, str] = {
     types_pb2.IMAGE_FORMAT_JPEG: "JPEG",
 }
 _DECODABLE = ("PNG", "JPEG", "WEBP")
-_PLUGIN_STATUS = {
-    "loaded": diagnostics_pb2.PLUGIN_STATUS_LOADED,
-    "failed": diagnostics_pb2.PLUGIN_STATUS_FAILED,
-    "disabled": diagnostics_pb2.PLUGIN_STATUS_DISABLED,
-}
-_CANDIDATE_STATUS = {
-    "chosen": diagnostics_pb2.CANDIDATE_STATUS_CHOSEN,
-    "available": diagnostics_pb2.CANDIDATE_STATUS_AVAILABLE,
-    "slower": diagnostics_pb2.CANDIDATE_STATUS_SLOWER,
-    "rejected": diagnostics_pb2.CANDIDATE_STATUS_REJECTED,
-    "failed": diagnostics_pb2.CANDIDATE_STATUS_FAILED,
-}
 _WEIGHTS = {"random": diagnostics_pb2.MODEL_WEIGHTS_RANDOM, "trained": diagnostics_pb2.MODEL_WEIGHTS_TRAINED}
 
 
@@ -192,7 +180,8 @@ def plugin_message(record: PluginRecord) -> diagnostics_pb2.Plugin:
         version=record.version,
         entry_point=record.entry_point,
         hooks=list(record.hooks),
-        status=_PLUGIN_STATUS.get(record.status, diagnostics_pb2.PLUGIN_STATUS_UNSPECIFIED),
+        # Wire enums spell each member as the core enum does (TIMED_OUT → PLUGIN_STATUS_TIMED_OUT).
+        status=diagnostics_pb2.PluginStatus.Value(f"PLUGIN_STATUS_{record.status.name}"),
         error=record.error,
     )
 
@@ -214,14 +203,13 @@ def stack_message(report: StackReport) -> diagnostics_pb2.StackReport:
                         plugin=c.plugin,
                         offer=c.offer,
                         priority=c.priority,
-                        status=_CANDIDATE_STATUS.get(
-                            str(c.status), diagnostics_pb2.CANDIDATE_STATUS_UNSPECIFIED
-                        ),
+                        status=diagnostics_pb2.CandidateStatus.Value(f"CANDIDATE_STATUS_{c.status.name}"),
                         reason=c.reason,
                         scope=c.scope,
                         numeric_error=c.numeric_error,
                         time_ms=c.time_ms,
                         setup_s=c.setup_s,
+                        notes=list(c.notes),
                     )
                     for c in slot.candidates
                 ],

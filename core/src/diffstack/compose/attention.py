@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
+from types import MappingProxyType
 
 import torch
 
 from diffstack.attention import backend_kernel, sdpa
 from diffstack.compose.slots import (
-    ComposedStack,
     ModelUnderTest,
     SlotRecorder,
-    guard,
-    pick_fastest,
+    Trial,
+    build_guard,
+    checked_availability,
+    probe_guard,
+    settle,
     valid_offers,
 )
 from diffstack.config import ComposeSettings
-from diffstack.plugins import OfferFrom, PluginHost
+from diffstack.plugins import Failure, PluginHost
 from diffstack.timing import median_ms, relative_error
 from diffstack.types import (
     AttentionFn,
@@ -27,105 +31,106 @@ from diffstack.types import (
     CandidateStatus,
     DenoiserKind,
     ModelInfo,
+    SlotReport,
 )
+
+AttentionTrial = Trial[AttentionOffer, AttentionFn]
+
+
+@dataclass(frozen=True)
+class AttentionDecision:
+    """The kernels chosen: per attention module (UNets) or one dispatch backend (transformers)."""
+
+    plan: Mapping[str, tuple[str, AttentionFn]]
+    """Attention module name → (offer name, kernel); modules absent keep SDPA."""
+    backend: str | None
+    report: SlotReport
 
 
 def compose_attention(
-    host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, stack: ComposedStack
-) -> None:
+    host: PluginHost, model: ModelUnderTest, settings: ComposeSettings
+) -> AttentionDecision:
     slot = SlotRecorder("select_attention")
-    built: list[tuple[OfferFrom, AttentionOffer, AttentionFn]] = []
     transformer = model.info.denoiser_kind is DenoiserKind.TRANSFORMER
-    for source, offer in valid_offers(host, "select_attention", AttentionOffer, model, slot):
-        if transformer and offer.diffusers_backend is None:
-            slot.add(
-                source,
+    built: list[AttentionTrial] = []
+    for trial in valid_offers(host, "select_attention", AttentionOffer, model, settings, slot):
+        backend = trial.offer.diffusers_backend
+        if transformer and backend is None:
+            slot.record(
+                trial,
                 CandidateStatus.REJECTED,
                 "offers no diffusers attention backend for transformer models",
             )
             continue
-        kernel = (
-            guard("build", backend_kernel, offer.diffusers_backend)
-            if transformer and offer.diffusers_backend
-            else guard("build", offer.build, model.info)
+        build = (
+            partial(backend_kernel, backend)
+            if backend and transformer
+            else partial(trial.offer.build, model.info)
         )
-        if isinstance(kernel, str):
-            slot.add(source, CandidateStatus.FAILED, kernel)
+        kernel = build_guard(settings, "build", build)
+        if isinstance(kernel, Failure):
+            slot.fail(trial, kernel)
         else:
-            built.append((source, offer, kernel))
+            built.append(trial.with_build(kernel))
 
     distinct = sorted(set(model.module_shapes.values()), key=lambda s: s.key)
     scopes = [(f"all {len(distinct)} shapes", distinct)] if transformer else [(s.key, [s]) for s in distinct]
+    chosen: list[str] = []
+    plan: dict[str, tuple[str, AttentionFn]] = {}
+    backend_chosen: str | None = None
     for scope, shapes in scopes:
-        winner = _decide_attention(slot, scope, shapes, built, model, settings)
+        winner = _decide(slot, scope, shapes, built, model, settings)
         if winner is None:
             continue
-        slot.chosen.append(f"{winner[1].name}" if transformer else f"{scope}: {winner[1].name}")
+        chosen.append(winner.offer.name if transformer else f"{scope}: {winner.offer.name}")
         if transformer:
-            stack.attention_backend = winner[1].diffusers_backend
+            backend_chosen = winner.offer.diffusers_backend
         else:
-            for module_name, shape in model.module_shapes.items():
-                if shape in shapes:
-                    stack.attention_plan[module_name] = (winner[1].name, winner[2])
-    stack.slots.append(slot.report())
+            plan.update(
+                (module, (winner.offer.name, winner.value()))
+                for module, shape in model.module_shapes.items()
+                if shape in shapes
+            )
+    return AttentionDecision(MappingProxyType(plan), backend_chosen, slot.report(chosen))
 
 
-def _decide_attention(
+def _decide(
     slot: SlotRecorder,
     scope: str,
     shapes: Sequence[AttentionShape],
-    built: list[tuple[OfferFrom, AttentionOffer, AttentionFn]],
+    built: list[AttentionTrial],
     model: ModelUnderTest,
     settings: ComposeSettings,
-) -> tuple[OfferFrom, AttentionOffer, AttentionFn] | None:
+) -> AttentionTrial | None:
+    """One scope's trials: each must support every shape, match SDPA, and is then timed."""
     inputs = [_qkv(shape, settings.batch, model.info) for shape in shapes]
     references = [sdpa(*(t.float() for t in qkv)) for qkv in inputs]
-    passing: list[tuple[tuple[OfferFrom, AttentionOffer, AttentionFn], float, float | None]] = []
-    for candidate in built:
-        source, offer, kernel = candidate
-        unsupported = [s for s in shapes if not _supports(offer, s).ok]
-        if unsupported:
-            slot.add(source, CandidateStatus.REJECTED, _supports(offer, unsupported[0]).reason, scope=scope)
+    passing: list[AttentionTrial] = []
+    for trial in built:
+        unsupported = _first_unsupported(trial.offer, shapes, settings)
+        if isinstance(unsupported, Failure):
+            slot.fail(trial, unsupported, scope)
             continue
-        errors = guard("run", _kernel_errors, kernel, inputs, references)
-        if isinstance(errors, str):
-            slot.add(source, CandidateStatus.FAILED, errors, scope=scope)
+        if unsupported is not None:
+            slot.record(trial, CandidateStatus.REJECTED, unsupported.reason, scope)
             continue
-        error = max(errors)
-        if error > settings.attention_tolerance:
-            slot.add(
-                source,
-                CandidateStatus.REJECTED,
-                f"relative error {error:.2e} exceeds {settings.attention_tolerance:.0e}",
-                scope=scope,
-                numeric_error=error,
+        errors = build_guard(settings, "run", _kernel_errors, trial.value(), inputs, references)
+        if isinstance(errors, Failure):
+            slot.fail(trial, errors, scope)
+            continue
+        checked = replace(trial, numeric_error=max(errors))
+        if max(errors) > settings.attention_tolerance:
+            reason = f"relative error {max(errors):.2e} exceeds {settings.attention_tolerance:.0e}"
+            slot.record(checked, CandidateStatus.REJECTED, reason, scope)
+            continue
+        if model.measure:
+            kernel = trial.value()
+            elapsed = sum(
+                median_ms(partial(kernel, *qkv), settings.repeats, model.info.device) for qkv in inputs
             )
-            continue
-        elapsed = (
-            sum(median_ms(partial(kernel, *qkv), settings.repeats, model.info.device) for qkv in inputs)
-            if model.measure
-            else None
-        )
-        passing.append((candidate, error, elapsed))
-    if not passing:
-        return None
-    winner_source, reasons = pick_fastest([(c[0], t) for c, _, t in passing], settings.tie_fraction)
-    for index, (candidate, error, elapsed) in enumerate(passing):
-        won = candidate[0] is winner_source
-        status = (
-            CandidateStatus.CHOSEN
-            if won
-            else (CandidateStatus.SLOWER if model.measure else CandidateStatus.AVAILABLE)
-        )
-        slot.add(
-            candidate[0],
-            status,
-            "" if won else reasons[index],
-            scope=scope,
-            numeric_error=error,
-            time_ms=elapsed,
-        )
-    return next(c for c, _, _ in passing if c[0] is winner_source)
+            checked = replace(checked, time_ms=elapsed)
+        passing.append(checked)
+    return settle(slot, passing, measured=model.measure, tie_fraction=settings.tie_fraction, scope=scope)
 
 
 def _kernel_errors(
@@ -134,9 +139,17 @@ def _kernel_errors(
     return [relative_error(kernel(*qkv), ref) for qkv, ref in zip(inputs, references, strict=True)]
 
 
-def _supports(offer: AttentionOffer, shape: AttentionShape) -> Availability:
-    answer = guard("supports", offer.supports, shape)
-    return Availability.no(answer) if isinstance(answer, str) else answer
+def _first_unsupported(
+    offer: AttentionOffer, shapes: Sequence[AttentionShape], settings: ComposeSettings
+) -> Availability | Failure | None:
+    """The offer's "no" for the first shape it does not serve, a failure, or None when it serves all."""
+    for shape in shapes:
+        answer = probe_guard(
+            settings, "supports", lambda s: checked_availability(offer.supports(s), "supports"), shape
+        )
+        if isinstance(answer, Failure) or not answer.ok:
+            return answer
+    return None
 
 
 def _qkv(

@@ -3,87 +3,60 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
-from diffstack.compose.slots import (
-    ComposedStack,
-    ModelUnderTest,
-    SlotRecorder,
-    guard,
-    pick_fastest,
-    valid_offers,
-)
+from diffstack.compose.slots import ModelUnderTest, SlotRecorder, Trial, build_guard, settle, valid_offers
 from diffstack.config import ComposeSettings
-from diffstack.plugins import OfferFrom, PluginHost
+from diffstack.plugins import Failure, PluginHost, guard
 from diffstack.timing import median_ms, relative_error
-from diffstack.types import (
-    CandidateStatus,
-    CompileOffer,
-)
+from diffstack.types import CandidateStatus, CompileOffer, SlotReport
+
+CompileTrial = Trial[CompileOffer, torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    """The module that replaces the denoiser, or None to run it eagerly."""
+
+    compiled: torch.nn.Module | None
+    report: SlotReport
 
 
 def compose_compile(
-    host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, stack: ComposedStack
-) -> None:
+    host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, reference: torch.Tensor
+) -> CompileDecision:
+    """``reference`` is the eager denoiser's output with the chosen attention in place."""
     slot = SlotRecorder("compile_model")
-    passing: list[tuple[OfferFrom, torch.nn.Module, float, float, float | None]] = []
-    for source, offer in valid_offers(host, "compile_model", CompileOffer, model, slot):
+    bf16 = model.info.dtype == torch.bfloat16
+    tolerance = settings.compile_tolerance_bf16 if bf16 else settings.compile_tolerance
+    passing: list[CompileTrial] = []
+    for trial in valid_offers(host, "compile_model", CompileOffer, model, settings, slot):
         started = time.perf_counter()
-        result = guard("build", _build_and_run, offer, model)
-        setup_s = time.perf_counter() - started
-        if isinstance(result, str):
-            slot.add(source, CandidateStatus.FAILED, result, setup_s=setup_s)
+        module = build_guard(settings, "build", trial.offer.build, model.denoiser, model.info)
+        if isinstance(module, Failure):
+            slot.fail(replace(trial, setup_s=time.perf_counter() - started), module)
             continue
-        module, output = result
-        error = relative_error(output, model.reference_output)
-        bf16 = model.info.dtype == torch.bfloat16
-        tolerance = settings.compile_tolerance_bf16 if bf16 else settings.compile_tolerance
-        if error > tolerance:
-            slot.add(
-                source,
-                CandidateStatus.REJECTED,
-                f"relative error {error:.2e} vs eager exceeds {tolerance:.0e}",
-                numeric_error=error,
-                setup_s=setup_s,
-            )
+        trial = trial.with_build(module)
+        # The first call compiles and may record CUDA graphs, which replay only on the thread that
+        # recorded them: it runs here, on the engine's thread, outside the build's time limit.
+        output = guard("run", model.denoise, trial.value())
+        trial = replace(trial, setup_s=time.perf_counter() - started)
+        if isinstance(output, Failure):
+            slot.fail(trial, output)
             continue
-        elapsed = (
-            median_ms(
-                partial(module, **model.denoiser_inputs, return_dict=False),
-                settings.repeats,
-                model.info.device,
-            )
-            if model.measure
-            else None
-        )
-        passing.append((source, module, error, setup_s, elapsed))
-    if passing:
-        winner, reasons = pick_fastest([(p[0], p[4]) for p in passing], settings.tie_fraction)
-        for index, (source, module, error, setup_s, elapsed) in enumerate(passing):
-            won = source is winner
-            status = (
-                CandidateStatus.CHOSEN
-                if won
-                else (CandidateStatus.SLOWER if model.measure else CandidateStatus.AVAILABLE)
-            )
-            slot.add(
-                source,
-                status,
-                "" if won else reasons[index],
-                numeric_error=error,
-                time_ms=elapsed,
-                setup_s=setup_s,
-            )
-            if won:
-                stack.compiled = module
-                slot.chosen.append(source.offer.name)
-    stack.slots.append(slot.report())
-
-
-def _build_and_run(offer: CompileOffer, model: ModelUnderTest) -> tuple[torch.nn.Module, torch.Tensor]:
-    module = offer.build(model.denoiser, model.info)
-    with torch.inference_mode():
-        output = module(**model.denoiser_inputs, return_dict=False)[0]
-    return module, output
+        trial = replace(trial, numeric_error=relative_error(output, reference))
+        if trial.numeric_error is not None and trial.numeric_error > tolerance:
+            reason = f"relative error {trial.numeric_error:.2e} vs eager exceeds {tolerance:.0e}"
+            slot.record(trial, CandidateStatus.REJECTED, reason)
+            continue
+        if model.measure:
+            call = partial(trial.value(), **model.denoiser_inputs, return_dict=False)
+            trial = replace(trial, time_ms=median_ms(call, settings.repeats, model.info.device))
+        passing.append(trial)
+    winner = settle(slot, passing, measured=model.measure, tie_fraction=settings.tie_fraction)
+    return CompileDecision(
+        winner.value() if winner else None, slot.report([winner.offer.name] if winner else [])
+    )

@@ -12,7 +12,7 @@ import structlog
 import torch
 
 from diffstack.attention import capture_attention_shapes, install_attention
-from diffstack.compose import ComposedStack, ModelUnderTest, compose_stack
+from diffstack.compose import AttentionDecision, ComposedStack, ModelUnderTest, compose_stack
 from diffstack.config import Settings
 from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
 from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
@@ -105,10 +105,7 @@ def compose_model(
 
     width, height = default_size(pipeline, adapter, card)
     inputs = adapter.sample_inputs(pipeline, settings.compose.batch, height, width)
-    reference: list[torch.Tensor] = []
-    shapes = capture_attention_shapes(
-        denoiser, lambda: reference.append(denoiser(**inputs, return_dict=False)[0])
-    )
+    shapes = capture_attention_shapes(denoiser, lambda: denoiser(**inputs, return_dict=False))
     info = ModelInfo(
         name=name,
         family=family,
@@ -123,7 +120,6 @@ def compose_model(
         info=info,
         denoiser=denoiser,
         denoiser_inputs=inputs,
-        reference_output=reference[0],
         module_shapes=shapes,
         base_encoder=partial(_encode_without_grad, adapter, pipeline),
         scheduler=pipeline.scheduler,
@@ -150,12 +146,12 @@ def compose_model(
     return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
 
 
-def apply_attention(denoiser: torch.nn.Module, stack: ComposedStack) -> None:
+def apply_attention(denoiser: torch.nn.Module, attention: AttentionDecision) -> None:
     """Put the chosen kernels in place: processors per module (UNets) or the dispatch backend."""
-    if stack.attention_backend is not None:
-        denoiser.set_attention_backend(stack.attention_backend)  # type: ignore[operator]
-    elif stack.attention_plan:
-        install_attention(denoiser, stack.attention_plan)
+    if attention.backend is not None:
+        denoiser.set_attention_backend(attention.backend)  # type: ignore[operator]
+    elif attention.plan:
+        install_attention(denoiser, attention.plan)
 
 
 def default_size(pipeline: Pipeline, adapter: FamilyAdapter, card: ModelCard) -> tuple[int, int]:

@@ -25,11 +25,13 @@ from typing import Any, cast
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from diffstack import DenoiserKind, ModelInfo
+from diffstack import Built, DenoiserKind, ModelInfo
 from diffstack_torch_compile.config import CompileConfig
 
 
-def compile_denoiser(denoiser: torch.nn.Module, model: ModelInfo, config: CompileConfig) -> torch.nn.Module:
+def compile_denoiser(
+    denoiser: torch.nn.Module, model: ModelInfo, config: CompileConfig
+) -> Built[torch.nn.Module]:
     """``torch.compile(denoiser)`` after layout and projection changes that keep eager results exact.
 
     The denoiser is changed in place (memory format, fused projections): both keep its numbers, so
@@ -55,9 +57,8 @@ def compile_denoiser(denoiser: torch.nn.Module, model: ModelInfo, config: Compil
     compiled.register_forward_pre_hook(_call_normalizer(denoiser, config.dynamic_batch), with_kwargs=True)
     _watch_calls(compiled, artifacts, clone_outputs=config.uses_cuda_graphs(model.device))
     # Set on the wrapper itself: OptimizedModule forwards plain setattr to the shared denoiser.
-    object.__setattr__(compiled, "diffstack_notes", tuple(notes))
     object.__setattr__(compiled, "diffstack_compile_seconds", None)
-    return compiled
+    return Built(compiled, notes=tuple(notes))
 
 
 def fuse_projections(denoiser: torch.nn.Module, kind: DenoiserKind) -> str:

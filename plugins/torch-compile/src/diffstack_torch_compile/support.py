@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from diffstack import Availability, ModelInfo, OptionsError, needs_module, parse_options
+from diffstack import Availability, Built, ModelInfo, OptionsError, needs_module, parse_options
 from diffstack_torch_compile.config import CompileConfig
 
 OPTIONS = "torch_compile"
@@ -36,7 +36,7 @@ def probe(model: ModelInfo) -> Availability:
     return Availability.yes(f"mode {mode}, cache {config.cache_path}")
 
 
-def build(denoiser: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
+def build(denoiser: torch.nn.Module, model: ModelInfo) -> Built[torch.nn.Module]:
     from diffstack_torch_compile.compiler import compile_denoiser
 
     return compile_denoiser(denoiser, model, parse_options(CompileConfig, model.plugin_options(OPTIONS)))

@@ -33,6 +33,8 @@ class _PluginStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PluginSt
     """The plugin failed to load; error says why."""
     PLUGIN_STATUS_DISABLED: _PluginStatus.ValueType  # 3
     """An admin turned the plugin off by configuration."""
+    PLUGIN_STATUS_TIMED_OUT: _PluginStatus.ValueType  # 4
+    """The plugin's import ran past the configured limit; error says which."""
 
 class PluginStatus(_PluginStatus, metaclass=_PluginStatusEnumTypeWrapper):
     """PluginStatus says whether a plugin took part."""
@@ -45,6 +47,8 @@ PLUGIN_STATUS_FAILED: PluginStatus.ValueType  # 2
 """The plugin failed to load; error says why."""
 PLUGIN_STATUS_DISABLED: PluginStatus.ValueType  # 3
 """An admin turned the plugin off by configuration."""
+PLUGIN_STATUS_TIMED_OUT: PluginStatus.ValueType  # 4
+"""The plugin's import ran past the configured limit; error says which."""
 Global___PluginStatus: _TypeAlias = PluginStatus  # noqa: Y015
 
 class _CandidateStatus:
@@ -65,6 +69,8 @@ class _CandidateStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Candi
     """The probe said no, or the numbers were wrong."""
     CANDIDATE_STATUS_FAILED: _CandidateStatus.ValueType  # 5
     """The offer raised while probing, building or running."""
+    CANDIDATE_STATUS_TIMED_OUT: _CandidateStatus.ValueType  # 6
+    """Probing, building or checking the offer ran past the configured limit; reason says which."""
 
 class CandidateStatus(_CandidateStatus, metaclass=_CandidateStatusEnumTypeWrapper):
     """CandidateStatus is what became of one offer."""
@@ -81,6 +87,8 @@ CANDIDATE_STATUS_REJECTED: CandidateStatus.ValueType  # 4
 """The probe said no, or the numbers were wrong."""
 CANDIDATE_STATUS_FAILED: CandidateStatus.ValueType  # 5
 """The offer raised while probing, building or running."""
+CANDIDATE_STATUS_TIMED_OUT: CandidateStatus.ValueType  # 6
+"""Probing, building or checking the offer ran past the configured limit; reason says which."""
 Global___CandidateStatus: _TypeAlias = CandidateStatus  # noqa: Y015
 
 class _ModelWeights:
@@ -341,6 +349,7 @@ class Candidate(_message.Message):
     NUMERIC_ERROR_FIELD_NUMBER: _builtins.int
     TIME_MS_FIELD_NUMBER: _builtins.int
     SETUP_S_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     plugin: _builtins.str
     """The plugin that made the offer."""
     offer: _builtins.str
@@ -359,6 +368,12 @@ class Candidate(_message.Message):
     """The measured time in milliseconds, when measured."""
     setup_s: _builtins.float
     """The one-off setup time in seconds (e.g. compilation), when measured."""
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the offer said of itself: its probe's "yes, because ..." and its build's notes (e.g. the
+        compile mode and what the compile cache did).
+        """
+
     def __init__(
         self,
         *,
@@ -371,10 +386,11 @@ class Candidate(_message.Message):
         numeric_error: _builtins.float | None = ...,
         time_ms: _builtins.float | None = ...,
         setup_s: _builtins.float | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_numeric_error", b"_numeric_error", "_setup_s", b"_setup_s", "_time_ms", b"_time_ms", "numeric_error", b"numeric_error", "setup_s", b"setup_s", "time_ms", b"time_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_numeric_error", b"_numeric_error", "_setup_s", b"_setup_s", "_time_ms", b"_time_ms", "numeric_error", b"numeric_error", "offer", b"offer", "plugin", b"plugin", "priority", b"priority", "reason", b"reason", "scope", b"scope", "setup_s", b"setup_s", "status", b"status", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_numeric_error", b"_numeric_error", "_setup_s", b"_setup_s", "_time_ms", b"_time_ms", "notes", b"notes", "numeric_error", b"numeric_error", "offer", b"offer", "plugin", b"plugin", "priority", b"priority", "reason", b"reason", "scope", b"scope", "setup_s", b"setup_s", "status", b"status", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__numeric_error: _TypeAlias = _typing.Literal["numeric_error"]  # noqa: Y015
     _WhichOneofArgType__numeric_error: _TypeAlias = _typing.Literal["_numeric_error", b"_numeric_error"]  # noqa: Y015
