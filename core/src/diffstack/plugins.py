@@ -8,6 +8,7 @@ is not a list of offers, or takes longer than its limit is recorded and skipped,
 
 from __future__ import annotations
 
+import contextvars
 import importlib.metadata as metadata
 import threading
 from collections.abc import Callable, Iterable
@@ -88,7 +89,8 @@ def guard(
         except BaseException as exc:  # a plugin calling sys.exit must not end the server either
             outcome.append((False, exc))
 
-    worker = threading.Thread(target=run, name=f"diffstack-plugin-{stage}", daemon=True)
+    context = contextvars.copy_context()  # the caller's bound log context (model, request) goes along
+    worker = threading.Thread(target=context.run, args=(run,), name=f"diffstack-plugin-{stage}", daemon=True)
     worker.start()
     worker.join(limit_s)
     if not outcome:
