@@ -499,7 +499,7 @@ def explain_rejections(
             for c in (report.slot(slot).candidates if slot else ())
             if c.offer in names
             and c.reason
-            and c.status in (CandidateStatus.REJECTED, CandidateStatus.FAILED)
+            and c.status in (CandidateStatus.REJECTED, CandidateStatus.FAILED, CandidateStatus.TIMED_OUT)
         ]
         explained.append(FieldViolation(violation.field, "; ".join([violation.description, *reasons])))
     return InvalidRequest(explained)

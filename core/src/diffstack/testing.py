@@ -236,7 +236,7 @@ def host_with(*plugins: Any) -> PluginHost:
     pipeline's encoder, eager execution) still stand in for the slots nobody fills.
     """
     from diffstack.plugins import PluginHost
-    from diffstack.types import PluginRecord
+    from diffstack.types import PluginRecord, PluginStatus
 
     host = PluginHost()
     for plugin in plugins:
@@ -245,11 +245,16 @@ def host_with(*plugins: Any) -> PluginHost:
         host.register(
             plugin,
             PluginRecord(
-                name=name, distribution="", version="", entry_point=module_name, hooks=(), status=""
+                name=name,
+                distribution="",
+                version="",
+                entry_point=module_name,
+                hooks=(),
+                status=PluginStatus.DISABLED,  # until registered
             ),
         )
         failure = next(r for r in host.records if r.name == name)
-        if failure.status != "loaded":
+        if failure.status is not PluginStatus.LOADED:
             raise AssertionError(f"plugin {name!r} did not load: {failure.error}")
     return host
 
