@@ -81,25 +81,25 @@ def guard(
             return fn(*args)
         except Exception as exc:
             return Failure(f"{stage} raised {type(exc).__name__}: {exc}")
-    outcome: list[tuple[bool, Any]] = []
+    results: list[ResultT] = []
+    errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            outcome.append((True, fn(*args)))
+            results.append(fn(*args))
         except BaseException as exc:  # a plugin calling sys.exit must not end the server either
-            outcome.append((False, exc))
+            errors.append(exc)
 
     context = contextvars.copy_context()  # the caller's bound log context (model, request) goes along
     worker = threading.Thread(target=context.run, args=(run,), name=f"diffstack-plugin-{stage}", daemon=True)
     worker.start()
     worker.join(limit_s)
-    if not outcome:
-        setting = f" ({limit_name})" if limit_name else ""
-        return Failure(f"{stage} timed out after {limit_s:g} s{setting}", timed_out=True)
-    ok, value = outcome[0]
-    if ok:
-        return value
-    return Failure(f"{stage} raised {type(value).__name__}: {value}")
+    if results:
+        return results[0]
+    if errors:
+        return Failure(f"{stage} raised {type(errors[0]).__name__}: {errors[0]}")
+    setting = f" ({limit_name})" if limit_name else ""
+    return Failure(f"{stage} timed out after {limit_s:g} s{setting}", timed_out=True)
 
 
 @dataclass(frozen=True)
