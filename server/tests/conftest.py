@@ -57,6 +57,12 @@ def settings_for(models_dir: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture(scope="session")
+def settings_at() -> Callable[..., Settings]:
+    """``settings_at(models_dir, **sections)``: test settings for another models directory."""
+    return make_settings
+
+
+@pytest.fixture(scope="session")
 def engine(models_dir: Path) -> Engine:
     """One real engine for the session (servers come and go around it)."""
     settings = make_settings(models_dir)

@@ -1,4 +1,5 @@
-"""SIGTERM while a request runs: the request completes and the process exits 0."""
+"""SIGTERM while a request runs: the request completes and the process exits 0; and the process exits
+even when the engine's device thread is stuck in a plugin."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
+
 from diffstack.testing import BASELINE_PLUGINS
-from diffstack_client import DiffstackClient, Finished, Progress
+from diffstack_client import DiffstackClient, Finished, Progress, ServiceError
 from diffstack_server.testing import WAIT_S
 
 MODEL = "tiny-sd1"
@@ -62,6 +66,45 @@ def test_sigterm_finishes_the_running_request_and_exits_0(models_dir: Path) -> N
         while not lines.empty():
             seen.add(lines.get().get("event"))
         assert {"draining", "stopped"} <= seen
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+HANGING_SERVER = """
+import importlib, sys
+import diffstack.plugins
+from diffstack.config import load_settings
+from diffstack_server.app import serve
+
+sys.path.insert(0, sys.argv[1])
+# A plugin whose import never returns: it holds the import lock on the engine's device thread.
+diffstack.plugins.load_plugins = lambda settings: importlib.import_module("hangs_on_import")
+settings = load_settings(server={"port": 0, "log_format": "json", "grace_seconds": 1.0})
+sys.exit(serve(settings))
+"""
+
+
+def test_sigterm_exits_even_when_a_plugin_never_returns(tmp_path: Path) -> None:
+    (tmp_path / "hangs_on_import.py").write_text("import threading\nthreading.Event().wait()\n")
+    child = subprocess.Popen(
+        [sys.executable, "-c", HANGING_SERVER, str(tmp_path)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[dict[str, Any]] = queue.Queue()
+    threading.Thread(target=read_json_lines, args=(child.stderr, lines), daemon=True).start()
+    try:
+        port = wait_for_event(lines, "listening")["port"]
+        with DiffstackClient(f"127.0.0.1:{port}", timeout=WAIT_S) as client:
+            with pytest.raises(ServiceError) as failure:
+                client.plugins()  # the plugins are still loading: nothing to list yet, but an answer
+            assert failure.value.code is grpc.StatusCode.UNAVAILABLE
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=WAIT_S) == 0
+        wait_for_event(lines, "engine_thread_stuck_exiting")
     finally:
         if child.poll() is None:
             child.kill()

@@ -37,6 +37,7 @@ from diffstack.errors import (
     PermissionDenied,
 )
 from diffstack_server.metrics import Metrics
+from diffstack_server.tickets import DEADLINE_SLACK_S
 
 log = structlog.get_logger("diffstack.server.rpc")
 
@@ -181,8 +182,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             outcome[0] = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
             return
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            # The client's own timer ends the call a little before the server's copy of the deadline
+            # runs out: a cancel that close to the deadline is the deadline.
             remaining = context.time_remaining()
-            outcome[0] = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            due = remaining is not None and remaining <= DEADLINE_SLACK_S
+            outcome[0] = "DEADLINE_EXCEEDED" if due else "CANCELLED"
             return
         code, status = status_for(exc, _request_id.get())
         outcome[0] = code.name
