@@ -128,15 +128,30 @@ FAKES = {
             return [SigmasOffer(name="default", priority=1000, build=linear)]
     """,
     "fake_notes": """
+        import torch
         from diffstack.hookspecs import hookimpl
         from diffstack.types import Availability, Built, CompileOffer
+
+        class Unsized(torch.nn.Module):
+            # Like torch.compile's module around a UNet: len() (so bool()) raises.
+
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+                self.config, self.device, self.dtype = inner.config, inner.device, inner.dtype
+
+            def forward(self, *args, **kwargs):
+                return self.inner(*args, **kwargs)
+
+            def __len__(self):
+                raise TypeError("UNet2DConditionModel does not support len()")
 
         @hookimpl
         def compile_model(model):
             return [CompileOffer(
                 name="labelled",
                 probe=lambda model: Availability.yes("runs anywhere"),
-                build=lambda denoiser, model: Built(denoiser, notes=("mode eager", "cache cold")),
+                build=lambda denoiser, model: Built(Unsized(denoiser), notes=("mode eager", "cache cold")),
             )]
     """,
 }
@@ -300,6 +315,7 @@ def test_probe_reasons_and_build_notes_reach_the_report(composed: tuple[Engine, 
     report = composed[1]
     (labelled,) = [c for c in report.slot("compile_model").candidates if c.offer == "labelled"]
     assert labelled.notes == ("runs anywhere", "mode eager", "cache cold")
+    assert labelled.status in {CandidateStatus.CHOSEN, CandidateStatus.SLOWER}, labelled.reason
     assert "labelled (fake_notes): runs anywhere; mode eager; cache cold" in report_text(report)
 
 

@@ -45,7 +45,8 @@ class ModelUnderTest:
     def denoise(self, denoiser: Callable[..., Any] | None = None) -> torch.Tensor:
         """One call of ``denoiser`` (the model's own by default) on the measured inputs."""
         with torch.inference_mode():
-            return (denoiser or self.denoiser)(**self.denoiser_inputs, return_dict=False)[0]
+            module = self.denoiser if denoiser is None else denoiser  # modules may refuse bool()/len()
+            return module(**self.denoiser_inputs, return_dict=False)[0]
 
 
 @dataclass(frozen=True, eq=False)
