@@ -318,3 +318,19 @@ def test_generate_flags_left_out_keep_the_request_types_defaults() -> None:
     assert GenerationRequest(**cli.request_fields(args)) == GenerationRequest("a red circle")
     args = cli.build_parser().parse_args(["generate", "a", "--seed", "3", "--schedule", "karras"])
     assert cli.request_fields(args) == {"prompt": "a", "seeds": (3,), "num_images": 1, "schedule": "karras"}
+
+
+def test_engine_commands_run_on_the_engine_workers_device_thread() -> None:
+    import argparse
+    import threading
+
+    from diffstack.config import Settings
+
+    seen: list[str] = []
+
+    def command(args: argparse.Namespace, settings: Settings) -> int:
+        seen.append(threading.current_thread().name)
+        return 7
+
+    assert cli.on_device(command)(argparse.Namespace(), Settings()) == 7
+    assert seen == ["diffstack-engine"] and threading.current_thread().name != "diffstack-engine"

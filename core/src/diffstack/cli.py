@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stack.add_argument("--model", default="", help="a model name (default: the configured or embedded one)")
     stack.add_argument("--json", action="store_true", help="print JSON instead of text")
-    stack.set_defaults(command=_stack)
+    stack.set_defaults(command=on_device(_stack))
 
     quality = commands.add_parser(
         "quality",
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--schedule", default="auto", help="a schedule name")
     quality.add_argument("--wrapper", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
     quality.add_argument("--batch-size", type=_positive_int, default=16, help="images per pipeline call")
-    quality.set_defaults(command=_quality)
+    quality.set_defaults(command=on_device(_quality))
 
     _register_installed_commands(commands)
     for subparser in commands.choices.values():
@@ -357,7 +357,7 @@ def _add_generate(commands: Subcommands) -> None:
         metavar="NAME[:KEY=VALUE,...]",
         help="enable a denoiser wrapper, e.g. deepcache:interval=3 (diffstack plugins --hook wrap_denoiser)",
     )
-    generate.set_defaults(command=_generate)
+    generate.set_defaults(command=on_device(_generate))
 
 
 def _accept_global_flags(parser: argparse.ArgumentParser) -> None:
@@ -458,6 +458,23 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{path}  seed={generated.seed}")
     print(f"model {result.model}, stack: {stack_summary(result.stack)}", file=sys.stderr)
     return 0
+
+
+def on_device(command: Command) -> Command:
+    """``command`` run on an :class:`~diffstack.engine.EngineWorker`'s device thread: every engine
+    call it makes (start, load, run) happens on that one thread, as in the server, so CUDA graphs
+    recorded while composing replay where they were recorded; Ctrl-C still ends the command at once."""
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from diffstack.engine.worker import EngineWorker
+
+        worker = EngineWorker(settings)
+        try:
+            return worker.submit(command, args, settings).result()
+        finally:
+            worker.stop()
+
+    return run
 
 
 def _start_engine(settings: Settings, model: str = "") -> Engine:
