@@ -73,10 +73,12 @@ class KernelAttnProcessor:
     handles_fused_projections = True
     """It reads ``to_qkv``/``to_kv`` when a module's projections were fused (by a compile offer)."""
 
-    def __init__(self, kernel: AttentionFn, kernel_name: str) -> None:
+    def __init__(self, kernel: AttentionFn, label: str) -> None:
         self.kernel = kernel
-        self.kernel_name = kernel_name
+        self.label = label
+        """The stack report's entry this processor serves (``h8xd40 q4096 k4096: sage``, or a name)."""
         self.failed = False
+        """Set when the kernel raised: from then on this module runs SDPA, and answers say so."""
 
     def __call__(
         self,
@@ -134,7 +136,7 @@ class KernelAttnProcessor:
             self.failed = True
             log.warning(
                 "attention kernel failed; this module falls back to SDPA",
-                kernel=self.kernel_name,
+                kernel=self.label,
                 error=str(exc),
             )
             return F.scaled_dot_product_attention(query, key, value)
@@ -158,10 +160,11 @@ def _project(
 
 
 def install_attention(denoiser: torch.nn.Module, plan: Mapping[str, tuple[str, AttentionFn]]) -> None:
-    """Give each attention module named in ``plan`` a processor running its chosen kernel."""
+    """Give each attention module named in ``plan`` (module → (label, kernel)) a processor running its
+    chosen kernel; the label names the choice in answers when the kernel falls back at run time."""
     processors: dict[str, Any] = dict(denoiser.attn_processors)  # type: ignore[arg-type]
-    for module_name, (kernel_name, kernel) in plan.items():
-        processors[f"{module_name}.processor"] = KernelAttnProcessor(kernel, kernel_name)
+    for module_name, (label, kernel) in plan.items():
+        processors[f"{module_name}.processor"] = KernelAttnProcessor(kernel, label)
     denoiser.set_attn_processor(processors)  # type: ignore[operator]
 
 

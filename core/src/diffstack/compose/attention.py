@@ -42,7 +42,7 @@ class AttentionDecision:
     """The kernels chosen: per attention module (UNets) or one dispatch backend (transformers)."""
 
     plan: Mapping[str, tuple[str, AttentionFn]]
-    """Attention module name → (offer name, kernel); modules absent keep SDPA."""
+    """Attention module name → (the report's entry for it, kernel); modules absent keep SDPA."""
     backend: str | None
     report: SlotReport
 
@@ -87,7 +87,7 @@ def compose_attention(
             backend_chosen = winner.offer.diffusers_backend
         else:
             plan.update(
-                (module, (winner.offer.name, winner.value()))
+                (module, (chosen[-1], winner.value()))  # labelled as the report names the choice
                 for module, shape in model.module_shapes.items()
                 if shape in shapes
             )
