@@ -4,7 +4,10 @@
 ``x-request-id`` metadata or a fresh one, echoed back as initial metadata and bound to every log line),
 maps :mod:`diffstack.errors` to gRPC status codes with ``google.rpc`` details, and records the outcome
 in the access log and the metrics. Handlers raise ``InvalidRequest``, ``Overloaded`` and friends and
-never build a status themselves.
+never build a status themselves. Request bytes that do not parse as the RPC's message are
+INVALID_ARGUMENT (gRPC alone answers UNKNOWN). Everything a status echoes of the client's input is
+bounded, so the trailers stay far below the 8 KiB metadata limit of gRPC clients: a status that
+outgrew it would reach the client as RESOURCE_EXHAUSTED instead of the error it carries.
 
 :class:`AdminTokenInterceptor` requires ``authorization: Bearer <token>`` on DiagnosticsService calls.
 """
@@ -29,6 +32,7 @@ from diffstack.errors import (
     Cancelled,
     DeadlineExceeded,
     DiffstackError,
+    FieldViolation,
     InvalidRequest,
     ModelError,
     NotReady,
@@ -45,6 +49,14 @@ REQUEST_ID_HEADER = "x-request-id"
 ERROR_DOMAIN = "diffstack"
 SERVICE_PREFIX = "/diffstack.v1."
 DIAGNOSTICS_PREFIX = "/diffstack.v1.DiagnosticsService/"
+
+MAX_MESSAGE_BYTES = 512
+MAX_FIELD_BYTES = 64
+MAX_DESCRIPTION_BYTES = 256
+MAX_DETAILS_BYTES = 2048
+"""Bounds on a status (UTF-8 bytes): the message travels percent-encoded (up to 3x), the details
+base64-encoded (4/3x); both together stay under 4 KiB of trailers."""
+ELLIPSIS = "…"
 
 _request_id: ContextVar[str] = ContextVar("diffstack_request_id", default="")
 
@@ -74,13 +86,27 @@ def status_for(error: BaseException, request_id: str) -> tuple[grpc.StatusCode, 
         if isinstance(error, error_type):
             code, reason, message = error_code, error_reason, str(error) or error_reason.lower()
             break
+    violations = list(error.violations) if isinstance(error, InvalidRequest) else []
+    while True:  # drop trailing violations until the details fit (the message still counts them)
+        status = _status(code, clip(message, MAX_MESSAGE_BYTES), violations, reason, request_id)
+        if status.ByteSize() <= MAX_DETAILS_BYTES or not violations:
+            return code, status
+        violations.pop()
+
+
+def _status(
+    code: grpc.StatusCode, message: str, violations: list[FieldViolation], reason: str, request_id: str
+) -> status_pb2.Status:
     details: list[Any] = []
-    if isinstance(error, InvalidRequest):
+    if violations:
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=clip(v.field, MAX_FIELD_BYTES),
+                        description=clip(v.description, MAX_DESCRIPTION_BYTES),
+                    )
+                    for v in violations
                 ]
             )
         )
@@ -91,7 +117,47 @@ def status_for(error: BaseException, request_id: str) -> tuple[grpc.StatusCode, 
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)
-    return code, status
+    return status
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8 (ending in an ellipsis when cut)."""
+    encoded = text.encode("utf-8", errors="replace")
+    if len(encoded) <= max_bytes:
+        return text
+    cut = encoded[: max_bytes - len(ELLIPSIS.encode())].decode("utf-8", errors="ignore")
+    return cut + ELLIPSIS
+
+
+class _Undecodable:
+    """What a request that did not parse is handed on as, so the handler can refuse it with a status."""
+
+    def __init__(self, message_name: str, error: BaseException) -> None:
+        self.error = InvalidRequest(
+            FieldViolation("request", f"the bytes are not a valid {message_name} message ({error})")
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, answering :class:`_Undecodable` instead of raising (gRPC would say UNKNOWN)."""
+    if deserializer is None:
+        return None
+    message_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = message_name.full_name if message_name is not None else "request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(name, exc)
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise request.error
+    return request
 
 
 Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -102,18 +168,21 @@ def _rewrap(
     handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Unary], Unary],
     streaming: Callable[[Streaming], Streaming],
+    tolerant: bool = False,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """``handler`` with its unary-unary or unary-stream behaviour wrapped (others unchanged)."""
+    """``handler`` with its unary-unary or unary-stream behaviour wrapped (others unchanged);
+    ``tolerant``: undecodable requests reach the behaviour as :class:`_Undecodable`."""
+    deserializer = _tolerant(handler.request_deserializer) if tolerant else handler.request_deserializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             unary(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             streaming(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
     return handler
@@ -134,19 +203,22 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        return _rewrap(handler, lambda b: self._unary(method, b), lambda b: self._streaming(method, b))
+        return _rewrap(
+            handler, lambda b: self._unary(method, b), lambda b: self._streaming(method, b), tolerant=True
+        )
 
     def _unary(self, method: str, behaviour: Unary) -> Unary:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = await self._begin(method, context)
             outcome = ["OK"]
             try:
-                return await behaviour(request, context)
+                return await behaviour(_decoded(request), context)
             except BaseException as exc:
-                await self._fail(exc, context, outcome)
+                await self._fail(exc, context, outcome, lambda code: self._end(method, code, started))
                 raise
             finally:
-                self._end(method, outcome[0], started)
+                if outcome[0]:
+                    self._end(method, outcome[0], started)
 
         return handle
 
@@ -155,13 +227,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             started = await self._begin(method, context)
             outcome = ["OK"]
             try:
-                async for message in behaviour(request, context):
+                async for message in behaviour(_decoded(request), context):
                     yield message
             except BaseException as exc:
-                await self._fail(exc, context, outcome)
+                await self._fail(exc, context, outcome, lambda code: self._end(method, code, started))
                 raise
             finally:
-                self._end(method, outcome[0], started)
+                if outcome[0]:
+                    self._end(method, outcome[0], started)
 
         return handle
 
@@ -174,9 +247,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         return time.perf_counter()
 
     async def _fail(
-        self, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any], outcome: list[str]
+        self,
+        exc: BaseException,
+        context: grpc.aio.ServicerContext[Any, Any],
+        outcome: list[str],
+        end: Callable[[str], None],
     ) -> None:
-        """Name what ended the call in ``outcome[0]`` and, for an error, abort with its status (raises)."""
+        """Name what ended the call in ``outcome[0]`` and, for an error, abort with its status (raises).
+        An error is recorded (``end``) before the status leaves: the client may read the metrics next."""
         if isinstance(exc, grpc.aio.AbortError):
             code = context.code()
             outcome[0] = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
@@ -189,9 +267,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             outcome[0] = "DEADLINE_EXCEEDED" if due else "CANCELLED"
             return
         code, status = status_for(exc, _request_id.get())
-        outcome[0] = code.name
         if code is grpc.StatusCode.INTERNAL:
             log.exception("internal_error")
+        end(code.name)
+        outcome[0] = ""  # recorded already
         grpc_status = rpc_status.to_status(status)
         await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
 
