@@ -98,10 +98,8 @@ class EndToEnd:
         record["save_s"] = time.perf_counter() - began
 
     def _plain_pipeline(self) -> Any:
-        from diffstack.engine.loading import pipeline_class
-
         assert self.path is not None
-        cls = pipeline_class(self.workload.family)
+        cls = adapter_for(self.workload.family).pipeline_class()
         pipe = cls.from_pretrained(
             self.path, dtype=self.workload.dtype, use_safetensors=True, local_files_only=True
         ).to(self.run.device)

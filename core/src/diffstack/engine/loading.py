@@ -157,14 +157,10 @@ def check_format(path: Path) -> None:
         raise ModelError(f"{path.name}: expected a diffusers folder or a .safetensors file")
 
 
-def pipeline_class(family: Family) -> type[Pipeline]:
-    return adapter_for(family).pipeline_class()
-
-
 def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -> Pipeline:
     """Load ``path`` with diffusers, offline, safetensors only, onto ``device`` in ``dtype``."""
     check_format(path)
-    cls = pipeline_class(family)
+    cls = adapter_for(family).pipeline_class()
     try:
         if path.is_dir():
             pipe = cls.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
