@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
-from structlog.testing import capture_logs
 
+from diffstack import plugins as plugin_host
+from diffstack.compose import slots
 from diffstack.compose.sigmas import compose_sigmas
 from diffstack.compose.slots import ModelUnderTest, SlotRecorder, Trial, settle
 from diffstack.config import ComposeSettings, PluginSettings
@@ -46,6 +47,25 @@ def gate() -> Iterator[threading.Event]:
     event = threading.Event()
     yield event
     event.set()
+
+
+class LogSpy:
+    """Stands in for a module's structlog logger (whose configuration other tests may have cached)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **fields: self.events.append({"event": event, **fields})
+
+
+@pytest.fixture
+def logs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """What the plugin host and composition log, as dicts with the event under "event"."""
+    spy = LogSpy()
+    monkeypatch.setattr(plugin_host, "log", spy)
+    monkeypatch.setattr(slots, "log", spy)
+    return spy.events
 
 
 def host_with(*plugins: tuple[str, object], settings: PluginSettings | None = None) -> PluginHost:
@@ -158,15 +178,14 @@ def test_a_hook_implementation_with_defaults_is_refused_at_load() -> None:
     assert host.collect("build_sigmas", model=MODEL) == ([], [])
 
 
-def test_built_ins_load_first_whatever_the_install_order() -> None:
+def test_built_ins_load_first_whatever_the_install_order(logs: list[dict[str, Any]]) -> None:
     host = PluginHost()
-    with capture_logs() as logs:
-        host.load_entry_points(
-            [
-                metadata.EntryPoint("aaa", "diffstack_schedules", "diffstack"),
-                *metadata.entry_points(group="diffstack", name="schedules"),
-            ]
-        )
+    host.load_entry_points(
+        [
+            metadata.EntryPoint("aaa", "diffstack_schedules", "diffstack"),
+            *metadata.entry_points(group="diffstack", name="schedules"),
+        ]
+    )
     imported = [e["plugin"] for e in logs if e["event"] == "importing plugin"]
     assert imported == ["schedules", "aaa"]  # each plugin is logged before it is imported
     assert {r.name: r.status for r in host.records} == {
@@ -287,6 +306,7 @@ def test_a_hanging_import_is_recorded_as_timed_out(
 
 def test_a_hanging_hook_probe_or_build_is_timed_out_and_the_slot_still_composes(
     gate: threading.Event,
+    logs: list[dict[str, Any]],
 ) -> None:
     def hang(*_: object) -> Any:
         gate.wait()
@@ -313,8 +333,7 @@ def test_a_hanging_hook_probe_or_build_is_timed_out_and_the_slot_still_composes(
         ("schedules", Schedules()),
         settings=PluginSettings(import_timeout_s=0.1),
     )
-    with capture_logs() as logs:
-        decision = compose_sigmas(host, sigmas_model(), QUICK)
+    decision = compose_sigmas(host, sigmas_model(), QUICK)
     fates = {c.plugin: (c.status, c.reason) for c in decision.report.candidates}
     assert fates["hook"] == (
         CandidateStatus.TIMED_OUT,
