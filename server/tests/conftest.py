@@ -47,7 +47,14 @@ def logs_through_logging() -> Iterator[None]:
 
 def make_settings(models_dir: Path, **sections: dict[str, Any]) -> Settings:
     """Settings for a test server: baseline plugins, the tiny model, a free port, no batching delay."""
-    server = {"port": 0, "batch_wait_ms": 0, "preview_interval_s": 0.0, **sections.pop("server", {})}
+    server = {
+        "port": 0,
+        "batch_wait_ms": 0,
+        "preview_interval_s": 0.0,
+        "batch_size": 4,  # fixed, not measured, and not warmed: tests count the engine's calls
+        "warm_batches": False,
+        **sections.pop("server", {}),
+    }
     return baseline_settings(models_dir, MODEL, server=server, **sections)
 
 

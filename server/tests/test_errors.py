@@ -148,6 +148,15 @@ def test_status_mapping(error: Exception, code: grpc.StatusCode, reason: str) ->
         assert "secret" not in status.message and "rid-1" in status.message  # no internals leak
 
 
+def test_an_overload_with_a_known_wait_carries_a_retry_hint() -> None:
+    _, status = status_for(Overloaded("late", retry_after_s=1.25), "rid-1")
+    retry = error_details_pb2.RetryInfo()
+    assert any(d.Unpack(retry) for d in status.details)
+    assert retry.retry_delay.ToTimedelta().total_seconds() == 1.25
+    _, plain = status_for(Overloaded("full"), "rid-1")
+    assert not any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in plain.details)
+
+
 # -------------------------------------------------------------------------------------------------
 # Admin token and TLS
 # -------------------------------------------------------------------------------------------------

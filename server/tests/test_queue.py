@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from diffstack.engine import (
     StepEvent,
 )
 from diffstack.errors import Cancelled, DiffstackError, NotReady, Overloaded
-from diffstack_server.batching import BatchQueue
+from diffstack_server.batching import BatchQueue, BatchTiming
 from diffstack_server.metrics import Metrics
 from diffstack_server.testing import WAIT_S
 from diffstack_server.tickets import Progress, Queued, Ticket
@@ -160,3 +161,50 @@ def test_withdrawn_ticket_leaves_the_queue() -> None:
         return engine.calls
 
     assert run(main()) == [["a"]]
+
+
+def test_the_queue_is_bounded_in_images_not_requests() -> None:
+    async def main() -> None:
+        queue = BatchQueue(hosting(FakeEngine()), Metrics(), queue_size=4, max_batch=4)
+        queue.submit(ticket("three", num_images=3))
+        with pytest.raises(Overloaded, match="3 of 4 images"):
+            queue.reserve(2)  # one request, but two images: they do not fit
+        place = queue.reserve(1)
+        with pytest.raises(Overloaded):
+            queue.reserve(1)  # the reserved place counts too
+        place.release()
+        queue.submit(ticket("one"))
+
+    run(main())
+
+
+def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_a_retry_hint() -> None:
+    async def main() -> None:
+        queue = BatchQueue(hosting(FakeEngine()), Metrics(), queue_size=10, max_batch=1)
+        unmeasured = ticket("a", height=8)
+        unmeasured.deadline = time.monotonic()  # nothing measured yet: admitted
+        queue.submit(unmeasured)
+        # One unit of work (steps x pixels x images) takes 1 ms: each queued 2-step 8x8 ticket 128 ms.
+        queue.timing.observe(units=1000, seconds=1.0)
+        late = ticket("b", height=8)
+        late.deadline = time.monotonic() + 0.2  # 128 ms ahead + 128 ms of its own > 200 ms
+        with pytest.raises(Overloaded, match="deadline cannot be met") as refused:
+            queue.submit(late)
+        assert refused.value.retry_after_s == pytest.approx(0.128)
+        assert queue.depth == 1  # refused before taking a place
+        in_time = ticket("c")
+        in_time.deadline = time.monotonic() + 10
+        queue.submit(in_time)
+        queue.submit(ticket("d"))  # no deadline: never refused for time
+        assert queue.depth == 3
+
+    run(main())
+
+
+def test_batch_timing_is_a_moving_average_of_seconds_per_unit() -> None:
+    timing = BatchTiming()
+    assert timing.seconds(100) is None
+    timing.observe(100, 1.0)
+    timing.observe(100, 2.0)
+    timing.observe(0, 5.0)  # ignored: no work
+    assert timing.seconds(100) == pytest.approx(1.3)

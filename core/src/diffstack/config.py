@@ -173,8 +173,22 @@ class ServerSettings(_Section):
     reflection: bool = True
     """Serve gRPC server reflection (so grpcurl works without our stubs); it reveals only the public
     ``diffstack.v1`` contract."""
-    queue_size: int = 32
-    max_batch: int = 4
+    queue_size: int = Field(default=64, ge=1)
+    """Images (not requests) waiting or being prepared at most; a request of n images takes n places.
+    Beyond it requests get RESOURCE_EXHAUSTED with a retry hint."""
+    max_batch: int = Field(default=16, ge=1)
+    """The largest batch, in images, the batcher may form: the cap on the measured size."""
+    batch_size: int = Field(default=0, ge=0)
+    """0 measures the batch size at start (the largest that still improves images/s on this device,
+    within memory); a number fixes it (capped by ``max_batch``)."""
+    batch_measure_steps: int = Field(default=4, ge=1)
+    """Steps of each timed batch while measuring, and of each warm-up batch."""
+    batch_measure_budget_s: float = Field(default=60.0, gt=0)
+    """Measuring stops before a size that would take longer than this in total (a CPU's bound)."""
+    batch_min_gain: float = Field(default=0.05, ge=0)
+    """A larger batch is kept only if its images/s beats the best smaller one by this fraction."""
+    warm_batches: bool = True
+    """Run every batch size the batcher can form once before SERVING (records CUDA graphs)."""
     batch_wait_ms: int = 5
     grace_seconds: float = 30.0
     preview_interval_s: float = 0.5

@@ -72,7 +72,13 @@ class ModelError(DiffstackError):
 
 
 class Overloaded(DiffstackError):
-    """No room for more work now: the queue is full or the GPU ran out of memory."""
+    """No room for more work now: the queue is full, a deadline cannot be met, or the GPU ran out of
+    memory. ``retry_after_s``, when known, is how long the server expects to need before it could
+    take the request (sent as a ``google.rpc.RetryInfo`` detail)."""
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class OutOfMemory(Overloaded):

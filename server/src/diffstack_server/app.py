@@ -35,6 +35,7 @@ from diffstack_server.batching import BatchQueue
 from diffstack_server.interceptors import AdminTokenInterceptor, StatusInterceptor
 from diffstack_server.metrics import Metrics
 from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
+from diffstack_server.sizing import BatchSizeChoice, choose_batch_size
 
 log = structlog.get_logger("diffstack.server")
 
@@ -62,6 +63,8 @@ class DiffstackServer:
         self.port = port
         self.metrics_port: int | None = None
         self.engine_error: BaseException | None = None
+        self.batch_size: BatchSizeChoice | None = None
+        """How the batch size was chosen, once the server is ready."""
         self.ready = asyncio.Event()
         """Set once the engine is up (or failed to start: see :attr:`engine_error`)."""
         self._engine_task: asyncio.Task[None] | None = None
@@ -104,12 +107,38 @@ class DiffstackServer:
             self.ready.set()  # wake the waiters; they check engine_error
             return
         log.info("engine_started", seconds=round(time.perf_counter() - started, 2))
+        try:
+            await self._size_batches()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # as fatal as a failed start: the default model cannot run a batch
+            self.engine_error = exc
+            log.exception("batch_sizing_failed")
+            self.ready.set()
+            return
         self.runtime.queue.start()
         if not self._stopping:
             for service in HEALTH_SERVICES:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving")
         self.ready.set()
+
+    async def _size_batches(self) -> None:
+        """Choose (measure) the batch size and warm every size the batcher can form, on the device
+        thread, before SERVING; the measured time seeds the queue's deadline estimates."""
+        engine = self.worker.engine
+        if engine is None:
+            return
+        started = time.perf_counter()
+        choice = await asyncio.wrap_future(
+            self.worker.submit(choose_batch_size, engine, self.settings.server)
+        )
+        queue = self.runtime.queue
+        queue.max_batch = choice.size
+        if choice.size in choice.batch_seconds:
+            queue.timing.observe(choice.units_per_image * choice.size, choice.batch_seconds[choice.size])
+        self.batch_size = choice
+        log.info("batches_ready", size=choice.size, seconds=round(time.perf_counter() - started, 2))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the engine is up (raises what engine start-up raised)."""
@@ -194,7 +223,7 @@ async def create_server(
         worker,
         metrics,
         queue_size=server_settings.queue_size,
-        max_batch=server_settings.max_batch,
+        max_batch=min(server_settings.batch_size or server_settings.max_batch, server_settings.max_batch),
         batch_wait_ms=server_settings.batch_wait_ms,
     )
     runtime = Runtime(settings=settings, worker=worker, queue=queue, metrics=metrics)

@@ -14,12 +14,21 @@ still queued never runs. The queue is bounded: a full queue answers :class:`Over
 (RESOURCE_EXHAUSTED) instead of letting latency grow without limit. The bound applies before any work:
 a handler reserves its place first (:meth:`~BatchQueue.reserve`), then validates, tokenizes and (if the policy
 allows) waits for its model to load, then fills the place with its ticket.
+
+The bound counts images, not requests (a request of eight images takes eight places): the work
+waiting is what a client's wait depends on. When a request is filled in, the queue also estimates
+when it would finish from the measured time per unit of work (:class:`BatchTiming`, seeded by the
+batch-size measurement and updated by every batch) and refuses it at once with
+:class:`Overloaded` and a retry hint when its deadline cannot be met, instead of letting it time out
+in the queue. The estimate is optimistic (work ahead plus its own, at the batched rate), so a
+request is refused only when even the best case misses its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
@@ -38,11 +47,39 @@ log = structlog.get_logger("diffstack.server.batching")
 # -------------------------------------------------------------------------------------------------
 
 
-class Reservation:
-    """A place in the queue, taken before the request's preparation and filled by its ticket."""
+def work_units(ticket: Ticket) -> float:
+    """What a request costs the device: steps × pixels × images (the unit of :class:`BatchTiming`)."""
+    request = ticket.request
+    return float(max(1, request.steps) * max(1, request.width * request.height) * ticket.images)
 
-    def __init__(self, queue: BatchQueue) -> None:
+
+@dataclass
+class BatchTiming:
+    """Seconds per unit of work (:func:`work_units`) as batches measure it: a moving average."""
+
+    seconds_per_unit: float | None = None
+    weight: float = 0.3
+    """How much the newest batch counts."""
+
+    def observe(self, units: float, seconds: float) -> None:
+        if units <= 0 or seconds <= 0:
+            return
+        sample = seconds / units
+        previous = self.seconds_per_unit
+        self.seconds_per_unit = sample if previous is None else previous + self.weight * (sample - previous)
+
+    def seconds(self, units: float) -> float | None:
+        """How long ``units`` of work take at the measured rate (None before any measurement)."""
+        return None if self.seconds_per_unit is None else units * self.seconds_per_unit
+
+
+class Reservation:
+    """Places in the queue (one per image), taken before the request's preparation and filled by its
+    ticket."""
+
+    def __init__(self, queue: BatchQueue, images: int) -> None:
         self._queue: BatchQueue | None = queue
+        self.images = images
 
     def fill(self, ticket: Ticket) -> Ticket:
         """Queue ``ticket`` in this place (NotReady if the queue closed meanwhile)."""
@@ -58,12 +95,14 @@ class Reservation:
     def _take(self) -> BatchQueue | None:
         queue, self._queue = self._queue, None
         if queue is not None:
-            queue._reserved -= 1
+            queue._reserved -= self.images
         return queue
 
 
 class BatchQueue:
-    """A bounded FIFO of tickets and the task that runs them in batches on the engine's device thread."""
+    """A FIFO of tickets bounded in images, and the task that runs them in batches on the engine's
+    device thread. ``max_batch`` is the batch size it forms (in images); the server sets it from
+    measurement at start (:mod:`diffstack_server.sizing`)."""
 
     def __init__(
         self,
@@ -82,6 +121,7 @@ class BatchQueue:
         self._waiting: list[Ticket] = []
         self._running: list[Ticket] = []
         self._reserved = 0
+        self.timing = BatchTiming()
         self._closed = False
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -138,29 +178,55 @@ class BatchQueue:
 
     # -- submitting --------------------------------------------------------------------------------
 
-    def reserve(self) -> Reservation:
-        """Take a place for a request about to be prepared; raises :class:`Overloaded` when the queue
-        (waiting plus reserved places) is full, NotReady when closed. Cheap: call it before any work."""
+    def reserve(self, images: int = 1) -> Reservation:
+        """Take ``images`` places for a request about to be prepared; raises :class:`Overloaded` when
+        the queue (images waiting plus reserved) would overflow, NotReady when closed. Cheap: call it
+        before any work."""
         if self._closed:
             raise NotReady("the server is shutting down; retry on another replica")
-        if len(self._waiting) + self._reserved >= self.queue_size:
-            raise Overloaded(f"the queue is full ({self.queue_size} requests waiting); retry later")
-        self._reserved += 1
-        return Reservation(self)
+        images = max(1, images)
+        taken = self.waiting_images + self._reserved
+        if taken + images > self.queue_size:
+            raise Overloaded(
+                f"the queue is full ({taken} of {self.queue_size} images waiting); retry later",
+                retry_after_s=self._estimate(self._waiting + self._running),
+            )
+        self._reserved += images
+        return Reservation(self, images)
 
     def submit(self, ticket: Ticket) -> Ticket:
         """Queue ``ticket`` (reserve and fill in one step)."""
-        return self.reserve().fill(ticket)
+        return self.reserve(ticket.images).fill(ticket)
 
     def _enter(self, ticket: Ticket) -> Ticket:
         if self._closed:
             raise NotReady("the server is shutting down; retry on another replica")
+        self._refuse_if_late(ticket)
         self._waiting.append(ticket)
         ticket.move_to(len(self._waiting) - 1)
         self._idle.clear()
         self._wakeup.set()
         self._update_gauges()
         return ticket
+
+    def _refuse_if_late(self, ticket: Ticket) -> None:
+        """Overloaded (with a retry hint) when even the optimistic finish time misses the deadline."""
+        if ticket.deadline is None:
+            return
+        ahead = self._estimate(self._waiting + self._running)
+        own = self.timing.seconds(work_units(ticket))
+        if ahead is None or own is None:
+            return  # nothing measured yet: admit
+        remaining = ticket.deadline - time.monotonic()
+        if ahead + own > remaining:
+            raise Overloaded(
+                f"the deadline cannot be met: about {ahead + own:.2f} s of work is ahead of and in this "
+                f"request, {max(0.0, remaining):.2f} s remain; retry later",
+                retry_after_s=ahead,
+            )
+
+    def _estimate(self, tickets: list[Ticket]) -> float | None:
+        return self.timing.seconds(sum(work_units(t) for t in tickets))
 
     def withdraw(self, ticket: Ticket, error: DiffstackError | None = None) -> None:
         """The request's caller went away: drop it from the queue, or stop it at the next step."""
@@ -174,6 +240,10 @@ class BatchQueue:
     @property
     def depth(self) -> int:
         return len(self._waiting)
+
+    @property
+    def waiting_images(self) -> int:
+        return sum(t.images for t in self._waiting)
 
     @property
     def in_flight(self) -> int:
@@ -315,9 +385,10 @@ class BatchQueue:
                 engine.run([ticket.job() for ticket in batch])
             )
         finally:
-            self.metrics.observe_batch(
-                len(batch), sum(t.images for t in batch), time.perf_counter() - started
-            )
+            seconds = time.perf_counter() - started
+            self.metrics.observe_batch(len(batch), sum(t.images for t in batch), seconds)
+        if not any(isinstance(outcome, BaseException) for outcome in outcomes):
+            self.timing.observe(sum(work_units(t) for t in batch), seconds)
         if len(outcomes) != len(batch):
             raise RuntimeError(f"engine.run returned {len(outcomes)} outcomes for {len(batch)} jobs")
         return outcomes

@@ -20,11 +20,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
+from datetime import timedelta
 from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -87,8 +88,11 @@ def status_for(error: BaseException, request_id: str) -> tuple[grpc.StatusCode, 
             code, reason, message = error_code, error_reason, str(error) or error_reason.lower()
             break
     violations = list(error.violations) if isinstance(error, InvalidRequest) else []
+    retry_after_s = error.retry_after_s if isinstance(error, Overloaded) else None
     while True:  # drop trailing violations until the details fit (the message still counts them)
         status = _status(code, clip(message, MAX_MESSAGE_BYTES), violations, reason, request_id)
+        if retry_after_s is not None:
+            _pack(status, error_details_pb2.RetryInfo(retry_delay=_duration(retry_after_s)))
         if status.ByteSize() <= MAX_DETAILS_BYTES or not violations:
             return code, status
         violations.pop()
@@ -114,10 +118,20 @@ def _status(
     details.append(error_details_pb2.RequestInfo(request_id=request_id))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in details:
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        status.details.append(packed)
+        _pack(status, detail)
     return status
+
+
+def _pack(status: status_pb2.Status, detail: Any) -> None:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status.details.append(packed)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(timedelta(seconds=max(0.0, seconds)))
+    return duration
 
 
 def clip(text: str, max_bytes: int) -> str:

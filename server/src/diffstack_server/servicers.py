@@ -134,7 +134,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """Admit first (a full queue refuses before any work), then check, resolve and pin the model,
         prepare the request off the event loop, and fill the reserved place with its ticket."""
         engine, queue = self.runtime.serving()
-        place = queue.reserve()
+        # Places are images; an out-of-limit count is refused by validation, not as a full queue.
+        place = queue.reserve(min(max(1, spec.num_images), self.runtime.settings.limits.max_images))
         model = None
         try:
             convert.check_output(output)
