@@ -173,3 +173,28 @@ def test_a_model_in_use_is_never_unloaded(models: Path, settings_at: Callable[..
     engine.unpin(held)
     engine.unpin(engine.load(engine.resolve("third")))
     assert engine.is_loaded("third") and engine.is_loaded() and not engine.is_loaded("other")
+
+
+def test_a_caller_that_leaves_while_its_model_loads_does_not_hold_it(
+    models: Path, settings_at: Callable[..., Settings]
+) -> None:
+    import threading
+
+    from diffstack.engine import Engine
+    from diffstack_server.testing import SpyEngine
+
+    shutil.copytree(models / "other", models / "third")
+    settings = settings_at(
+        models, engine={"warmup_steps": 0, "max_loaded_models": 2, "load_on_request": True}
+    )
+    engine = Engine.start(settings)
+    spy = SpyEngine(engine, load_gate=threading.Event())
+    with BackgroundServer(settings, spy) as server, DiffstackClient(server.target) as client:
+        with pytest.raises(ServiceError) as failure:
+            client.generate("a cube", steps=1, model="other", timeout=0.5)
+        assert failure.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        spy.load_gate.set()
+        client.generate("a cube", steps=1, model="other", timeout=WAIT_S)
+        # Had the abandoned load kept its hold, "other" could not make room for "third".
+        assert client.generate("a cube", steps=1, model="third", timeout=WAIT_S).model == "third"
+        assert loaded_models(client) == {MODEL, "third"}

@@ -3,12 +3,14 @@
 They are named like the RPCs and free of server plumbing (status codes, request ids, metrics live in
 the interceptors, serving in :mod:`diffstack_server.app`), so grpc.aio hosts them here and a replica
 host such as Ray Serve's gRPC ingress can host the same objects. ``context`` is optional and only
-read for the client's deadline.
+read for the client's deadline. They never choose threads for the engine: everything that touches the
+device goes through the :class:`~diffstack.engine.EngineWorker` in the :class:`Runtime`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -72,7 +74,18 @@ class Runtime:
         """Model ``name``, pinned (release with ``unpin``): loaded ones at once, others loaded on the
         device thread if ``engine.load_on_request`` allows, else INVALID_ARGUMENT."""
         future = self.worker.checkout(name, may_load=self.settings.engine.load_on_request)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The caller left while its model loaded: the load finishes on the device thread and
+            # its hold is given back then, so the model stays free to be unloaded later.
+            future.add_done_callback(self._unpin_loaded)
+            raise
+
+    def _unpin_loaded(self, future: concurrent.futures.Future[LoadedModel]) -> None:
+        engine = self.worker.engine
+        if engine is not None and not future.cancelled() and future.exception() is None:
+            engine.unpin(future.result())
 
 
 def _deadline(context: Any) -> float | None:

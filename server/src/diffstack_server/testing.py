@@ -1,9 +1,9 @@
 """Helpers for testing and benchmarking the server with a real engine.
 
 :class:`SpyEngine` wraps an engine to observe and steer it from a test: it records every pipeline
-call, can hold a batch at a gate, can hold each job at its first step until that job's stop signal
-is visible (so "stops within one step" is exact), and can fake an out-of-memory batch. It never
-replaces the engine's work.
+call, can hold a batch (or a model load) at a gate, can hold each job at its first step until that
+job's stop signal is visible (so "stops within one step" is exact), and can fake an out-of-memory
+batch. It never replaces the engine's work.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class SpyEngine:
 
     engine: ServingEngine
     gate: threading.Event | None = None
+    load_gate: threading.Event | None = None
     hold_first_step: bool = False
     oom_above: int | None = None
     calls: list[list[tuple[int, ...]]] = field(default_factory=list)
@@ -62,6 +63,8 @@ class SpyEngine:
         return self.engine.pin(key)
 
     def load(self, key: str) -> LoadedModel:
+        if self.load_gate is not None and not self.load_gate.wait(WAIT_S):
+            raise RuntimeError("the test never opened the load gate")
         return self.engine.load(key)
 
     def unpin(self, model: LoadedModel) -> None:
