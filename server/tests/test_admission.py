@@ -162,5 +162,5 @@ def test_a_cancel_at_the_deadline_is_labelled_deadline_exceeded(remaining: float
             return remaining
 
     outcome = ["OK"]
-    asyncio.run(StatusInterceptor(Metrics())._fail(asyncio.CancelledError(), Context(), outcome))  # type: ignore[arg-type]
+    asyncio.run(StatusInterceptor(Metrics())._fail(asyncio.CancelledError(), Context(), outcome, print))  # type: ignore[arg-type]
     assert outcome == [label]

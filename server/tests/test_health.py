@@ -42,9 +42,10 @@ def statuses(target: str) -> set[str]:
 def test_health_not_serving_until_the_engine_is_up(
     start_server: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    release = threading.Event()
+    release, composing = threading.Event(), threading.Event()
 
     def slow_start(settings: Any, host: Any = None) -> Engine:
+        composing.set()  # the plugins have loaded; the models would compose now
         assert release.wait(WAIT_S)
         return engine
 
@@ -60,6 +61,7 @@ def test_health_not_serving_until_the_engine_is_up(
             client.stack()
         assert failure.value.code is grpc.StatusCode.UNAVAILABLE
         # The plugins loaded before the model started composing: diagnostics can already list them.
+        assert composing.wait(WAIT_S)
         loaded = {p.name for p in client.plugins() if p.status == diagnostics_pb2.PLUGIN_STATUS_LOADED}
         assert loaded == set(BASELINE_PLUGINS)
 

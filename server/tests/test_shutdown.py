@@ -87,7 +87,11 @@ sys.exit(serve(settings))
 
 
 def test_sigterm_exits_even_when_a_plugin_never_returns(tmp_path: Path) -> None:
-    (tmp_path / "hangs_on_import.py").write_text("import threading\nthreading.Event().wait()\n")
+    (tmp_path / "hangs_on_import.py").write_text(
+        "import sys, threading\n"
+        'print(\'{"event": "plugin_hangs"}\', file=sys.stderr, flush=True)\n'
+        "threading.Event().wait()\n"
+    )
     child = subprocess.Popen(
         [sys.executable, "-c", HANGING_SERVER, str(tmp_path)],
         stderr=subprocess.PIPE,
@@ -102,9 +106,13 @@ def test_sigterm_exits_even_when_a_plugin_never_returns(tmp_path: Path) -> None:
             with pytest.raises(ServiceError) as failure:
                 client.plugins()  # the plugins are still loading: nothing to list yet, but an answer
             assert failure.value.code is grpc.StatusCode.UNAVAILABLE
+        wait_for_event(lines, "plugin_hangs")  # the device thread is inside the plugin's import now
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=WAIT_S) == 0
-        wait_for_event(lines, "engine_thread_stuck_exiting")
+        seen = []
+        while not lines.empty():
+            seen.append(lines.get().get("event"))
+        assert "engine_thread_stuck_exiting" in seen, seen
     finally:
         if child.poll() is None:
             child.kill()
