@@ -7,9 +7,13 @@ load it too: ``pytest_plugins = ["diffstack.pytest_plugin"]`` in its root confte
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from diffstack.testing import save_tiny_model
 from diffstack.types import Family
@@ -31,6 +35,33 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for family in Family:
         save_tiny_model(family, root / tiny_model_name(family), metadata=TINY_CARD)
     return root
+
+
+@pytest.fixture(autouse=True)
+def process_state_restored() -> Iterator[None]:
+    """Each test gets the process back as it found it: environment, structlog, stdlib loggers.
+
+    The CLI configures the process the way a command should (library verbosity through the
+    environment, logger levels, structlog's filter level), and tests run it in-process; without this
+    a later test would capture no info events, or hand a subprocess a muted environment.
+    """
+    environ = dict(os.environ)
+    config = structlog.get_config()
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict)),
+    ]
+    saved = [(logger, logger.level, logger.propagate, list(logger.handlers)) for logger in loggers]
+    capturing_warnings = logging._warnings_showwarning is not None  # type: ignore[attr-defined]
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    structlog.configure(**config)
+    for logger, level, propagate, handlers in saved:
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers
+    logging.captureWarnings(capturing_warnings)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
