@@ -32,7 +32,22 @@ def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path:
     settings = load_settings(server={"port": 0}, plugins={"allow": list(BASELINE_PLUGINS)})
     with BackgroundServer(settings) as server:
         finished = subprocess.run(
-            ["node", "src/demo.js", "--target", server.target, "--out", str(tmp_path), "--steps", "3"],
+            [
+                "node",
+                "src/demo.js",
+                "--target",
+                server.target,
+                "--out",
+                str(tmp_path),
+                "--steps",
+                "3",
+                "--format",
+                "webp",
+                "--quality",
+                "80",
+                "--effort",
+                "0",
+            ],
             cwd=NODE_CLIENT,
             capture_output=True,
             text=True,
@@ -48,6 +63,6 @@ def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path:
         "fields": ["spec.width"],
         "reason": "INVALID_REQUEST",
     }
-    assert [Path(f).name for f in summary["files"]] == ["stream-7.png", "unary-8.png"]
+    assert [Path(f).name for f in summary["files"]] == ["stream-7.png", "unary-8.webp"]
     for file in summary["files"]:
         assert Image.open(file).size == (64, 64)

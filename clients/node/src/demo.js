@@ -6,6 +6,9 @@
  * the field. The last line on stdout is a JSON summary (the CI test reads it).
  *
  *   node src/demo.js --target 127.0.0.1:50051 --out ./out [--steps 4] [--admin-token TOKEN]
+ *     [--format png|webp|jpeg] [--quality 1-100] [--effort 0-6] [--lossless]
+ *
+ * --format and its options apply to the unary generation (the stream's image stays PNG).
  */
 import { mkdirSync, writeFileSync } from "node:fs";
 import path from "node:path";
@@ -20,6 +23,10 @@ const { values: args } = parseArgs({
     steps: { type: "string", default: "4" },
     prompt: { type: "string", default: "a lighthouse on a cliff at dusk" },
     "admin-token": { type: "string" },
+    format: { type: "string", default: "png" },
+    quality: { type: "string" },
+    effort: { type: "string" },
+    lossless: { type: "boolean", default: false },
   },
 });
 
@@ -59,7 +66,13 @@ async function main() {
       }
     }
 
-    const response = /** @type {any} */ (await client.generate({ spec: { prompt: args.prompt, steps, seeds: ["8"] } }));
+    const output = {
+      format: `IMAGE_FORMAT_${(args.format ?? "png").toUpperCase()}`,
+      lossless: args.lossless ?? false,
+      ...(args.quality === undefined ? {} : { quality: Number(args.quality) }),
+      ...(args.effort === undefined ? {} : { effort: Number(args.effort) }),
+    };
+    const response = /** @type {any} */ (await client.generate({ spec: { prompt: args.prompt, steps, seeds: ["8"] }, output }));
     const file = writeImage(response.result.images[0], "unary");
     console.log(`wrote ${file}`);
     summary.files.push(file);

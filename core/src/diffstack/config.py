@@ -190,6 +190,9 @@ class ServerSettings(_Section):
     warm_batches: bool = True
     """Run every batch size the batcher can form once before SERVING (records CUDA graphs)."""
     batch_wait_ms: int = 5
+    encode_threads: int = Field(default=0, ge=0)
+    """Threads encoding result images (PNG, WebP and JPEG encoders release the GIL, so they run in
+    parallel beside the device thread); 0 takes the usable CPUs, between 2 and 16."""
     grace_seconds: float = 30.0
     preview_interval_s: float = 0.5
     preview_max_side: int = 256

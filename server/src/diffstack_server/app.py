@@ -32,6 +32,7 @@ from diffstack.errors import NotReady
 from diffstack.logs import configure_logging
 from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
 from diffstack_server.batching import BatchQueue
+from diffstack_server.encoding import ImageEncoder, encode_threads
 from diffstack_server.interceptors import AdminTokenInterceptor, StatusInterceptor
 from diffstack_server.metrics import Metrics
 from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
@@ -171,6 +172,7 @@ class DiffstackServer:
         # Handlers still encoding or sending their last message get the rest of the grace period.
         await self.grpc_server.stop(max(0.5, give_up_at - time.monotonic()))
         self.runtime.metrics.close()
+        self.runtime.encoder.close()
         log.info("stopped")
         self._stopped.set()
 
@@ -226,7 +228,8 @@ async def create_server(
         max_batch=min(server_settings.batch_size or server_settings.max_batch, server_settings.max_batch),
         batch_wait_ms=server_settings.batch_wait_ms,
     )
-    runtime = Runtime(settings=settings, worker=worker, queue=queue, metrics=metrics)
+    encoder = ImageEncoder(encode_threads(server_settings.encode_threads))
+    runtime = Runtime(settings=settings, worker=worker, queue=queue, metrics=metrics, encoder=encoder)
     interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
     if server_settings.admin_token:
         interceptors.append(AdminTokenInterceptor(server_settings.admin_token))

@@ -28,6 +28,7 @@ from diffstack_client.v1 import (
 )
 from diffstack_server import convert
 from diffstack_server.batching import BatchQueue
+from diffstack_server.encoding import ImageEncoder
 from diffstack_server.interceptors import current_request_id
 from diffstack_server.tickets import Preview, PreviewPolicy, Progress, Queued, Ticket
 
@@ -50,6 +51,7 @@ class Runtime:
     worker: EngineWorker
     queue: BatchQueue
     metrics: Metrics
+    encoder: ImageEncoder
 
     @property
     def draining(self) -> bool:
@@ -213,7 +215,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> types_pb2.GenerationResult:
         started = time.perf_counter()
         queue_s = ticket.queue_seconds
-        message = await asyncio.to_thread(convert.result_message, result, output, {"queue_s": queue_s})
+        message = await self.runtime.encoder.result_message(result, output, {"queue_s": queue_s})
         message.timings["output_s"] = time.perf_counter() - started
         self.runtime.metrics.observe_images(len(message.images))
         return message
@@ -236,10 +238,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 def _encode_previews(event: Preview, image_format: int) -> list[types_pb2.Image]:
-    return [
-        convert.encode_image(image, image_format, PREVIEW_QUALITY, default=types_pb2.IMAGE_FORMAT_JPEG)
-        for image in event.images
-    ]
+    options = convert.EncodeOptions(image_format or types_pb2.IMAGE_FORMAT_JPEG, PREVIEW_QUALITY)
+    return [convert.encode_image(image, options) for image in event.images]
 
 
 class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):

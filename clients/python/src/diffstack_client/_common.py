@@ -103,12 +103,18 @@ def _image_message(image: Any) -> types_pb2.Image:
     return types_pb2.Image(data=buffer.getvalue(), format=types_pb2.IMAGE_FORMAT_PNG)
 
 
-def output_options(image_format: ImageFormatName, quality: int | None) -> types_pb2.OutputOptions:
+def output_options(
+    image_format: ImageFormatName, quality: int | None, effort: int | None = None, lossless: bool = False
+) -> types_pb2.OutputOptions:
+    """``quality`` applies to WebP and JPEG; ``effort`` (0 fastest to 6 smallest) and ``lossless`` to
+    WebP; unset values take the server's defaults."""
     if image_format not in _FORMATS:
         raise ValueError(f"image_format must be one of {', '.join(_FORMATS)}")
-    output = types_pb2.OutputOptions(format=_FORMATS[image_format])  # type: ignore[arg-type]
+    output = types_pb2.OutputOptions(format=_FORMATS[image_format], lossless=lossless)  # type: ignore[arg-type]
     if quality is not None:
         output.quality = quality
+    if effort is not None:
+        output.effort = effort
     return output
 
 

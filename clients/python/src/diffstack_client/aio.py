@@ -67,13 +67,15 @@ class AsyncDiffstackClient:
         *,
         image_format: ImageFormatName = "png",
         quality: int | None = None,
+        effort: int | None = None,
+        lossless: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
         **params: Unpack[SpecParams],
     ) -> Generation:
         """Generate images for ``prompt`` and return them with their seeds."""
         request = generation_pb2.GenerateRequest(
-            spec=build_spec(prompt, params), output=output_options(image_format, quality)
+            spec=build_spec(prompt, params), output=output_options(image_format, quality, effort, lossless)
         )
         call = self._generation.Generate(
             request, timeout=self._timeout(timeout), metadata=_request_metadata(request_id)
@@ -94,6 +96,8 @@ class AsyncDiffstackClient:
         preview_format: ImageFormatName = "jpeg",
         image_format: ImageFormatName = "png",
         quality: int | None = None,
+        effort: int | None = None,
+        lossless: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
         **params: Unpack[SpecParams],
@@ -104,7 +108,7 @@ class AsyncDiffstackClient:
         """
         request = generation_pb2.GenerateStreamRequest(
             spec=build_spec(prompt, params),
-            output=output_options(image_format, quality),
+            output=output_options(image_format, quality, effort, lossless),
             previews=preview_options(previews, preview_max_side, preview_format),
         )
         call = self._generation.GenerateStream(

@@ -72,13 +72,15 @@ class DiffstackClient:
         *,
         image_format: ImageFormatName = "png",
         quality: int | None = None,
+        effort: int | None = None,
+        lossless: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
         **params: Unpack[SpecParams],
     ) -> Generation:
         """Generate images for ``prompt`` and return them with their seeds."""
         request = generation_pb2.GenerateRequest(
-            spec=build_spec(prompt, params), output=output_options(image_format, quality)
+            spec=build_spec(prompt, params), output=output_options(image_format, quality, effort, lossless)
         )
         try:
             response, call = self._generation.Generate.with_call(
@@ -99,6 +101,8 @@ class DiffstackClient:
         preview_format: ImageFormatName = "jpeg",
         image_format: ImageFormatName = "png",
         quality: int | None = None,
+        effort: int | None = None,
+        lossless: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
         **params: Unpack[SpecParams],
@@ -109,7 +113,7 @@ class DiffstackClient:
         """
         request = generation_pb2.GenerateStreamRequest(
             spec=build_spec(prompt, params),
-            output=output_options(image_format, quality),
+            output=output_options(image_format, quality, effort, lossless),
             previews=preview_options(previews, preview_max_side, preview_format),
         )
         call = self._generation.GenerateStream(
