@@ -76,3 +76,17 @@ def test_every_module_imports_on_its_own() -> None:
         [sys.executable, "-c", script, roots, *modules], capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_every_core_module_has_a_row_in_the_readme_table() -> None:
+    """The README's module table is the map of the core: a new module is not done until it is on it."""
+    readme = (ROOT / "README.md").read_text()
+    core = ROOT / "core/src/diffstack"
+    parts = [
+        path.stem if path.suffix else path.name
+        for path in core.iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").exists()
+    ]
+    modules = ["diffstack", *(f"diffstack.{part}" for part in sorted(parts))]
+    missing = [module for module in modules if f"| `{module}` |" not in readme]
+    assert not missing, f"not in README's module table: {missing}"
