@@ -37,7 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
         root,
         "tiny-sd1",
         plugins={"allow": [*BASELINE_PLUGINS, "prompt_cache"]},
-        server={"port": 0, "batch_wait_ms": 2, "queue_size": 64, "max_batch": 4},
+        server={"port": 0, "batch_wait_ms": 2, "queue_size": 64, "max_batch": 4, "batch_size": 4},
     )
     background = BackgroundServer(settings).start(ready_timeout=300)
     yield background

@@ -32,7 +32,15 @@ CLIENTS = 8
 RSS_GROWTH_LIMIT = 256 * 2**20
 CARD = {"weights": "random", "default_width": 16, "default_height": 16, "default_steps": 1}
 LIMITS = {"max_pixels": 32 * 32, "max_steps": 2, "max_images": 2}
-SERVER = {"port": 0, "batch_wait_ms": 0, "preview_interval_s": 0.0, "queue_size": 8, "max_batch": 4}
+SERVER = {
+    "port": 0,
+    "batch_wait_ms": 0,
+    "preview_interval_s": 0.0,
+    "queue_size": 8,
+    "max_batch": 4,
+    "batch_size": 4,
+    "batch_measure_steps": 1,  # warming each batch size must stay within the limits above
+}
 
 codes: Counter[str] = Counter()
 
