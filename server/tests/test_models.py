@@ -198,3 +198,27 @@ def test_a_caller_that_leaves_while_its_model_loads_does_not_hold_it(
         # Had the abandoned load kept its hold, "other" could not make room for "third".
         assert client.generate("a cube", steps=1, model="third", timeout=WAIT_S).model == "third"
         assert loaded_models(client) == {MODEL, "third"}
+
+
+def test_requests_for_a_loaded_model_are_prepared_while_another_model_loads(
+    models: Path, settings_at: Callable[..., Settings]
+) -> None:
+    import threading
+
+    from diffstack.engine import Engine
+    from diffstack_client import Queued
+    from diffstack_server.testing import SpyEngine
+
+    settings = settings_at(models, engine={"warmup_steps": 0, "load_on_request": True})
+    spy = SpyEngine(Engine.start(settings), load_gate=threading.Event())
+    with BackgroundServer(settings, spy) as server, DiffstackClient(server.target, timeout=WAIT_S) as client:
+        loading = client.stream("needs the other model", steps=1, model="other")
+        waiter = threading.Thread(target=lambda: list(loading))
+        waiter.start()
+        assert spy.loading.wait(WAIT_S)  # the device thread is loading "other", held at the gate
+        queued = client.stream("the default model", steps=1, seed=9)
+        assert next(queued) == Queued(0)  # validated and queued while the load holds the device thread
+        assert not spy.load_gate.is_set()
+        spy.load_gate.set()
+        assert list(queued)[-1].result.images[0].seed == 9
+        waiter.join(WAIT_S)

@@ -50,6 +50,7 @@ class SpyEngine:
     calls: list[list[tuple[int, ...]]] = field(default_factory=list)
     jobs: dict[int, JobRecord] = field(default_factory=dict)
     entered: threading.Event = field(default_factory=threading.Event)
+    loading: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -63,6 +64,7 @@ class SpyEngine:
         return self.engine.pin(key)
 
     def load(self, key: str) -> LoadedModel:
+        self.loading.set()
         if self.load_gate is not None and not self.load_gate.wait(WAIT_S):
             raise RuntimeError("the test never opened the load gate")
         return self.engine.load(key)
