@@ -1,8 +1,10 @@
 """Attaching attention kernels to a denoiser through diffusers' own extension points.
 
 UNets: one attention processor per attention module (``set_attn_processor``), each serving the
-kernel chosen for that module's shape and falling back to SDPA if the kernel raises. Transformers
-(FLUX): diffusers' attention dispatch, through ``set_attention_backend``.
+kernel chosen for that module's shape. The chosen kernel is a :class:`KernelChain`: when a kernel
+raises at run time or meets a shape it does not serve (a request at another size than composition
+measured), the next fastest accepted kernel for that shape runs, and SDPA last. Transformers (FLUX):
+diffusers' attention dispatch, through ``set_attention_backend``.
 
 A leaf module: it imports only :mod:`diffstack.types`, so composition (which checks kernels) and the
 engine (which installs them) both build on it without importing each other.
@@ -10,14 +12,15 @@ engine (which installs them) both build on it without importing each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import torch
 import torch.nn.functional as F
 
-from diffstack.types import AttentionFn, AttentionShape
+from diffstack.types import AttentionFn, AttentionShape, Availability, supports_every_shape
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +28,83 @@ log = structlog.get_logger(__name__)
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The reference kernel: PyTorch's scaled dot-product attention."""
     return F.scaled_dot_product_attention(query, key, value)
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """One accepted kernel in a fallback chain: its offer's name, the kernel, the shapes it serves."""
+
+    name: str
+    kernel: AttentionFn
+    supports: Callable[[AttentionShape], Availability] = supports_every_shape
+
+
+class KernelChain:
+    """Accepted kernels for one attention scope, fastest first, called like one kernel.
+
+    Each call runs the first link that serves the call's shape and has not raised; a link that
+    raises is passed over from then on. When no link serves, SDPA does. ``used`` and ``passed_over``
+    describe the last call, so an answer can name what really ran and why.
+    """
+
+    def __init__(self, links: Sequence[ChainLink]) -> None:
+        self.links = tuple(links)
+        self.broken: set[str] = set()
+        self.used = self.links[0].name if self.links else "sdpa"
+        self.passed_over: tuple[str, ...] = ()
+        self._serving: dict[AttentionShape, tuple[tuple[ChainLink, ...], tuple[str, ...]]] = {}
+
+    @property
+    def order(self) -> str:
+        """The chain as the report shows it: ``sage → sparge → sdpa``."""
+        names = [link.name for link in self.links]
+        return " → ".join(names if names and names[-1] == "sdpa" else [*names, "sdpa"])
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        shape = AttentionShape(query.shape[1], query.shape[-1], query.shape[2], key.shape[2])
+        serving, unserved = self._links_for(shape)
+        passed = list(unserved)
+        for link in serving:
+            if link.name in self.broken:
+                passed.append(f"{link.name} failed at run time")
+                continue
+            try:
+                out = link.kernel(query, key, value)
+            except Exception as exc:
+                self.broken.add(link.name)
+                passed.append(f"{link.name} failed at run time")
+                log.warning(
+                    "attention kernel failed; the next in its chain runs", kernel=link.name, error=str(exc)
+                )
+                continue
+            self.used, self.passed_over = link.name, tuple(passed)
+            return out
+        self.used, self.passed_over = "sdpa", tuple(passed)
+        return F.scaled_dot_product_attention(query, key, value)
+
+    def _links_for(self, shape: AttentionShape) -> tuple[tuple[ChainLink, ...], tuple[str, ...]]:
+        """The links that serve ``shape`` and a reason for each that does not (asked once per shape)."""
+        if shape not in self._serving:
+            serving, unserved = [], []
+            for link in self.links:
+                answer = _serves(link, shape)
+                if answer.ok:
+                    serving.append(link)
+                else:
+                    unserved.append(f"{link.name} does not serve {shape.key}: {answer.reason}")
+            self._serving[shape] = (tuple(serving), tuple(unserved))
+        return self._serving[shape]
+
+
+def _serves(link: ChainLink, shape: AttentionShape) -> Availability:
+    """A link's own answer for a shape; a ``supports`` that raises or answers garbage serves nothing."""
+    try:
+        answer = link.supports(shape)
+    except Exception as exc:
+        return Availability.no(f"its supports() raised {type(exc).__name__}: {exc}")
+    return (
+        answer if isinstance(answer, Availability) else Availability.no("its supports() gave no Availability")
+    )
 
 
 def capture_attention_shapes(denoiser: torch.nn.Module, run: Callable[[], Any]) -> dict[str, AttentionShape]:

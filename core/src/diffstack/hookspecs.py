@@ -57,8 +57,9 @@ def select_attention(model: ModelInfo) -> list[AttentionOffer]:
 
     Results are exclusive per shape: for every attention shape the host keeps the offers that probe
     yes, support the shape and match PyTorch SDPA within tolerance, then picks the fastest measured
-    (priority breaks ties). Shapes no offer serves fall back to SDPA, and so does a call that raises
-    at run time.
+    (priority breaks ties). The other accepted offers stay behind the winner, fastest first: a call
+    that raises at run time, or meets a shape its kernel does not serve, runs the next one that
+    serves it, and SDPA last (the report's notes show each order). Shapes no offer serves use SDPA.
 
     .. versionadded:: 0.1
     """

@@ -51,6 +51,8 @@ class ComposedStack:
     encoder: PromptEncoder
     encoder_chain: tuple[PromptEncoder, ...]
     wrappers: Mapping[str, DenoiserWrapperOffer]
+    notes: tuple[str, ...] = ()
+    """Decisions worth a line in the report beyond each slot's choice (attention fallback orders)."""
 
 
 def compose_stack(
@@ -79,4 +81,5 @@ def compose_stack(
         encoder=encoder.encoder,
         encoder_chain=encoder.chain,
         wrappers=wrappers.wrappers,
+        notes=attention.notes,
     )

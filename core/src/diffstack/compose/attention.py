@@ -1,4 +1,8 @@
-"""select_attention: per attention shape, probe → relative error vs float32 SDPA → fastest."""
+"""select_attention: per attention shape, probe → relative error vs float32 SDPA → fastest.
+
+Every kernel that passed for a shape stays behind the winner, fastest first, as that shape's run-time
+fallback chain (then SDPA): the report's notes show each chain.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from types import MappingProxyType
 
 import torch
 
-from diffstack.attention import backend_kernel, sdpa
+from diffstack.attention import ChainLink, KernelChain, backend_kernel, sdpa
 from diffstack.compose.slots import (
     ModelUnderTest,
     SlotRecorder,
@@ -45,6 +49,8 @@ class AttentionDecision:
     """Attention module name → (the report's entry for it, kernel); modules absent keep SDPA."""
     backend: str | None
     report: SlotReport
+    notes: tuple[str, ...] = ()
+    """One line per scope whose kernel has a fallback: the order kernels are tried in at run time."""
 
 
 def compose_attention(
@@ -77,21 +83,26 @@ def compose_attention(
     scopes = [(f"all {len(distinct)} shapes", distinct)] if transformer else [(s.key, [s]) for s in distinct]
     chosen: list[str] = []
     plan: dict[str, tuple[str, AttentionFn]] = {}
+    notes: list[str] = []
     backend_chosen: str | None = None
     for scope, shapes in scopes:
-        winner = _decide(slot, scope, shapes, built, model, settings)
-        if winner is None:
+        ranked = _decide(slot, scope, shapes, built, model, settings)
+        if not ranked:
             continue
+        winner = ranked[0]
         chosen.append(winner.offer.name if transformer else f"{scope}: {winner.offer.name}")
         if transformer:
             backend_chosen = winner.offer.diffusers_backend
-        else:
-            plan.update(
-                (module, (chosen[-1], winner.value()))  # labelled as the report names the choice
-                for module, shape in model.module_shapes.items()
-                if shape in shapes
-            )
-    return AttentionDecision(MappingProxyType(plan), backend_chosen, slot.report(chosen))
+            continue
+        chain = KernelChain([ChainLink(t.offer.name, t.value(), t.offer.supports) for t in ranked])
+        if chain.order != "sdpa":
+            notes.append(f"attention fallback order, {scope}: {chain.order}")
+        plan.update(
+            (module, (chosen[-1], chain))  # labelled as the report names the choice
+            for module, shape in model.module_shapes.items()
+            if shape in shapes
+        )
+    return AttentionDecision(MappingProxyType(plan), backend_chosen, slot.report(chosen), tuple(notes))
 
 
 def _decide(
@@ -101,8 +112,9 @@ def _decide(
     built: list[AttentionTrial],
     model: ModelUnderTest,
     settings: ComposeSettings,
-) -> AttentionTrial | None:
-    """One scope's trials: each must support every shape, match SDPA, and is then timed."""
+) -> list[AttentionTrial]:
+    """One scope's trials that passed, the winner first, then the rest fastest first (the fallback
+    order): each must support every shape, match SDPA, and is then timed."""
     inputs = [_qkv(shape, settings.batch, model.info) for shape in shapes]
     references = [sdpa(*(t.float() for t in qkv)) for qkv in inputs]
     passing: list[AttentionTrial] = []
@@ -130,7 +142,12 @@ def _decide(
             )
             checked = replace(checked, time_ms=elapsed)
         passing.append(checked)
-    return settle(slot, passing, measured=model.measure, tie_fraction=settings.tie_fraction, scope=scope)
+    winner = settle(slot, passing, measured=model.measure, tie_fraction=settings.tie_fraction, scope=scope)
+    rest = sorted(
+        (t for t in passing if t is not winner),
+        key=lambda t: (t.time_ms if t.time_ms is not None else float("inf"), t.rank),
+    )
+    return [] if winner is None else [winner, *rest]
 
 
 def _kernel_errors(

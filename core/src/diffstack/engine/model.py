@@ -131,6 +131,7 @@ def compose_model(
         notes.append(
             f"timing skipped on {device} (compose.measure={settings.compose.measure}): priorities decided"
         )
+    notes.extend(stack.notes)
     if card.weights == "random":
         notes.append("this model's weights are random: it draws noise, not pictures")
     report = StackReport(

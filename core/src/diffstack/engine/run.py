@@ -26,7 +26,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from diffstack.attention import KernelAttnProcessor, sdpa
+from diffstack.attention import KernelAttnProcessor, KernelChain, sdpa
 from diffstack.engine.families import Pipeline, batch_embeddings
 from diffstack.engine.model import LoadedModel
 from diffstack.engine.previews import latent_previews
@@ -331,22 +331,35 @@ def _stack_summary(model: LoadedModel, ran: _Ran) -> dict[str, tuple[str, ...]]:
 
 
 def attention_in_use(model: LoadedModel, chosen: tuple[str, ...]) -> tuple[str, ...]:
-    """The attention entries with each kernel that failed at run time replaced by SDPA, its fallback."""
+    """The attention entries as the last call ran them: where a chosen kernel raised or did not serve
+    the call's shape, the kernel its fallback chain ran instead, and why (``scope: sparge (sage failed
+    at run time)``)."""
     denoiser = model.denoiser_for(with_wrappers=True)
     processors = getattr(denoiser, "attn_processors", None)
     if not processors:
         return chosen
-    by_label: dict[str, list[bool]] = {}
+    by_label: dict[str, list[tuple[str, str] | None]] = {}
     for processor in processors.values():
         if isinstance(processor, KernelAttnProcessor):
-            by_label.setdefault(processor.label, []).append(processor.failed)
+            by_label.setdefault(processor.label, []).append(_ran_instead(processor))
     entries = []
     for entry in chosen:
-        failed = by_label.get(entry, [])
-        if not any(failed):
+        ran = [r for r in by_label.get(entry, []) if r is not None]
+        if not ran:
             entries.append(entry)
             continue
-        scope, _, kernel = entry.rpartition(": ")
-        where = "" if all(failed) else f" in {sum(failed)} of {len(failed)} modules"
-        entries.append(f"{scope}: sdpa{where} ({kernel} failed at run time)")
+        modules = len(by_label[entry])
+        where = "" if len(ran) == modules else f" in {len(ran)} of {modules} modules"
+        kernel, why = ran[0]
+        entries.append(f"{entry.rpartition(': ')[0]}: {kernel}{where} ({why})")
     return tuple(entries)
+
+
+def _ran_instead(processor: KernelAttnProcessor) -> tuple[str, str] | None:
+    """What a processor's last call ran instead of its chosen kernel, and why; None when it ran that."""
+    chain = processor.kernel
+    if isinstance(chain, KernelChain):
+        return (chain.used, "; ".join(chain.passed_over)) if chain.passed_over else None
+    if processor.failed:
+        return "sdpa", f"{processor.label.rpartition(': ')[2]} failed at run time"
+    return None
