@@ -9,6 +9,7 @@ cache folder of its own, whatever earlier stages compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -326,9 +327,7 @@ grace_seconds = 10.0
 
 def _stack_summary(stack: Any) -> dict[str, Any]:
     """The served stack as the diagnostics RPC reports it (chosen per slot, compile candidates)."""
-    from google.protobuf.json_format import MessageToDict
-
-    data = MessageToDict(stack)
+    data = dataclasses.asdict(stack)
     summary: dict[str, Any] = {"chosen": {}, "compile_model": []}
     for slot in data.get("slots", []):
         summary["chosen"][slot.get("slot", "?")] = slot.get("chosen", [])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path: Path) -> None:
     if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
         pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
-    settings = load_settings(server={"port": 0}, plugins={"allow": list(BASELINE_PLUGINS)})
+    settings = load_settings(server={"port": 0, "metrics_port": 0}, plugins={"allow": list(BASELINE_PLUGINS)})
     with BackgroundServer(settings) as server:
         finished = subprocess.run(
             [
@@ -66,3 +67,28 @@ def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path:
     assert [Path(f).name for f in summary["files"]] == ["stream-7.png", "unary-8.webp"]
     for file in summary["files"]:
         assert Image.open(file).size == (64, 64)
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["node", "src/demo.js", *args], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_node_demo_prints_its_usage_for_help_and_bad_flags() -> None:
+    shown = _demo("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: node src/demo.js")
+    assert "--target HOST:PORT" in shown.stdout and "at " not in shown.stderr
+    refused = _demo("--bogus")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: Unknown option '--bogus'") and "usage:" in refused.stderr
+
+
+def test_node_demo_reports_an_unreachable_target_in_one_line() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{closed.getsockname()[1]}"
+    failed = _demo("--target", target)
+    assert failed.returncode == 1
+    assert failed.stderr.startswith(f"error: {target}: UNAVAILABLE: ")
+    assert failed.stderr.count("\n") == 1, failed.stderr

@@ -46,9 +46,10 @@ def logs_through_logging() -> Iterator[None]:
 
 
 def make_settings(models_dir: Path, **sections: dict[str, Any]) -> Settings:
-    """Settings for a test server: baseline plugins, the tiny model, a free port, no batching delay."""
+    """Settings for a test server: baseline plugins, the tiny model, free ports, no batching delay."""
     server = {
         "port": 0,
+        "metrics_port": 0,
         "batch_wait_ms": 0,
         "preview_interval_s": 0.0,
         "batch_size": 4,  # fixed, not measured, and not warmed: tests count the engine's calls

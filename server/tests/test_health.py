@@ -12,8 +12,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from diffstack.engine import Engine
 from diffstack.testing import BASELINE_PLUGINS
-from diffstack_client import DiffstackClient, Finished, Progress, ServiceError
-from diffstack_client.v1 import diagnostics_pb2
+from diffstack_client import DiffstackClient, Finished, PluginStatus, Progress, ServiceError
 from diffstack_server.testing import WAIT_S, SpyEngine
 
 SERVICES = ("", "diffstack.v1.GenerationService", "diffstack.v1.DiagnosticsService")
@@ -62,7 +61,7 @@ def test_health_not_serving_until_the_engine_is_up(
         assert failure.value.code is grpc.StatusCode.UNAVAILABLE
         # The plugins loaded before the model started composing: diagnostics can already list them.
         assert composing.wait(WAIT_S)
-        loaded = {p.name for p in client.plugins() if p.status == diagnostics_pb2.PLUGIN_STATUS_LOADED}
+        loaded = {p.name for p in client.plugins() if p.status is PluginStatus.LOADED}
         assert loaded == set(BASELINE_PLUGINS)
 
         release.set()

@@ -14,10 +14,12 @@ from PIL import Image
 
 from diffstack_client import (
     AsyncDiffstackClient,
+    CandidateStatus,
     DiffstackClient,
     Event,
     Finished,
     Generation,
+    PluginStatus,
     Preview,
     Progress,
     Queued,
@@ -93,7 +95,7 @@ def test_list_plugins(client: DiffstackClient) -> None:
     plugins = {p.name: p for p in client.plugins()}
     assert {"sdpa", "schedules", "plain_encoder", "eager"} <= set(plugins)
     sdpa = plugins["sdpa"]
-    assert sdpa.status == diagnostics_pb2.PLUGIN_STATUS_LOADED
+    assert sdpa.status is PluginStatus.LOADED
     assert sdpa.distribution == "diffstack-sdpa"
     assert sdpa.version and sdpa.entry_point
     assert list(sdpa.hooks) == ["select_attention"]
@@ -105,7 +107,7 @@ def test_get_stack(client: DiffstackClient) -> None:
     slots = {slot.slot: slot for slot in stack.slots}
     attention = slots["select_attention"]
     assert attention.chosen and attention.candidates
-    assert all(c.status != diagnostics_pb2.CANDIDATE_STATUS_UNSPECIFIED for c in attention.candidates)
+    assert all(c.status is not CandidateStatus.UNSPECIFIED for c in attention.candidates)
     assert any(c.scope for c in attention.candidates)
     assert client.stack("tiny-sd1") == stack
 

@@ -5,7 +5,7 @@
  *
  *   import { connect } from "./client.js";
  *   const client = connect("127.0.0.1:50051");
- *   const response = await client.generate({ spec: { prompt: "a lighthouse", steps: 20 } });
+ *   const response = await client.generate({ spec: { prompt: "a small red circle at the top left", steps: 20 } });
  */
 import { fileURLToPath } from "node:url";
 import path from "node:path";

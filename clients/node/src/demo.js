@@ -5,8 +5,9 @@
  * its image, generate once more (unary), and check that a bad request gets INVALID_ARGUMENT naming
  * the field. The last line on stdout is a JSON summary (the CI test reads it).
  *
- *   node src/demo.js --target 127.0.0.1:50051 --out ./out [--steps 4] [--admin-token TOKEN]
+ *   node src/demo.js --target 127.0.0.1:50051 --out ./out [--steps 4] [--prompt TEXT] [--admin-token TOKEN]
  *     [--format png|webp|jpeg] [--quality 1-100] [--effort 0-6] [--lossless]
+ *   node src/demo.js --help
  *
  * --format and its options apply to the unary generation (the stream's image stays PNG).
  */
@@ -16,19 +17,60 @@ import { parseArgs } from "node:util";
 
 import { connect, grpc, statusDetails } from "./client.js";
 
-const { values: args } = parseArgs({
-  options: {
-    target: { type: "string", default: "127.0.0.1:50051" },
-    out: { type: "string", default: "out" },
-    steps: { type: "string", default: "4" },
-    prompt: { type: "string", default: "a lighthouse on a cliff at dusk" },
-    "admin-token": { type: "string" },
-    format: { type: "string", default: "png" },
-    quality: { type: "string" },
-    effort: { type: "string" },
-    lossless: { type: "boolean", default: false },
-  },
-});
+/** A prompt from the grammar the embedded default model was trained on (README.md). */
+const DEFAULT_PROMPT = "a large yellow triangle on the right on a black background";
+
+const USAGE = `usage: node src/demo.js [--target HOST:PORT] [--out DIR] [--steps N] [--prompt TEXT] [--admin-token TOKEN]
+                        [--format png|webp|jpeg] [--quality 1-100] [--effort 0-6] [--lossless]
+
+Lists the server's plugins, streams one generation (with progress) and writes its image, generates
+once more (unary), and checks that a bad request gets INVALID_ARGUMENT naming the field.
+
+  --target HOST:PORT    the diffstack server (default: 127.0.0.1:50051)
+  --out DIR             where images go (default: out)
+  --steps N             denoising steps (default: 4)
+  --prompt TEXT         what to draw (default: "${DEFAULT_PROMPT}",
+                        from the embedded model's grammar: see README.md)
+  --admin-token TOKEN   the server's admin token, if it has one
+  --format FORMAT       the unary generation's image format: png, webp or jpeg (default: png)
+  --quality N           webp/jpeg quality, 1-100
+  --effort N            webp encoding effort, 0-6
+  --lossless            lossless webp
+  -h, --help            show this text`;
+
+/**
+ * @returns {{ target: string, out: string, steps: string, prompt: string, "admin-token"?: string,
+ *   format: string, quality?: string, effort?: string, lossless: boolean }}
+ */
+function parseCommandLine() {
+  try {
+    const { values } = parseArgs({
+      options: {
+        target: { type: "string", default: "127.0.0.1:50051" },
+        out: { type: "string", default: "out" },
+        steps: { type: "string", default: "4" },
+        prompt: { type: "string", default: DEFAULT_PROMPT },
+        "admin-token": { type: "string" },
+        format: { type: "string", default: "png" },
+        quality: { type: "string" },
+        effort: { type: "string" },
+        lossless: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+    if (values.help) {
+      console.log(USAGE);
+      process.exit(0);
+    }
+    if (!/^[1-9][0-9]*$/.test(values.steps ?? "")) throw new Error(`--steps must be a positive whole number, got ${values.steps}`);
+    return /** @type {any} */ (values);
+  } catch (error) {
+    console.error(`error: ${/** @type {Error} */ (error).message}\n\n${USAGE}`);
+    process.exit(2);
+  }
+}
+
+const args = parseCommandLine();
 
 const EXTENSIONS = { IMAGE_FORMAT_PNG: "png", IMAGE_FORMAT_WEBP: "webp", IMAGE_FORMAT_JPEG: "jpg" };
 
@@ -95,6 +137,11 @@ async function main() {
 }
 
 main().catch((error) => {
-  console.error(error);
+  // A gRPC failure (an unreachable target, a refused call) is one line; anything else is a bug: in full.
+  if (typeof error?.code === "number" && error.code in grpc.status) {
+    console.error(`error: ${args.target}: ${grpc.status[error.code]}: ${(error.details || error.message).trim()}`);
+  } else {
+    console.error(error);
+  }
   process.exit(1);
 });

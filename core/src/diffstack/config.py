@@ -163,8 +163,11 @@ class ServerSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: int | None = None
-    """Serve Prometheus ``/metrics`` over HTTP on this port (0 picks a free one); off when unset."""
+    metrics: bool = True
+    """Serve Prometheus ``/metrics`` over HTTP (``--no-metrics`` turns it off)."""
+    metrics_port: int = 9464
+    """The metrics port (0 picks a free one). 9464 is the port Prometheus exporters of OpenTelemetry
+    use; a busy port is logged as an error and the server serves on without metrics."""
     metrics_host: str = "127.0.0.1"
     """Where ``/metrics`` listens: loopback by default, whatever ``host`` is, so a scraper on another
     machine is a deliberate choice (set ``0.0.0.0``, ideally with ``metrics_require_token``)."""

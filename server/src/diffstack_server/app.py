@@ -30,6 +30,8 @@ from diffstack.config import Settings
 from diffstack.engine import EngineWorker, ServingEngine
 from diffstack.errors import NotReady
 from diffstack.logs import configure_logging
+from diffstack.render import to_jsonable
+from diffstack.types import StackReport
 from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
 from diffstack_server.batching import BatchQueue
 from diffstack_server.encoding import ImageEncoder, encode_threads
@@ -86,11 +88,14 @@ class DiffstackServer:
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.start()
-        if server_settings.metrics_port is not None:
+        if server_settings.metrics:
             token = server_settings.admin_token if server_settings.metrics_require_token else None
-            self.metrics_port = self.runtime.metrics.serve_http(
-                server_settings.metrics_host, server_settings.metrics_port, token=token
-            )
+            try:
+                self.metrics_port = self.runtime.metrics.serve_http(
+                    server_settings.metrics_host, server_settings.metrics_port, token=token
+                )
+            except OSError as exc:  # metrics are worth a log line, never the service itself
+                log.error("metrics unavailable", port=server_settings.metrics_port, error=str(exc))
         log.info("listening", host=server_settings.host, port=self.port, metrics_port=self.metrics_port)
         self._engine_task = asyncio.get_running_loop().create_task(
             self._bring_up(), name="diffstack-engine-up"
@@ -117,6 +122,12 @@ class DiffstackServer:
             log.exception("batch_sizing_failed")
             self.ready.set()
             return
+        engine = self.runtime.started_engine()
+        default = await self.runtime.checkout("")
+        try:
+            log_stack_decisions(default.report)
+        finally:
+            engine.unpin(default)
         self.runtime.queue.start()
         if not self._stopping:
             for service in HEALTH_SERVICES:
@@ -183,6 +194,28 @@ class DiffstackServer:
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
+
+
+def log_stack_decisions(report: StackReport) -> None:
+    """Log every decision of the default model's stack at start-up, one line per slot, reasons and
+    measurements included (as Triton logs its model table), so an admin sees why without asking."""
+    log.info(
+        "stack", model=report.model, family=report.family.value, device=report.device, notes=report.notes
+    )
+    for slot in report.slots:
+        candidates = [
+            {key: value for key, value in to_jsonable(candidate).items() if value not in (None, "")}
+            for candidate in slot.candidates
+        ]
+        log.info("stack slot", slot=slot.slot, chosen=slot.chosen, candidates=candidates)
+
+
+def _start_engine(settings: Settings) -> ServingEngine:
+    """Import and start the engine: torch and diffusers load here, in a worker thread, after the port
+    has opened (health NOT_SERVING), so probes get answers from the first second."""
+    from diffstack.engine import Engine
+
+    return Engine.start(settings)
 
 
 def _bind_address(host: str, port: int) -> str:

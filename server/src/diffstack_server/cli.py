@@ -26,7 +26,13 @@ SERVE_FLAGS = (
     *COMMON_FLAGS,
     SettingFlag("--host", "server", "host", "address to listen on (default 127.0.0.1)"),
     SettingFlag("--port", "server", "port", "gRPC port (0 picks a free one; default 50051)", int),
-    SettingFlag("--metrics-port", "server", "metrics_port", "serve Prometheus /metrics on this port", int),
+    SettingFlag(
+        "--metrics-port",
+        "server",
+        "metrics_port",
+        "Prometheus /metrics port (default 9464; 0 picks one)",
+        int,
+    ),
     SettingFlag("--model", "engine", "default_model", "the default model: a name inside --models-dir"),
     SettingFlag("--log-format", "server", "log_format", "log lines as", choices=("auto", "json", "console")),
 )
@@ -35,13 +41,27 @@ SERVE_FLAGS = (
 DESCRIPTION = "Serve diffstack over gRPC until SIGTERM or SIGINT, then drain."
 
 
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """The serve flags: every SettingFlag, and ``--no-metrics`` (``server.metrics = false``)."""
+    add_setting_flags(parser, SERVE_FLAGS)
+    parser.add_argument(
+        "--no-metrics",
+        dest="server.metrics",
+        action="store_const",
+        const=False,
+        default=argparse.SUPPRESS,
+        help="serve no Prometheus /metrics",
+    )
+    add_verbosity_flags(parser)
+    # A server says what it decided at start-up (the stack, the ports): info, unlike one-shot commands.
+    parser.set_defaults(default_log_level=logging.INFO)
+
+
 def register_commands(commands: Subcommands) -> None:
     """The ``diffstack.commands`` entry point: adds ``diffstack serve``."""
     parser = commands.add_parser("serve", help="run the gRPC server", description=DESCRIPTION)
-    add_setting_flags(parser, SERVE_FLAGS)
-    add_verbosity_flags(parser)
-    # A server says what it decided at start-up (the stack, the ports): info, unlike the one-shot commands.
-    parser.set_defaults(command=_serve, default_log_level=logging.INFO)
+    add_serve_flags(parser)
+    parser.set_defaults(command=_serve)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -55,9 +75,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def module_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m diffstack_server``: the serve flags, nothing else."""
     parser = argparse.ArgumentParser(prog=f"python -m {__package__}", description=DESCRIPTION)
-    add_setting_flags(parser, SERVE_FLAGS)
-    add_verbosity_flags(parser)
-    parser.set_defaults(default_log_level=logging.INFO)
+    add_serve_flags(parser)
     return parser
 
 

@@ -4,7 +4,7 @@
 
     with DiffstackClient("127.0.0.1:50051") as client:
         client.wait_until_serving()
-        client.generate("a lighthouse at dusk", seed=7).save("out/")
+        client.generate("a large yellow triangle on the right on a black background", seed=7).save("out/")
 
 The generated stubs live in :mod:`diffstack_client.v1` (made by scripts/gen_proto.py).
 """
@@ -24,19 +24,33 @@ from diffstack_client._common import (
 )
 from diffstack_client.aio import AsyncDiffstackClient
 from diffstack_client.client import DiffstackClient
+from diffstack_client.diagnostics import (
+    Candidate,
+    CandidateStatus,
+    Plugin,
+    PluginStatus,
+    SlotReport,
+    StackReport,
+)
 
 __all__ = [
     "AsyncDiffstackClient",
+    "Candidate",
+    "CandidateStatus",
     "DiffstackClient",
     "Event",
     "Finished",
     "GeneratedImage",
     "Generation",
     "Picture",
+    "Plugin",
+    "PluginStatus",
     "Preview",
     "Progress",
     "Queued",
     "ServiceError",
+    "SlotReport",
     "SpecParams",
+    "StackReport",
     "tls_credentials",
 ]

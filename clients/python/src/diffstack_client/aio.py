@@ -26,6 +26,7 @@ from diffstack_client._common import (
     output_options,
     preview_options,
 )
+from diffstack_client.diagnostics import Plugin, StackReport
 from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
@@ -35,7 +36,7 @@ class AsyncDiffstackClient:
     """An asyncio client for one diffstack server.
 
     >>> async with AsyncDiffstackClient("127.0.0.1:50051") as client:
-    ...     result = await client.generate("a lighthouse at dusk", seed=7)
+    ...     result = await client.generate("a small red circle at the top left", seed=7)
     """
 
     def __init__(
@@ -125,15 +126,15 @@ class AsyncDiffstackClient:
         finally:
             call.cancel()
 
-    async def plugins(self) -> list[diagnostics_pb2.Plugin]:
+    async def plugins(self) -> list[Plugin]:
         response = await self._admin_call(self._diagnostics.ListPlugins, diagnostics_pb2.ListPluginsRequest())
-        return list(response.plugins)
+        return [Plugin.from_message(plugin) for plugin in response.plugins]
 
-    async def stack(self, model: str = "") -> diagnostics_pb2.StackReport:
+    async def stack(self, model: str = "") -> StackReport:
         response = await self._admin_call(
             self._diagnostics.GetStack, diagnostics_pb2.GetStackRequest(model=model)
         )
-        return response.stack
+        return StackReport.from_message(response.stack)
 
     async def models(self) -> list[diagnostics_pb2.Model]:
         response = await self._admin_call(self._diagnostics.ListModels, diagnostics_pb2.ListModelsRequest())

@@ -25,6 +25,7 @@ from diffstack_client._common import (
     output_options,
     preview_options,
 )
+from diffstack_client.diagnostics import Plugin, StackReport
 from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
@@ -35,7 +36,7 @@ class DiffstackClient:
 
     >>> with DiffstackClient("127.0.0.1:50051") as client:
     ...     client.wait_until_serving()
-    ...     client.generate("a lighthouse at dusk", steps=20, seed=7).images[0].save("out.png")
+    ...     client.generate("a small red circle at the top left", steps=20, seed=7).images[0].save("out.png")
 
     Failed calls raise :class:`~diffstack_client.ServiceError` (a ``grpc.RpcError``) with the
     status code, the field violations and the request id unpacked.
@@ -123,17 +124,15 @@ class DiffstackClient:
 
     # -- diagnostics ---------------------------------------------------------------------------------
 
-    def plugins(self) -> list[diagnostics_pb2.Plugin]:
+    def plugins(self) -> list[Plugin]:
         """Every plugin the server found, with its distribution, hooks and load status."""
-        return list(
-            self._admin_call(self._diagnostics.ListPlugins, diagnostics_pb2.ListPluginsRequest()).plugins
-        )
+        response = self._admin_call(self._diagnostics.ListPlugins, diagnostics_pb2.ListPluginsRequest())
+        return [Plugin.from_message(plugin) for plugin in response.plugins]
 
-    def stack(self, model: str = "") -> diagnostics_pb2.StackReport:
+    def stack(self, model: str = "") -> StackReport:
         """The composed stack of ``model`` (the default model when empty), every candidate included."""
-        return self._admin_call(
-            self._diagnostics.GetStack, diagnostics_pb2.GetStackRequest(model=model)
-        ).stack
+        response = self._admin_call(self._diagnostics.GetStack, diagnostics_pb2.GetStackRequest(model=model))
+        return StackReport.from_message(response.stack)
 
     def models(self) -> list[diagnostics_pb2.Model]:
         """The models the server can serve."""

@@ -159,7 +159,13 @@ def check_format(path: Path) -> None:
 
 def load_pipeline(path: Path, family: Family, device: str, dtype: torch.dtype) -> Pipeline:
     """Load ``path`` with diffusers, offline, safetensors only, onto ``device`` in ``dtype``."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     check_format(path)
+    # Loading bars mean nothing in a server's log or under the CLI's own progress line.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     cls = adapter_for(family).pipeline_class()
     try:
         if path.is_dir():

@@ -213,3 +213,28 @@ def render_prompt(text: str) -> np.ndarray:
     if scene is None:
         raise ValueError(f"prompt does not specify every attribute: {text!r}")
     return render(scene)
+
+
+def is_trained_prompt(text: str) -> bool:
+    """Whether ``text`` is word for word a prompt the embedded model was trained on: a scene's prompt
+    with any of its optional attributes left out (no synonyms, capitals or full stops)."""
+    try:
+        scene = parse_prompt(text)
+    except ValueError:
+        return False
+    return scene.prompt() == text
+
+
+def grammar() -> str:
+    """The exact grammar of the training prompts, generated from the world's vocabulary (README.md
+    shows this text; a test keeps the two equal)."""
+    rows = (
+        ("size", " | ".join(SIZES)),
+        ("colour", " | ".join(COLOURS)),
+        ("shape", " | ".join(SHAPES)),
+        ("position", " | ".join(POSITION_PHRASES.values())),
+        ("background", " | ".join(BACKGROUNDS) + "   (never the shape's colour)"),
+    )
+    lines = ["a [<size>] <colour> <shape> [<position>] [on a <background> background]", ""]
+    lines += [f"{name + ':':<12}{choices}" for name, choices in rows]
+    return "\n".join(lines)

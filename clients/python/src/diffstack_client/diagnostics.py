@@ -1,0 +1,146 @@
+"""The diagnostics answers as typed dataclasses with enum names, like the generation events.
+
+``plugins()`` gives :class:`Plugin` records, ``stack()`` a :class:`StackReport`: plain frozen data,
+comparable and printable, with statuses as string enums (``PluginStatus.LOADED == "loaded"``) instead
+of the wire's integers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from diffstack_client.v1 import diagnostics_pb2
+
+
+class PluginStatus(enum.StrEnum):
+    """Whether a plugin loaded."""
+
+    UNSPECIFIED = "unspecified"
+    LOADED = "loaded"
+    FAILED = "failed"
+    DISABLED = "disabled"
+
+
+class CandidateStatus(enum.StrEnum):
+    """What became of one offer."""
+
+    UNSPECIFIED = "unspecified"
+    CHOSEN = "chosen"
+    AVAILABLE = "available"
+    SLOWER = "slower"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+def _enum_name(descriptor: Any, value: int, prefix: str) -> str:
+    """The wire enum's name without its prefix, lower case (``PLUGIN_STATUS_LOADED`` → ``loaded``)."""
+    try:
+        return str(descriptor.Name(value)).removeprefix(prefix).lower()
+    except ValueError:  # a value a newer server added: shown as unspecified, never a crash
+        return "unspecified"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """One plugin as the server's host saw it."""
+
+    name: str
+    distribution: str
+    version: str
+    entry_point: str
+    hooks: tuple[str, ...]
+    status: PluginStatus
+    error: str
+
+    @classmethod
+    def from_message(cls, message: diagnostics_pb2.Plugin) -> Plugin:
+        status = _enum_name(diagnostics_pb2.PluginStatus, message.status, "PLUGIN_STATUS_")
+        return cls(
+            name=message.name,
+            distribution=message.distribution,
+            version=message.version,
+            entry_point=message.entry_point,
+            hooks=tuple(message.hooks),
+            status=PluginStatus(status),
+            error=message.error,
+        )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One offer's fate in one slot (and, for attention, one shape)."""
+
+    plugin: str
+    offer: str
+    priority: int
+    status: CandidateStatus
+    reason: str
+    scope: str
+    numeric_error: float | None
+    time_ms: float | None
+    setup_s: float | None
+
+    @classmethod
+    def from_message(cls, message: diagnostics_pb2.Candidate) -> Candidate:
+        status = _enum_name(diagnostics_pb2.CandidateStatus, message.status, "CANDIDATE_STATUS_")
+        return cls(
+            plugin=message.plugin,
+            offer=message.offer,
+            priority=message.priority,
+            status=CandidateStatus(status),
+            reason=message.reason,
+            scope=message.scope,
+            numeric_error=message.numeric_error if message.HasField("numeric_error") else None,
+            time_ms=message.time_ms if message.HasField("time_ms") else None,
+            setup_s=message.setup_s if message.HasField("setup_s") else None,
+        )
+
+
+@dataclass(frozen=True)
+class SlotReport:
+    """One hook's decisions: what was chosen and every candidate."""
+
+    slot: str
+    chosen: tuple[str, ...]
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
+class StackReport:
+    """Every decision composition made for one model on the server."""
+
+    model: str
+    family: str
+    device: str
+    dtype: str
+    measured: bool
+    notes: tuple[str, ...]
+    slots: tuple[SlotReport, ...]
+
+    @classmethod
+    def from_message(cls, message: diagnostics_pb2.StackReport) -> StackReport:
+        return cls(
+            model=message.model,
+            family=message.family,
+            device=message.device,
+            dtype=message.dtype,
+            measured=message.measured,
+            notes=tuple(message.notes),
+            slots=tuple(
+                SlotReport(
+                    slot=slot.slot,
+                    chosen=tuple(slot.chosen),
+                    candidates=tuple(Candidate.from_message(c) for c in slot.candidates),
+                )
+                for slot in message.slots
+            ),
+        )
+
+    def slot(self, name: str) -> SlotReport:
+        return next(s for s in self.slots if s.slot == name)
+
+    def summary(self) -> dict[str, tuple[str, ...]]:
+        """Slot name → chosen offers, the form that travels with every generated image."""
+        return {s.slot: s.chosen for s in self.slots}
