@@ -73,6 +73,7 @@ def test_the_client_returns_typed_reports(start_server: Callable[..., Background
     assert {c.status for c in attention.candidates} == {CandidateStatus.CHOSEN}
     assert all(c.time_ms is None for c in attention.candidates)  # not measured on a CPU: None, not 0.0
     assert stack.summary()["build_sigmas"] == ("default",)
+    assert all(isinstance(c.notes, tuple) for s in stack.slots for c in s.candidates)
 
 
 def test_status_shows_health_stack_and_stats(

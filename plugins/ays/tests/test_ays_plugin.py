@@ -54,3 +54,10 @@ def test_build_feeds_an_euler_scheduler() -> None:
     scheduler.set_timesteps(sigmas=sigmas)
     assert torch.allclose(scheduler.sigmas, torch.tensor(sigmas, dtype=torch.float32))
     assert len(scheduler.timesteps) == 12
+
+
+def test_the_host_accepts_the_offer_on_a_tiny_model() -> None:
+    """Through the host's own checks, as plugin authors test theirs (diffstack.testing)."""
+    from diffstack.testing import assert_offer_passes
+
+    assert assert_offer_passes(diffstack_ays, offer="ays")

@@ -16,3 +16,10 @@ def test_plain_encoder_is_the_inner_encoder() -> None:
         return {"prompt_embeds": torch.zeros(1)}
 
     assert offer.wrap(inner, model) is inner
+
+
+def test_the_host_accepts_the_offer_on_a_tiny_model() -> None:
+    """Through the host's own checks, as plugin authors test theirs (diffstack.testing)."""
+    from diffstack.testing import assert_offer_passes
+
+    assert assert_offer_passes(diffstack_plain_encoder, offer="plain")

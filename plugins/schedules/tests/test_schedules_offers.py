@@ -11,6 +11,7 @@ from diffusers import EulerDiscreteScheduler
 
 import diffstack_schedules
 from diffstack import hookspecs
+from diffstack.testing import assert_offer_passes, compose_with
 from diffstack.types import DenoiserKind, Family, ModelInfo
 
 
@@ -42,3 +43,11 @@ def test_karras_spans_the_trained_range_and_ends_in_zero() -> None:
 
 def test_karras_is_not_offered_for_flow_matching() -> None:
     assert Family.FLUX not in offers()["karras"].families
+
+
+def test_the_host_accepts_both_schedules_and_refuses_karras_for_flux() -> None:
+    assert assert_offer_passes(diffstack_schedules, offer="default")
+    assert assert_offer_passes(diffstack_schedules, offer="karras")
+    report = compose_with(diffstack_schedules, family=Family.FLUX)
+    (karras,) = [c for c in report.slot("build_sigmas").candidates if c.offer == "karras"]
+    assert karras.reason == "not made for flux models"

@@ -16,3 +16,10 @@ def test_sdpa_offer_is_pytorch_sdpa_and_the_native_backend() -> None:
     assert torch.equal(offer.build(model)(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert offer.diffusers_backend == "native"
     assert offer.probe(model).ok
+
+
+def test_the_host_accepts_the_offer_on_a_tiny_model() -> None:
+    """Through the host's own checks, as plugin authors test theirs (diffstack.testing)."""
+    from diffstack.testing import assert_offer_passes
+
+    assert assert_offer_passes(diffstack_sdpa, offer="sdpa")

@@ -81,6 +81,8 @@ class Candidate:
     numeric_error: float | None
     time_ms: float | None
     setup_s: float | None
+    notes: tuple[str, ...]
+    """What the offer said of itself: its probe's "yes, because ..." and its build's notes."""
 
     @classmethod
     def from_message(cls, message: diagnostics_pb2.Candidate) -> Candidate:
@@ -95,6 +97,7 @@ class Candidate:
             numeric_error=message.numeric_error if message.HasField("numeric_error") else None,
             time_ms=message.time_ms if message.HasField("time_ms") else None,
             setup_s=message.setup_s if message.HasField("setup_s") else None,
+            notes=tuple(message.notes),
         )
 
 
