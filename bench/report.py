@@ -15,6 +15,36 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 
 from bench.harness import TARGETS
 
+HEADLINE_ROWS = {
+    # headline key: (stage, unit, what the row's variant starts with)
+    "sd15_step_ms": ("step-sd15", "ms", "diffstack composed stack"),
+    "sd15_step_ms_by_hand": ("step-sd15", "ms", "by-hand torch.compile"),
+    "sd15_image_s": ("e2e-sd15", "s", "diffstack Engine (composed stack"),
+    "sd15_image_s_by_hand": ("e2e-sd15", "s", "diffusers + by-hand"),
+    "sd15_image_cached_s": ("e2e-sd15", "s", "diffstack Engine + deepcache"),
+    "sdxl_step_ms": ("step-sdxl", "ms", "diffstack composed stack"),
+    "sdxl_step_ms_by_hand": ("step-sdxl", "ms", "by-hand torch.compile"),
+    "sdxl_image_s": ("e2e-sdxl", "s", "diffstack Engine (composed stack"),
+    "sdxl_image_cached_s": ("e2e-sdxl", "s", "diffstack Engine + deepcache"),
+    "flux_step_ms": ("step-flux", "ms", "diffstack composed stack"),
+    "flux_step_ms_by_hand": ("step-flux", "ms", "by-hand torch.compile"),
+    "flux_image_s": ("e2e-flux", "s", "diffstack Engine (composed stack"),
+}
+"""Where each key of a results file's ``headline`` comes from (issue 11); unmeasured keys are omitted."""
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's headline numbers of one run: medians in the unit the key names, plus the card."""
+    found: dict[str, Any] = {
+        "card": results.get("meta", {}).get("card", results.get("meta", {}).get("device"))
+    }
+    for key, (stage, unit, prefix) in HEADLINE_ROWS.items():
+        rows = results.get("stages", {}).get(stage, {}).get("rows", [])
+        values = [row[unit] for row in rows if row.get("variant", "").startswith(prefix) and unit in row]
+        if values:
+            found[key] = round(values[0], 4)
+    return found
+
 
 def _num(value: Any, digits: int = 2, suffix: str = "") -> str:
     if value is None or value == "":

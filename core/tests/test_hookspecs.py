@@ -107,6 +107,55 @@ def test_wrap_denoiser_wrappers_are_applied_reset_and_removed(engine: Engine) ->
     assert events == ["reset", "forward", "forward", "remove"]
 
 
+def test_wrap_denoiser_wrappers_that_take_the_compiled_denoiser_keep_it(engine: Engine) -> None:
+    applied_to: dict[str, str] = {}
+
+    class Handle:
+        def reset_state(self) -> None: ...
+
+        def remove(self) -> None: ...
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.config, self.device, self.dtype = inner, inner.config, inner.device, inner.dtype
+
+        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return self.inner(*args, **kwargs)
+
+    def spy(name: str, on_compiled: bool) -> DenoiserWrapperOffer:
+        def apply(module: torch.nn.Module, options: object) -> Handle:
+            applied_to[name] = type(module).__name__
+            return Handle()
+
+        return DenoiserWrapperOffer(name=name, apply=apply, on_compiled=on_compiled)
+
+    class Plugin:
+        @hookimpl
+        def wrap_denoiser(self, model: ModelInfo) -> list[DenoiserWrapperOffer]:
+            return [spy("compiled_ok", True), spy("eager_only", False)]
+
+        @hookimpl
+        def compile_model(self, model: ModelInfo) -> list[CompileOffer]:
+            return [CompileOffer(name="wrapping", build=lambda denoiser, model: Compiled(denoiser))]
+
+    spied = Engine(engine.settings, host_with(Plugin()))
+    spied.prepare(GenerationRequest("a", steps=1))  # loads the model: composition tries each wrapper
+    for wrappers, expected in [
+        ({"compiled_ok": {}}, {"compiled_ok": "Compiled"}),
+        (
+            {"compiled_ok": {}, "eager_only": {}},
+            {"compiled_ok": "UNet2DConditionModel", "eager_only": "UNet2DConditionModel"},
+        ),
+    ]:
+        applied_to.clear()
+        (result,) = spied.run(
+            [GenerationJob(spied.prepare(GenerationRequest("a", steps=1, wrappers=wrappers)))]
+        )
+        assert applied_to == expected
+        assert bool(result.stack["compile_model"]) == (expected["compiled_ok"] == "Compiled")
+
+
 def test_compile_model_result_replaces_the_denoiser(engine: Engine) -> None:
     calls: list[int] = []
 

@@ -223,11 +223,14 @@ class DenoiserWrapperOffer(Offer):
     ``apply(denoiser, options)`` attaches it with the request's options merged over the admin's.
     ``options`` is the frozen dataclass that declares those options (see :mod:`diffstack.options`):
     the host checks a request's options against it before any plugin code runs.
+    ``on_compiled``: ``apply`` also takes the compile offer's module, so a request using this
+    wrapper keeps the compiled denoiser instead of falling back to the eager one.
     """
 
     denoiser_kinds: frozenset[DenoiserKind] = frozenset(DenoiserKind)
     apply: Callable[[torch.nn.Module, Mapping[str, Any]], DenoiserWrapper]
     options: type | None = None
+    on_compiled: bool = False
 
 
 # ---------------------------------------------------------------------------------------------

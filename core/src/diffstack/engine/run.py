@@ -33,7 +33,7 @@ from diffstack.engine.previews import latent_previews
 from diffstack.engine.requests import GeneratedImage, GenerationJob, GenerationResult, StepEvent
 from diffstack.engine.samplers import SAMPLERS, Sampler
 from diffstack.errors import DiffstackError, ModelError, OutOfMemory
-from diffstack.types import DenoiserWrapper, PromptSpec
+from diffstack.types import DenoiserWrapper, DenoiserWrapperOffer, PromptSpec
 
 log = structlog.get_logger(__name__)
 
@@ -189,15 +189,15 @@ def _image_arguments(jobs: Sequence[GenerationJob]) -> dict[str, Any]:
 def _denoiser_stack(
     model: LoadedModel, pipeline: Pipeline, wrappers: Any, reference: bool
 ) -> Iterator[tuple[str, ...]]:
-    """The compiled denoiser, or the eager one with this request's wrappers attached and reset (or,
-    for the reference stack, the eager one with SDPA attention). Yields the wrappers that applied: one
-    that fails to apply is logged and left out, never fatal."""
-    denoiser = model.denoiser_for(with_wrappers=bool(wrappers) or reference)
+    """The compiled denoiser (the eager one where a wrapper needs it) with this request's wrappers
+    attached and reset (or, for the reference stack, the eager one with SDPA attention). Yields the
+    wrappers that applied: one that fails to apply is logged and left out, never fatal."""
+    offers = sorted((model.stack.wrappers[name] for name in wrappers), key=lambda o: -o.priority)
+    denoiser = model.denoiser_for(with_wrappers=reference or _needs_eager(offers))
     model.adapter.set_denoiser(pipeline, denoiser)
     handles: list[DenoiserWrapper] = []
     applied: list[str] = []
     try:
-        offers = sorted((model.stack.wrappers[name] for name in wrappers), key=lambda o: -o.priority)
         for offer in offers:
             options = {**model.info.plugin_options(offer.name), **wrappers[offer.name]}
             try:
@@ -238,6 +238,10 @@ def _reference_attention(model: LoadedModel, denoiser: torch.nn.Module) -> Itera
         yield
     finally:
         denoiser.set_attn_processor(chosen)  # type: ignore[operator]
+
+
+def _needs_eager(offers: Sequence[DenoiserWrapperOffer]) -> bool:
+    return not all(offer.on_compiled for offer in offers)
 
 
 def _step_callback(
@@ -323,7 +327,7 @@ def _stack_summary(model: LoadedModel, ran: _Ran) -> dict[str, tuple[str, ...]]:
         )
     else:
         summary["select_attention"] = attention_in_use(model, summary.get("select_attention", ()))
-        if ran.wrappers:
+        if _needs_eager([model.stack.wrappers[name] for name in ran.wrappers]):
             summary["compile_model"] = ()
     summary["build_sigmas"] = (ran.schedule,) if ran.schedule else ()
     summary["wrap_denoiser"] = ran.wrappers

@@ -34,9 +34,13 @@ def _probe(model: ModelInfo) -> Availability:
 
 
 def _apply(denoiser: torch.nn.Module, options: Mapping[str, Any]) -> DenoiserWrapper:
+    from diffstack_deepcache.compiled import CompiledDeepCacheHandle, is_compiled
     from diffstack_deepcache.hooks import apply_deep_cache
 
-    return apply_deep_cache(denoiser, parse_options(DeepCacheConfig, options))
+    config = parse_options(DeepCacheConfig, options)
+    if is_compiled(denoiser):
+        return CompiledDeepCacheHandle(denoiser, config)
+    return apply_deep_cache(denoiser, config)
 
 
 @hookimpl
@@ -49,5 +53,6 @@ def wrap_denoiser(model: ModelInfo) -> list[DenoiserWrapperOffer]:
             denoiser_kinds=frozenset({DenoiserKind.UNET}),
             apply=_apply,
             options=DeepCacheConfig,
+            on_compiled=True,
         )
     ]

@@ -29,19 +29,40 @@ HOOK_NAME = "deepcache"
 """The name of our hooks in every registry they join (one per hooked module)."""
 
 
-@dataclass
-class _SharedState:
-    """What the hooks of one handle share: the call count and the last full step's deep outputs."""
+class StepSchedule:
+    """Decides, once per UNet call, whether this step is full or cached (plain Python, per request)."""
 
-    calls: int = 0
-    skipping: bool = False
-    signature: tuple[Any, ...] | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, config: DeepCacheConfig) -> None:
+        self.interval = int(config.interval)
+        self.start, self.end = config.window()
+        self.calls = 0
+        self.signature: tuple[Any, ...] | None = None
+
+    def next_is_cached(self, sample: torch.Tensor) -> bool:
+        signature = (sample.shape, sample.dtype, sample.device)
+        step = self.calls
+        self.calls += 1
+        in_window = step >= self.start and (self.end is None or step < self.end)
+        # A change of shape (another batch or size) makes the cached features useless: run in full.
+        cached = in_window and (step - self.start) % self.interval != 0 and signature == self.signature
+        if not cached:
+            self.signature = signature
+        return cached
 
     def reset(self) -> None:
         self.calls = 0
-        self.skipping = False
         self.signature = None
+
+
+@dataclass
+class SharedState:
+    """What the skip hooks of one UNet share: this step's decision and the last full step's deep outputs."""
+
+    skipping: bool = False
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.skipping = False
         self.outputs.clear()
 
 
@@ -50,37 +71,27 @@ class _StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: _SharedState, config: DeepCacheConfig) -> None:
+    def __init__(self, state: SharedState, config: DeepCacheConfig) -> None:
         super().__init__()
         self.state = state
-        self.interval = int(config.interval)
-        self.start, self.end = config.window()
+        self.schedule = StepSchedule(config)
 
     def pre_forward(
         self, module: torch.nn.Module, *args: Any, **kwargs: Any
     ) -> tuple[tuple[Any], dict[str, Any]]:
-        sample = args[0] if args else kwargs["sample"]
-        signature = (sample.shape, sample.dtype, sample.device)
-        step = self.state.calls
-        self.state.calls += 1
-        in_window = step >= self.start and (self.end is None or step < self.end)
-        # A change of shape (another batch or size) makes the cached features useless: run in full.
-        self.state.skipping = (
-            in_window and (step - self.start) % self.interval != 0 and signature == self.state.signature
-        )
-        if not self.state.skipping:
-            self.state.signature = signature
+        self.state.skipping = self.schedule.next_is_cached(args[0] if args else kwargs["sample"])
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.schedule.reset()
         self.state.reset()
         return module
 
 
-class _SkipHook(ModelHook):
+class SkipHook(ModelHook):
     """On a deep module: runs it and remembers its output on full steps, replays it on cached ones."""
 
-    def __init__(self, state: _SharedState, key: str) -> None:
+    def __init__(self, state: SharedState, key: str) -> None:
         super().__init__()
         self.state = state
         self.key = key
@@ -149,12 +160,12 @@ class DeepCacheHandle:
     """DeepCache on one UNet for one request: ``reset_state()`` per generation, ``remove()`` after."""
 
     def __init__(self, unet: torch.nn.Module, config: DeepCacheConfig) -> None:
-        state = _SharedState()
+        state = SharedState()
         self._step_hook = _StepHook(state, config)
         self._unet = unet
         self._hooked: list[tuple[torch.nn.Module, ModelHook]] = [(unet, self._step_hook)]
         self._hooked += [
-            (module, _SkipHook(state, name)) for name, module in deep_modules(unet, int(config.branch))
+            (module, SkipHook(state, name)) for name, module in deep_modules(unet, int(config.branch))
         ]
         if any(_registry(module).get_hook(HOOK_NAME) is not None for module, _ in self._hooked):
             raise RuntimeError("DeepCache is already attached to this UNet: remove() that handle first")

@@ -51,13 +51,19 @@ def compile_denoiser(
     # dynamic=None honours the batch dimension marked dynamic by the normalizer and keeps every
     # other dimension static; False would specialise on each batch size.
     dynamic = None if config.dynamic_batch else False
-    compiled = cast(
-        torch.nn.Module, torch.compile(denoiser, mode=mode, fullgraph=config.fullgraph, dynamic=dynamic)
-    )
+
+    def compile_like(module: torch.nn.Module) -> torch.nn.Module:
+        return cast(
+            torch.nn.Module, torch.compile(module, mode=mode, fullgraph=config.fullgraph, dynamic=dynamic)
+        )
+
+    compiled = compile_like(denoiser)
     compiled.register_forward_pre_hook(_call_normalizer(denoiser, config.dynamic_batch), with_kwargs=True)
     _watch_calls(compiled, artifacts, clone_outputs=config.uses_cuda_graphs(model.device))
     # Set on the wrapper itself: OptimizedModule forwards plain setattr to the shared denoiser.
     object.__setattr__(compiled, "diffstack_compile_seconds", None)
+    # Wrappers that run their own variant of the denoiser (DeepCache's cached step) compile it alike.
+    object.__setattr__(compiled, "diffstack_compile_like", compile_like)
     return Built(compiled, notes=tuple(notes))
 
 
