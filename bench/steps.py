@@ -347,7 +347,7 @@ class StepBench:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
                 began = time.perf_counter()
-                out = (module or self.denoiser)(**inputs, return_dict=False)[0]
+                out = (self.denoiser if module is None else module)(**inputs, return_dict=False)[0]
                 if cuda:
                     end.record()
                     end.synchronize()

@@ -215,17 +215,27 @@ class Engine:
         return model
 
     def _warm_up(self, model: LoadedModel) -> None:
-        """One short generation through the real pipeline call, as clients will make it."""
+        """One short generation through the real pipeline call, as clients will make it; another
+        with each wrapper that runs on the compiled denoiser, which compiles its own graphs."""
         steps = self.settings.engine.warmup_steps
         if steps <= 0:
             return
-        request = prepare_request(
-            GenerationRequest("warm-up", steps=steps, seeds=(0,)), model, self.settings.limits
-        )
-        (result,) = run_batch(model, [GenerationJob(request)])
-        if isinstance(result, DiffstackError):
-            raise result
-        log.info("model warmed up", model=model.name, seconds=round(result.timings["total_s"], 2))
+        on_compiled = [name for name, offer in model.stack.wrappers.items() if offer.on_compiled]
+        for wrappers in [{}, *({name: {}} for name in on_compiled if model.stack.compiled is not None)]:
+            request = prepare_request(
+                GenerationRequest("warm-up", steps=steps, seeds=(0,), wrappers=wrappers),
+                model,
+                self.settings.limits,
+            )
+            (result,) = run_batch(model, [GenerationJob(request)])
+            if isinstance(result, DiffstackError):
+                raise result
+            log.info(
+                "model warmed up",
+                model=model.name,
+                wrappers=tuple(wrappers),
+                seconds=round(result.timings["total_s"], 2),
+            )
 
     def is_loaded(self, name: str = "") -> bool:
         """Whether ``name`` is in memory already (using it then neither loads nor composes)."""
