@@ -193,3 +193,51 @@ def test_the_batch_dimension_is_marked_dynamic_so_new_batch_sizes_do_not_recompi
     for tensor in (named["sample"], named["encoder_hidden_states"]):
         assert 0 in getattr(tensor, "_dynamo_weak_dynamic_indices", set())
     assert not hasattr(named["timestep"], "_dynamo_weak_dynamic_indices")
+
+
+def test_the_recompile_limit_is_raised_never_lowered() -> None:
+    from diffstack_torch_compile.compiler import allow_recompiles
+
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    try:
+        config.recompile_limit = 8
+        allow_recompiles(64)
+        assert config.recompile_limit == 64
+        allow_recompiles(16)
+        assert config.recompile_limit == 64
+    finally:
+        config.recompile_limit = before
+
+
+def test_wrappers_compile_their_own_variant_with_the_offer_s_settings(monkeypatch, tmp_path: Path) -> None:
+    """DeepCache on the offer's module compiles its copy through ``diffstack_compile_like``."""
+    from diffstack_deepcache.compiled import CompiledDeepCacheHandle
+    from diffstack_deepcache.hooks import DeepCacheConfig
+
+    compiled_modules: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def spy(module: torch.nn.Module, **kw: Any) -> Any:
+        compiled_modules.append(module)
+        return real_compile(module, backend="eager", dynamic=False)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(compiler, "use_cache_dir", lambda path: None)
+    unet = tiny_unet()
+    model = model_on("cuda", {"cache_dir": str(tmp_path), "fuse_qkv": False})
+    compiled = offer_for(model).build(unet, model)
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8),
+        "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(2, 7, 32),
+    }
+    with torch.inference_mode():
+        plain = compiled(**inputs, return_dict=False)[0]
+        handle = CompiledDeepCacheHandle(compiled, DeepCacheConfig(interval=2))
+        full, cached = (compiled(**inputs, return_dict=False)[0] for _ in range(2))
+        handle.remove()
+    assert len(compiled_modules) == 2 and compiled_modules[1] is not unet  # the copy, compiled alike
+    torch.testing.assert_close(full, plain)
+    torch.testing.assert_close(cached, plain)  # same inputs: the cached step reproduces the full one

@@ -220,8 +220,9 @@ class Engine:
         steps = self.settings.engine.warmup_steps
         if steps <= 0:
             return
-        on_compiled = [name for name, offer in model.stack.wrappers.items() if offer.on_compiled]
-        for wrappers in [{}, *({name: {}} for name in on_compiled if model.stack.compiled is not None)]:
+        compiled = model.denoiser_for(with_wrappers=False) is not model.denoiser_for(with_wrappers=True)
+        on_compiled = [name for name, offer in model.stack.wrappers.items() if offer.on_compiled and compiled]
+        for wrappers in [{}, *({name: {}} for name in on_compiled)]:
             request = prepare_request(
                 GenerationRequest("warm-up", steps=steps, seeds=(0,), wrappers=wrappers),
                 model,

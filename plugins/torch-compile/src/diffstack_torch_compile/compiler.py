@@ -45,6 +45,7 @@ def compile_denoiser(
         notes.append(fuse_projections(denoiser, model.denoiser_kind))
     mode = config.resolved_mode(model.device)
     use_cache_dir(config.cache_path / "inductor")
+    allow_recompiles(RECOMPILE_LIMIT)
     setting = f"{mode} fullgraph={config.fullgraph}: {'; '.join(notes)}"
     artifacts = ArtifactFile(config.cache_path / "artifacts", model, denoiser, setting)
     notes.append(artifacts.load())
@@ -65,6 +66,18 @@ def compile_denoiser(
     # Wrappers that run their own variant of the denoiser (DeepCache's cached step) compile it alike.
     object.__setattr__(compiled, "diffstack_compile_like", compile_like)
     return Built(compiled, notes=tuple(notes))
+
+
+RECOMPILE_LIMIT = 64
+"""Compiled entries allowed per Python frame. Every UNet in the process shares diffusers' forward
+wrapper frame, and each model, input shape and DeepCache step kind (full, cached) is one entry on
+it: torch's default of 8 would silently run the ninth eager."""
+
+
+def allow_recompiles(limit: int) -> None:
+    """Raise Dynamo's per-frame entry limit to at least ``limit`` (process-wide; never lowers it)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
 
 
 def fuse_projections(denoiser: torch.nn.Module, kind: DenoiserKind) -> str:
