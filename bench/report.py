@@ -153,7 +153,12 @@ def target_table(results: dict[str, Any]) -> list[str]:
         "sd15_throughput_images_per_s": row_value("serve-sd15", "throughput", "images_per_s"),
         "restart_to_serving_s": row_value("serve-sd15", "restart", "s"),
     }
-    lines = ["### Targets (issue 11, one H200)", "", "| target | goal | this run | met |", "|---|---|---|---|"]
+    lines = [
+        "### Targets (issue 11, one H200)",
+        "",
+        "| target | goal | this run | met |",
+        "|---|---|---|---|",
+    ]
     for key, goal in TARGETS.items():
         value = measured.get(key)
         higher = key.endswith("per_s")

@@ -222,7 +222,9 @@ class Engine:
             return
         compiled = model.denoiser_for(with_wrappers=False) is not model.denoiser_for(with_wrappers=True)
         on_compiled = [name for name, offer in model.stack.wrappers.items() if offer.on_compiled and compiled]
-        for wrappers in [{}, *({name: {}} for name in on_compiled)]:
+        runs: list[dict[str, dict[str, object]]] = [{}]
+        runs += [{name: {}} for name in on_compiled]
+        for wrappers in runs:
             request = prepare_request(
                 GenerationRequest("warm-up", steps=steps, seeds=(0,), wrappers=wrappers),
                 model,
