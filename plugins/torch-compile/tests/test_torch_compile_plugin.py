@@ -213,7 +213,7 @@ def test_the_recompile_limit_is_raised_never_lowered() -> None:
 def test_wrappers_compile_their_own_variant_with_the_offer_s_settings(monkeypatch, tmp_path: Path) -> None:
     """DeepCache on the offer's module compiles its copy through ``diffstack_compile_like``."""
     from diffstack_deepcache.compiled import CompiledDeepCacheHandle
-    from diffstack_deepcache.hooks import DeepCacheConfig
+    from diffstack_deepcache.config import DeepCacheConfig
 
     compiled_modules: list[torch.nn.Module] = []
     real_compile = torch.compile
@@ -227,7 +227,7 @@ def test_wrappers_compile_their_own_variant_with_the_offer_s_settings(monkeypatc
     monkeypatch.setattr(compiler, "use_cache_dir", lambda path: None)
     unet = tiny_unet()
     model = model_on("cuda", {"cache_dir": str(tmp_path), "fuse_qkv": False})
-    compiled = offer_for(model).build(unet, model)
+    compiled = offer_for(model).build(unet, model).value
     inputs = {
         "sample": torch.randn(2, 4, 8, 8),
         "timestep": torch.tensor(500.0),
