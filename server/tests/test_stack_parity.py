@@ -55,7 +55,7 @@ def with_optionals(expected: Any, fields: tuple[str, ...]) -> Any:
     return expected
 
 
-OPTIONAL = ("numeric_error", "time_ms", "setup_s")
+OPTIONAL = ("numeric_error", "time_ms", "setup_s", "decided_at")
 
 
 def test_every_field_and_status_renders_the_same_on_both_paths() -> None:
@@ -86,6 +86,8 @@ def test_every_field_and_status_renders_the_same_on_both_paths() -> None:
             SlotReport("select_attention", ("h8xd40 q64 k64: o1",), candidates),
             SlotReport("wrap_denoiser", (), ()),
         ),
+        restored=True,
+        decided_at=1764548400.5,
     )
     cli = with_optionals(to_jsonable(report), OPTIONAL)
     assert wire_as_json(stack_message(report), "CANDIDATE_STATUS_") == cli
@@ -105,12 +107,13 @@ def test_cli_stack_json_and_get_stack_agree_on_a_served_model(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The same model composed twice, once by ``diffstack stack --json`` and once by the server: the
-    same report, except the wall-clock seconds of one-off setups."""
+    same report, except the wall-clock seconds of one-off setups and when each was decided."""
     monkeypatch.setenv("DIFFSTACK_PLUGINS__ALLOW", json.dumps(list(BASELINE_PLUGINS)))
     assert main(["--models-dir", str(models_dir), "stack", "--model", MODEL, "--json"]) == 0
     cli = with_optionals(json.loads(capsys.readouterr().out), OPTIONAL)
     wire = wire_as_json(client.stack(MODEL), "CANDIDATE_STATUS_")
     for report in (cli, wire):
+        assert report.pop("decided_at") > 0
         for slot in report["slots"]:
             for candidate in slot["candidates"]:
                 candidate.pop("setup_s", None)

@@ -96,6 +96,9 @@ class ComposeSettings(_Section):
     probe_timeout_s: float | None = Field(default=30.0, gt=0)
     """Longest an offer's probe (or ``supports``) may take before the offer is recorded as "timed
     out"; ``None`` waits forever."""
+    decisions_dir: Path | None = Path("~/.cache/diffstack/decisions")
+    """Where measured decisions are kept (beside torch-compile's default cache), so a restart rebuilds
+    the chosen stack without measuring (:mod:`diffstack.decisions`); ``None`` keeps none."""
     build_timeout_s: float | None = Field(default=600.0, gt=0)
     """Longest an offer's build and numeric check may take (compile offers: the build only, since
     their first call records CUDA graphs that must stay on the engine's thread)."""

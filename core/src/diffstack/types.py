@@ -327,6 +327,10 @@ class StackReport:
     measured: bool
     notes: tuple[str, ...]
     slots: tuple[SlotReport, ...]
+    restored: bool = False
+    """Whether this decision was read back from ``compose.decisions_dir`` instead of made now."""
+    decided_at: float | None = None
+    """When the decision was made (Unix seconds; for a restored one, when it was first measured)."""
 
     def slot(self, name: str) -> SlotReport:
         return next(s for s in self.slots if s.slot == name)

@@ -225,6 +225,8 @@ def stack_message(report: StackReport) -> diagnostics_pb2.StackReport:
         device=report.device,
         dtype=report.dtype,
         measured=report.measured,
+        restored=report.restored,
+        decided_at=report.decided_at,
         notes=list(report.notes),
         slots=[
             diagnostics_pb2.SlotReport(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from diffstack.attention import capture_attention_shapes, install_attention
 from diffstack.compose import AttentionDecision, ComposedStack, ModelUnderTest, compose_stack
 from diffstack.config import Settings
+from diffstack.decisions import Decision, DecisionStore, decision_key, restricted_host, same_choice
 from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
 from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
 from diffstack.engine.tokens import TokenCounter
@@ -125,6 +127,11 @@ def compose_model(
         scheduler=pipeline.scheduler,
         measure=measure,
     )
+    restored = _restore(host, under_test, path, settings)
+    if restored is not None:
+        stack, report = restored
+        log.info("stack restored", model=name, family=family.value, chosen=report.summary())
+        return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
     stack = compose_stack(host, under_test, settings.compose, apply_attention)
     notes = [f"denoiser calls measured at batch {settings.compose.batch}, {width}x{height}"]
     if not measure:
@@ -142,9 +149,51 @@ def compose_model(
         measured=measure,
         notes=tuple(notes),
         slots=tuple(stack.slots),
+        decided_at=time.time(),
     )
+    _keep(host, under_test, path, settings, report)
     log.info("stack composed", model=name, family=family.value, chosen=report.summary())
     return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
+
+
+def _decision_key(host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings) -> dict[str, str]:
+    info = model.info
+    return decision_key(host, path, info.device, str(info.dtype), info.family, settings.compose)
+
+
+def _restore(
+    host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings
+) -> tuple[ComposedStack, StackReport] | None:
+    """The stack a kept, still valid decision chose, rebuilt untimed; None to measure afresh."""
+    if settings.compose.decisions_dir is None or not model.measure:
+        return None
+    key = _decision_key(host, model, path, settings)
+    saved = DecisionStore(settings.compose.decisions_dir).load(model.info.name, key)
+    if saved is None:
+        return None
+    untimed = replace(model, measure=False)
+    stack = compose_stack(restricted_host(host, saved.report), untimed, settings.compose, apply_attention)
+    if not same_choice(stack.slots, saved.report):
+        log.warning("restored_decision_differs_measuring", model=model.info.name)
+        return None
+    return stack, replace(saved.report, restored=True, decided_at=saved.decided_at)
+
+
+def _keep(
+    host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings, report: StackReport
+) -> None:
+    """Save a measured decision for the next start (a failure to write is logged, never fatal)."""
+    if settings.compose.decisions_dir is None or not report.measured:
+        return
+    store = DecisionStore(settings.compose.decisions_dir)
+    try:
+        store.save(
+            model.info.name,
+            _decision_key(host, model, path, settings),
+            Decision(report, report.decided_at or time.time()),
+        )
+    except OSError as exc:
+        log.warning("decision_not_saved", directory=str(store.directory), error=str(exc))
 
 
 def apply_attention(denoiser: torch.nn.Module, attention: AttentionDecision) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffstack/v1/diagnostics.proto\x12\x0c\x64iffstack.v1\"\x14\n\x12ListPluginsRequest\"<\n\x13ListPluginsResponse\x12%\n\x07plugins\x18\x01 \x03(\x0b\x32\x14.diffstack.v1.Plugin\"\x9c\x01\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x65ntry_point\x18\x04 \x01(\t\x12\r\n\x05hooks\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.diffstack.v1.PluginStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\" \n\x0fGetStackRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10GetStackResponse\x12(\n\x05stack\x18\x01 \x01(\x0b\x32\x19.diffstack.v1.StackReport\"\x95\x01\n\x0bStackReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08measured\x18\x05 \x01(\x08\x12\r\n\x05notes\x18\x06 \x03(\t\x12\'\n\x05slots\x18\x07 \x03(\x0b\x32\x18.diffstack.v1.SlotReport\"W\n\nSlotReport\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.diffstack.v1.Candidate\"\x8b\x02\n\tCandidate\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\r\n\x05offer\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.diffstack.v1.CandidateStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\x12\x1a\n\rnumeric_error\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07time_ms\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07setup_s\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05notes\x18\n \x03(\tB\x10\n\x0e_numeric_errorB\n\n\x08_time_msB\n\n\x08_setup_s\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.diffstack.v1.Model\"\x8b\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12+\n\x07weights\x18\x05 \x01(\x0e\x32\x1a.diffstack.v1.ModelWeights\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd6\x03\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x17\n\x0frequests_served\x18\x03 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x04 \x01(\x04\x12\x15\n\rimages_served\x18\x05 \x01(\x04\x12\x13\n\x0b\x62\x61tches_run\x18\x06 \x01(\x04\x12\x31\n\x07latency\x18\x07 \x01(\x0b\x32 .diffstack.v1.LatencyPercentiles\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\'\n\x1agpu_memory_allocated_bytes\x18\t \x01(\x04H\x00\x88\x01\x01\x12&\n\x19gpu_memory_reserved_bytes\x18\n \x01(\x04H\x01\x88\x01\x01\x12:\n\x06\x65ngine\x18\x0b \x03(\x0b\x32*.diffstack.v1.GetStatsResponse.EngineEntry\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x1d\n\x1b_gpu_memory_allocated_bytesB\x1c\n\x1a_gpu_memory_reserved_bytes\"J\n\x12LatencyPercentiles\x12\x0b\n\x03p50\x18\x01 \x01(\x01\x12\x0b\n\x03p90\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r*\x9a\x01\n\x0cPluginStatus\x12\x1d\n\x19PLUGIN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PLUGIN_STATUS_LOADED\x10\x01\x12\x18\n\x14PLUGIN_STATUS_FAILED\x10\x02\x12\x1a\n\x16PLUGIN_STATUS_DISABLED\x10\x03\x12\x1b\n\x17PLUGIN_STATUS_TIMED_OUT\x10\x04*\xe9\x01\n\x0f\x43\x61ndidateStatus\x12 \n\x1c\x43\x41NDIDATE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_CHOSEN\x10\x01\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_AVAILABLE\x10\x02\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_SLOWER\x10\x03\x12\x1d\n\x19\x43\x41NDIDATE_STATUS_REJECTED\x10\x04\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_FAILED\x10\x05\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_TIMED_OUT\x10\x06*b\n\x0cModelWeights\x12\x1d\n\x19MODEL_WEIGHTS_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_WEIGHTS_RANDOM\x10\x01\x12\x19\n\x15MODEL_WEIGHTS_TRAINED\x10\x02\x32\xcf\x02\n\x12\x44iagnosticsService\x12R\n\x0bListPlugins\x12 .diffstack.v1.ListPluginsRequest\x1a!.diffstack.v1.ListPluginsResponse\x12I\n\x08GetStack\x12\x1d.diffstack.v1.GetStackRequest\x1a\x1e.diffstack.v1.GetStackResponse\x12O\n\nListModels\x12\x1f.diffstack.v1.ListModelsRequest\x1a .diffstack.v1.ListModelsResponse\x12I\n\x08GetStats\x12\x1d.diffstack.v1.GetStatsRequest\x1a\x1e.diffstack.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffstack/v1/diagnostics.proto\x12\x0c\x64iffstack.v1\"\x14\n\x12ListPluginsRequest\"<\n\x13ListPluginsResponse\x12%\n\x07plugins\x18\x01 \x03(\x0b\x32\x14.diffstack.v1.Plugin\"\x9c\x01\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x65ntry_point\x18\x04 \x01(\t\x12\r\n\x05hooks\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.diffstack.v1.PluginStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\" \n\x0fGetStackRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10GetStackResponse\x12(\n\x05stack\x18\x01 \x01(\x0b\x32\x19.diffstack.v1.StackReport\"\xcf\x01\n\x0bStackReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08measured\x18\x05 \x01(\x08\x12\r\n\x05notes\x18\x06 \x03(\t\x12\'\n\x05slots\x18\x07 \x03(\x0b\x32\x18.diffstack.v1.SlotReport\x12\x10\n\x08restored\x18\x08 \x01(\x08\x12\x17\n\ndecided_at\x18\t \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_decided_at\"W\n\nSlotReport\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.diffstack.v1.Candidate\"\x8b\x02\n\tCandidate\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\r\n\x05offer\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.diffstack.v1.CandidateStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\x12\x1a\n\rnumeric_error\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07time_ms\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07setup_s\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05notes\x18\n \x03(\tB\x10\n\x0e_numeric_errorB\n\n\x08_time_msB\n\n\x08_setup_s\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.diffstack.v1.Model\"\x8b\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12+\n\x07weights\x18\x05 \x01(\x0e\x32\x1a.diffstack.v1.ModelWeights\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd6\x03\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x17\n\x0frequests_served\x18\x03 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x04 \x01(\x04\x12\x15\n\rimages_served\x18\x05 \x01(\x04\x12\x13\n\x0b\x62\x61tches_run\x18\x06 \x01(\x04\x12\x31\n\x07latency\x18\x07 \x01(\x0b\x32 .diffstack.v1.LatencyPercentiles\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\'\n\x1agpu_memory_allocated_bytes\x18\t \x01(\x04H\x00\x88\x01\x01\x12&\n\x19gpu_memory_reserved_bytes\x18\n \x01(\x04H\x01\x88\x01\x01\x12:\n\x06\x65ngine\x18\x0b \x03(\x0b\x32*.diffstack.v1.GetStatsResponse.EngineEntry\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x1d\n\x1b_gpu_memory_allocated_bytesB\x1c\n\x1a_gpu_memory_reserved_bytes\"J\n\x12LatencyPercentiles\x12\x0b\n\x03p50\x18\x01 \x01(\x01\x12\x0b\n\x03p90\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r*\x9a\x01\n\x0cPluginStatus\x12\x1d\n\x19PLUGIN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PLUGIN_STATUS_LOADED\x10\x01\x12\x18\n\x14PLUGIN_STATUS_FAILED\x10\x02\x12\x1a\n\x16PLUGIN_STATUS_DISABLED\x10\x03\x12\x1b\n\x17PLUGIN_STATUS_TIMED_OUT\x10\x04*\xe9\x01\n\x0f\x43\x61ndidateStatus\x12 \n\x1c\x43\x41NDIDATE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_CHOSEN\x10\x01\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_AVAILABLE\x10\x02\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_SLOWER\x10\x03\x12\x1d\n\x19\x43\x41NDIDATE_STATUS_REJECTED\x10\x04\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_FAILED\x10\x05\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_TIMED_OUT\x10\x06*b\n\x0cModelWeights\x12\x1d\n\x19MODEL_WEIGHTS_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_WEIGHTS_RANDOM\x10\x01\x12\x19\n\x15MODEL_WEIGHTS_TRAINED\x10\x02\x32\xcf\x02\n\x12\x44iagnosticsService\x12R\n\x0bListPlugins\x12 .diffstack.v1.ListPluginsRequest\x1a!.diffstack.v1.ListPluginsResponse\x12I\n\x08GetStack\x12\x1d.diffstack.v1.GetStackRequest\x1a\x1e.diffstack.v1.GetStackResponse\x12O\n\nListModels\x12\x1f.diffstack.v1.ListModelsRequest\x1a .diffstack.v1.ListModelsResponse\x12I\n\x08GetStats\x12\x1d.diffstack.v1.GetStatsRequest\x1a\x1e.diffstack.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATSRESPONSE_ENGINEENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_options = b'8\001'
-  _globals['_PLUGINSTATUS']._serialized_start=1689
-  _globals['_PLUGINSTATUS']._serialized_end=1843
-  _globals['_CANDIDATESTATUS']._serialized_start=1846
-  _globals['_CANDIDATESTATUS']._serialized_end=2079
-  _globals['_MODELWEIGHTS']._serialized_start=2081
-  _globals['_MODELWEIGHTS']._serialized_end=2179
+  _globals['_PLUGINSTATUS']._serialized_start=1747
+  _globals['_PLUGINSTATUS']._serialized_end=1901
+  _globals['_CANDIDATESTATUS']._serialized_start=1904
+  _globals['_CANDIDATESTATUS']._serialized_end=2137
+  _globals['_MODELWEIGHTS']._serialized_start=2139
+  _globals['_MODELWEIGHTS']._serialized_end=2237
   _globals['_LISTPLUGINSREQUEST']._serialized_start=48
   _globals['_LISTPLUGINSREQUEST']._serialized_end=68
   _globals['_LISTPLUGINSRESPONSE']._serialized_start=70
@@ -50,25 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTACKRESPONSE']._serialized_start=325
   _globals['_GETSTACKRESPONSE']._serialized_end=385
   _globals['_STACKREPORT']._serialized_start=388
-  _globals['_STACKREPORT']._serialized_end=537
-  _globals['_SLOTREPORT']._serialized_start=539
-  _globals['_SLOTREPORT']._serialized_end=626
-  _globals['_CANDIDATE']._serialized_start=629
-  _globals['_CANDIDATE']._serialized_end=896
-  _globals['_LISTMODELSREQUEST']._serialized_start=898
-  _globals['_LISTMODELSREQUEST']._serialized_end=917
-  _globals['_LISTMODELSRESPONSE']._serialized_start=919
-  _globals['_LISTMODELSRESPONSE']._serialized_end=976
-  _globals['_MODEL']._serialized_start=979
-  _globals['_MODEL']._serialized_end=1118
-  _globals['_GETSTATSREQUEST']._serialized_start=1120
-  _globals['_GETSTATSREQUEST']._serialized_end=1137
-  _globals['_GETSTATSRESPONSE']._serialized_start=1140
-  _globals['_GETSTATSRESPONSE']._serialized_end=1610
-  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_start=1504
-  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_end=1549
-  _globals['_LATENCYPERCENTILES']._serialized_start=1612
-  _globals['_LATENCYPERCENTILES']._serialized_end=1686
-  _globals['_DIAGNOSTICSSERVICE']._serialized_start=2182
-  _globals['_DIAGNOSTICSSERVICE']._serialized_end=2517
+  _globals['_STACKREPORT']._serialized_end=595
+  _globals['_SLOTREPORT']._serialized_start=597
+  _globals['_SLOTREPORT']._serialized_end=684
+  _globals['_CANDIDATE']._serialized_start=687
+  _globals['_CANDIDATE']._serialized_end=954
+  _globals['_LISTMODELSREQUEST']._serialized_start=956
+  _globals['_LISTMODELSREQUEST']._serialized_end=975
+  _globals['_LISTMODELSRESPONSE']._serialized_start=977
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1034
+  _globals['_MODEL']._serialized_start=1037
+  _globals['_MODEL']._serialized_end=1176
+  _globals['_GETSTATSREQUEST']._serialized_start=1178
+  _globals['_GETSTATSREQUEST']._serialized_end=1195
+  _globals['_GETSTATSRESPONSE']._serialized_start=1198
+  _globals['_GETSTATSRESPONSE']._serialized_end=1668
+  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_start=1562
+  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_end=1607
+  _globals['_LATENCYPERCENTILES']._serialized_start=1670
+  _globals['_LATENCYPERCENTILES']._serialized_end=1744
+  _globals['_DIAGNOSTICSSERVICE']._serialized_start=2240
+  _globals['_DIAGNOSTICSSERVICE']._serialized_end=2575
 # @@protoc_insertion_point(module_scope)

@@ -263,6 +263,8 @@ class StackReport(_message.Message):
     MEASURED_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     family: _builtins.str
@@ -273,6 +275,12 @@ class StackReport(_message.Message):
     """The model's dtype, e.g. "float16"."""
     measured: _builtins.bool
     """Whether offers were timed (on a CPU timing is skipped and notes say so)."""
+    restored: _builtins.bool
+    """Whether this decision was read back from the decision cache (compose.decisions_dir) at load,
+    the chosen stack rebuilt without measuring, instead of made now.
+    """
+    decided_at: _builtins.float
+    """When the decision was made, in Unix seconds (for a restored one, when it was measured)."""
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Remarks about the composition as a whole."""
@@ -291,12 +299,16 @@ class StackReport(_message.Message):
         measured: _builtins.bool = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
         slots: _abc.Iterable[Global___SlotReport] | None = ...,
+        restored: _builtins.bool = ...,
+        decided_at: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_decided_at", b"_decided_at", "decided_at", b"decided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "family", b"family", "measured", b"measured", "model", b"model", "notes", b"notes", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_decided_at", b"_decided_at", "decided_at", b"decided_at", "device", b"device", "dtype", b"dtype", "family", b"family", "measured", b"measured", "model", b"model", "notes", b"notes", "restored", b"restored", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__decided_at: _TypeAlias = _typing.Literal["decided_at"]  # noqa: Y015
+    _WhichOneofArgType__decided_at: _TypeAlias = _typing.Literal["_decided_at", b"_decided_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decided_at) -> _WhichOneofReturnType__decided_at | None: ...
 
 Global___StackReport: _TypeAlias = StackReport  # noqa: Y015
 
