@@ -148,19 +148,21 @@ def fuzz(channel: grpc.Channel, total: int, clients: int, random_seed: int) -> d
 
 
 def _soak_call(index: int) -> fuzzing.Call:
-    """A valid request of one of a few shapes (sizes, steps, images, streamed with previews)."""
-    words = " ".join(WORDS[(index + i) % len(WORDS)] for i in range(1 + index % 16))
+    """A valid request of one of a few shapes (sizes, steps, images, streamed with previews); one in ten
+    with a deadline too short to finish, so the soak holds cancellations too."""
+    words = " ".join(WORDS[(index + i) % len(WORDS)] for i in range(1 + index % 12))
     side = (16, 24, 32)[index % 3]
     spec = types_pb2.GenerationSpec(
         prompt=words, width=side, height=side, steps=1 + index % 2, num_images=1 + index % 2, seeds=[index]
     )
+    deadline = 0.02 if index % 10 == 5 else 120.0  # gives up early: cancelled in the queue or mid-run
     if index % 4 == 0:
         payload = generation_pb2.GenerateStreamRequest(
             spec=spec, previews=generation_pb2.PreviewOptions(enabled=True, max_side=32)
         ).SerializeToString()
-        return fuzzing.Call(fuzzing.GENERATE_STREAM, payload, 120.0)
+        return fuzzing.Call(fuzzing.GENERATE_STREAM, payload, deadline)
     return fuzzing.Call(
-        fuzzing.GENERATE, generation_pb2.GenerateRequest(spec=spec).SerializeToString(), 120.0
+        fuzzing.GENERATE, generation_pb2.GenerateRequest(spec=spec).SerializeToString(), deadline
     )
 
 
