@@ -29,6 +29,11 @@ HEADLINE_ROWS = {
     "flux_step_ms": ("step-flux", "ms", "diffstack composed stack"),
     "flux_step_ms_by_hand": ("step-flux", "ms", "by-hand torch.compile"),
     "flux_image_s": ("e2e-flux", "s", "diffstack Engine (composed stack"),
+    "sd15_throughput_8_clients": ("serve-sd15", "images_per_s", "throughput, 8 concurrent clients"),
+    "sd15_throughput_32_clients": ("load-sd15", "images_per_s", "closed loop 32 clients"),
+    "sd15_p99_32_clients_s": ("load-sd15", "p99_s", "closed loop 32 clients"),
+    "restart_to_serving_s": ("serve-sd15", "s", "restart to SERVING"),
+    "cold_start_s": ("serve-sd15", "s", "cold start to SERVING"),
 }
 """Where each key of a results file's ``headline`` comes from (issue 11); unmeasured keys are omitted."""
 
@@ -135,6 +140,27 @@ def serve_table(name: str, stage: dict[str, Any]) -> list[str]:
     return lines
 
 
+def load_table(name: str, stage: dict[str, Any]) -> list[str]:
+    label = stage.get("workload", {}).get("label", name)
+    lines = [f"### {name}: {label} — {stage.get('status')}", ""]
+    rows = stage.get("rows") or []
+    if not rows:
+        lines += [f"(not run: {stage.get('reason') or stage.get('error') or 'nothing measured'})", ""]
+        return lines
+    lines += [
+        "| load | images/s | p50 s | p95 s | p99 s | refused | busy | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['variant']} | {_num(row['images_per_s'])} | {_num(row.get('p50_s'))} | "
+            f"{_num(row.get('p95_s'))} | {_num(row.get('p99_s'))} | {row.get('refused', 0)} | "
+            f"{_num(row.get('busy_fraction'))} | {_short(row.get('notes'), 80)} |"
+        )
+    lines.append("")
+    return lines
+
+
 def target_table(results: dict[str, Any]) -> list[str]:
     stages = results.get("stages", {})
 
@@ -186,6 +212,8 @@ def render(results: dict[str, Any]) -> str:
             lines += e2e_table(name, stage)
         elif name.startswith("serve-") or name.startswith("threads-"):
             lines += serve_table(name, stage)
+        elif name.startswith("load-"):
+            lines += load_table(name, stage)
         else:
             lines += [f"### {name} — {stage.get('status')}", ""]
     lines += target_table(results)

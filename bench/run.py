@@ -9,6 +9,7 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
     e2e-sd15, e2e-sdxl                one image end to end: plain diffusers vs diffstack's Engine
     serve-sd15                        gRPC loopback: cold start, latency, throughput, warm restart
     serve-sd15-eager                  the same with the torch_compile plugin turned off (eager stack)
+    load-sd15                         latency under load: open-loop 5-40 req/s, closed-loop 8/32/64 clients
     threads-sd15                      the compiled stack composed in one thread, run from another
     ceilings                          the card's dense matmul rate (what the step times are measured against)
 
@@ -38,6 +39,7 @@ STAGE_MINIMUM = {
     "e2e-sdxl": 90,
     "serve-sd15": 150,
     "serve-sd15-eager": 60,
+    "load-sd15": 500,
     "threads-sd15": 100,
 }
 """Seconds a stage needs at least (its essential parts) before it is started at all."""
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.e2e import e2e_stage
+    from bench.load import load_stage
     from bench.measure import matmul_ceiling
     from bench.serving import serve_stage
     from bench.steps import step_stage
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 body = e2e_stage(run, key, args.smoke_compile)
             elif kind == "serve" and key in ("sd15", "sd15-eager"):
                 body = serve_stage(run, "sd15", args.smoke_compile, eager_only=key.endswith("-eager"))
+            elif kind == "load" and key == "sd15":
+                body = load_stage(run, args.smoke_compile)
             elif kind == "threads" and key == "sd15":
                 body = thread_stage(run, key, args.smoke_compile)
             else:

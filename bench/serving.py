@@ -1,10 +1,11 @@
 """Through the gRPC server on loopback: cold start to SERVING, latency, throughput with dynamic
-batching, and a restart with the compile cache warm.
+batching, and a restart with the compile cache and the kept stack decision warm.
 
 The server runs as its own process (``python -m diffstack_server --config ...``), started the way an
 operator starts it, so start-up times include imports, loading, composition and compilation, and a
 restart is a real new process that has only the on-disk caches. The cold start gets an empty compile
-cache folder of its own, whatever earlier stages compiled.
+cache folder of its own (the stack decisions are kept inside it, so they start empty too), whatever
+earlier stages compiled. The server measures its batch size at start (``server.batch_size = 0``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ default_model = "{self.key}"
 [plugins.options.torch_compile]
 cache_dir = "{self.cache}"{allow_cpu}
 
+[compose]
+decisions_dir = "{self.cache / "decisions"}"
+
 [server]
 host = "127.0.0.1"
 port = {self.port}
@@ -146,7 +150,7 @@ grace_seconds = 10.0
         path.write_text(text)
         return path
 
-    def _boot(self, record: dict[str, Any], name: str) -> None:
+    def boot(self, record: dict[str, Any], name: str) -> None:
         """Start a server process; record seconds to the open port and to SERVING."""
         from diffstack_client import DiffstackClient, ServiceError
 
@@ -180,11 +184,12 @@ grace_seconds = 10.0
             record["to_serving_s"] = time.perf_counter() - self.server.started
             stack = client.stack()
             record["stack"] = _stack_summary(stack)
+            record["stack_restored"] = stack.restored
 
     def cold_start(self, record: dict[str, Any]) -> None:
         shutil.rmtree(self.cache, ignore_errors=True)
         record["compile_cache"] = f"{self.cache} (emptied first)"
-        self._boot(record, "cold")
+        self.boot(record, "cold")
         self.rows.append(
             {
                 "variant": "cold start to SERVING (empty compile cache)",
@@ -291,7 +296,7 @@ grace_seconds = 10.0
 
     def restart(self, record: dict[str, Any]) -> None:
         record["compile_cache"] = f"{self.cache} (kept from the cold start)"
-        self._boot(record, "restart")
+        self.boot(record, "restart")
         from diffstack_client import DiffstackClient
 
         with DiffstackClient(self.target, timeout=self.timeout()) as client:
@@ -307,7 +312,8 @@ grace_seconds = 10.0
                 "kind": "start",
                 "s": record["to_serving_s"],
                 "notes": f"first request after restart {record['first_request_s']:.2f} s, "
-                f"second {record['second_request_s']:.2f} s",
+                f"second {record['second_request_s']:.2f} s; stack "
+                + ("restored from the kept decision" if record["stack_restored"] else "measured again"),
             }
         )
         assert self.server is not None

@@ -155,6 +155,9 @@ def test_an_overload_with_a_known_wait_carries_a_retry_hint() -> None:
     assert retry.retry_delay.ToTimedelta().total_seconds() == 1.25
     _, plain = status_for(Overloaded("full"), "rid-1")
     assert not any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in plain.details)
+    seen = ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, status.message)
+    seen._read_details([("grpc-status-details-bin", status.SerializeToString())])
+    assert (seen.retry_after_s, seen.reason) == (1.25, "OVERLOADED")  # the client reads the hint
 
 
 # -------------------------------------------------------------------------------------------------

@@ -277,6 +277,8 @@ class ServiceError(grpc.RpcError):
     violations: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     request_id: str = ""
+    retry_after_s: float | None = None
+    """The server's hint (``google.rpc.RetryInfo``) of when a refused request could be taken."""
 
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}"
@@ -310,6 +312,10 @@ class ServiceError(grpc.RpcError):
                 request = error_details_pb2.RequestInfo()
                 detail.Unpack(request)
                 self.request_id = request.request_id
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                self.retry_after_s = retry.retry_delay.ToTimedelta().total_seconds()
 
 
 def metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str:

@@ -121,6 +121,10 @@ class StackReport:
     measured: bool
     notes: tuple[str, ...]
     slots: tuple[SlotReport, ...]
+    restored: bool = False
+    """Whether the server rebuilt this stack from a kept decision instead of measuring it now."""
+    decided_at: float | None = None
+    """When the decision was made (Unix seconds)."""
 
     @classmethod
     def from_message(cls, message: diagnostics_pb2.StackReport) -> StackReport:
@@ -139,6 +143,8 @@ class StackReport:
                 )
                 for slot in message.slots
             ),
+            restored=message.restored,
+            decided_at=message.decided_at if message.HasField("decided_at") else None,
         )
 
     def slot(self, name: str) -> SlotReport:
