@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from diffstack.config import load_settings
-from diffstack.testing import BASELINE_PLUGINS
+from diffstack.testing import BASELINE_PLUGINS, baseline_settings
 from diffstack_server import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +92,54 @@ def test_node_demo_reports_an_unreachable_target_in_one_line() -> None:
     assert failed.returncode == 1
     assert failed.stderr.startswith(f"error: {target}: UNAVAILABLE: ")
     assert failed.stderr.count("\n") == 1, failed.stderr
+
+
+LIFECYCLE_SCRIPT = """
+import { connect } from "./src/client.js";
+const [target, token] = process.argv.slice(1);
+const admin = connect(target, { adminToken: token, timeoutMs: 60000 });
+const stranger = connect(target, { adminToken: "wrong", timeoutMs: 60000 });
+const loaded = await admin.loadModel("tiny-sd2");
+const stats = await admin.getStats();
+const refused = await stranger.freeMemory().then(() => "OK", (error) => error.code);
+const unloaded = await admin.unloadModel("tiny-sd2");
+await admin.loadModel("tiny-sd2");
+const freed = await admin.freeMemory();
+const listed = await admin.listModels();
+console.log(JSON.stringify({
+  loaded: loaded.model.name, loadedNow: loaded.loaded_now, host: Number(loaded.model.host_memory_bytes),
+  statsModels: stats.loaded_models.map((m) => m.name).sort(), refused, unloaded: unloaded.unloaded,
+  freed: freed.unloaded, freedBytes: Number(freed.freed_bytes),
+  stillLoaded: listed.models.filter((m) => m.loaded).map((m) => m.name),
+}));
+admin.close();
+stranger.close();
+"""
+
+
+@pytest.mark.slow
+def test_node_client_loads_unloads_and_frees_models_with_the_admin_token(models_dir: Path) -> None:
+    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
+        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
+    settings = baseline_settings(
+        models_dir,
+        "tiny-sd1",
+        server={"port": 0, "metrics_port": 0, "admin_token": "s3cret"},
+        engine={"warmup_steps": 0},
+    )
+    with BackgroundServer(settings) as server:
+        finished = subprocess.run(
+            ["node", "--input-type=module", "-e", LIFECYCLE_SCRIPT, server.target, "s3cret"],
+            cwd=NODE_CLIENT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary["loaded"] == "tiny-sd2" and summary["loadedNow"] is True and summary["host"] > 0
+    assert summary["statsModels"] == ["tiny-sd1", "tiny-sd2"]
+    assert summary["refused"] == 7  # PERMISSION_DENIED
+    assert summary["unloaded"] is True
+    assert summary["freed"] == ["tiny-sd2"] and summary["freedBytes"] == summary["host"]
+    assert summary["stillLoaded"] == ["tiny-sd1"]

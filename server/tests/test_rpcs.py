@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import shutil
 import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from PIL import Image
 
+from diffstack.config import Settings
 from diffstack_client import (
     AsyncDiffstackClient,
     CandidateStatus,
@@ -26,6 +30,8 @@ from diffstack_client import (
     ServiceError,
 )
 from diffstack_client.v1 import diagnostics_pb2, generation_pb2
+from diffstack_server import BackgroundServer
+from diffstack_server.testing import WAIT_S
 
 STEPS = 3
 
@@ -189,5 +195,96 @@ def test_every_rpc_has_a_test() -> None:
         for method in service.methods
     ]
     missing = [rpc for rpc in rpcs if f"test_{re.sub(r'(?<!^)(?=[A-Z])', '_', rpc).lower()}" not in globals()]
-    assert len(rpcs) == 6
+    assert len(rpcs) == 9
     assert not missing
+
+
+# -- model lifecycle (admin token) -----------------------------------------------------------------
+
+ADMIN_TOKEN = "s3cret"
+
+
+@pytest.fixture
+def lifecycle_server(
+    models_dir: Path, tmp_path: Path, settings_at: Callable[..., Settings]
+) -> Iterator[BackgroundServer]:
+    """A server with its own engine over the tiny model and two copies, ``other`` and ``third``; at
+    most two models loaded; loading on request off (only the admin loads); an admin token."""
+    root = tmp_path / "models"
+    for name in ("tiny-sd1", "other", "third"):
+        shutil.copytree(models_dir / "tiny-sd1", root / name)
+    settings = settings_at(
+        root, engine={"warmup_steps": 0, "max_loaded_models": 2}, server={"admin_token": ADMIN_TOKEN}
+    )
+    server = BackgroundServer(settings).start(ready_timeout=WAIT_S)
+    yield server
+    server.stop(grace=0)
+
+
+@pytest.fixture
+def admin(lifecycle_server: BackgroundServer) -> Iterator[DiffstackClient]:
+    with DiffstackClient(lifecycle_server.target, timeout=WAIT_S, admin_token=ADMIN_TOKEN) as client:
+        yield client
+
+
+def _loaded(admin: DiffstackClient) -> dict[str, diagnostics_pb2.Model]:
+    return {model.name: model for model in admin.models() if model.loaded}
+
+
+def test_load_model(admin: DiffstackClient) -> None:
+    loaded = admin.load_model("other")
+    assert loaded.loaded_now and loaded.model.loaded and loaded.model.name == "other"
+    assert loaded.model.host_memory_bytes > 0  # on CPU every parameter is host memory
+    assert loaded.model.HasField("device_memory_bytes") and loaded.model.device_memory_bytes == 0
+    assert not admin.load_model("other").loaded_now
+    assert admin.generate("a cube", steps=1, model="other").model == "other"  # no load on request
+    stats = {model.name: model for model in admin.stats().loaded_models}
+    assert set(stats) == {"tiny-sd1", "other"}
+    assert stats["other"].host_memory_bytes == loaded.model.host_memory_bytes
+    admin.load_model("third")  # the cap of two: the least recently used idle model makes room
+    assert set(_loaded(admin)) == {"tiny-sd1", "third"}
+    assert not next(m for m in admin.models() if m.name == "other").HasField("host_memory_bytes")
+
+
+def test_unload_model(admin: DiffstackClient) -> None:
+    admin.load_model("other")
+    assert admin.unload_model("other") is True
+    assert set(_loaded(admin)) == {"tiny-sd1"}
+    assert admin.unload_model("other") is False
+    for name, field in (("", "model"), ("tiny-sd1", "model"), ("no-such-model", "model"), ("../x", "model")):
+        with pytest.raises(ServiceError) as failure:
+            admin.unload_model(name)
+        assert failure.value.code is grpc.StatusCode.INVALID_ARGUMENT, name
+        assert field in failure.value.violations
+    with pytest.raises(ServiceError) as unknown:
+        admin.load_model("no-such-model")
+    assert unknown.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_free_memory(admin: DiffstackClient) -> None:
+    held = admin.load_model("other").model.host_memory_bytes
+    freed = admin.free_memory()
+    assert list(freed.unloaded) == ["other"] and freed.freed_bytes == held
+    assert set(_loaded(admin)) == {"tiny-sd1"}
+    assert not admin.free_memory().unloaded
+
+
+def test_model_lifecycle_needs_the_admin_token(lifecycle_server: BackgroundServer) -> None:
+    with DiffstackClient(lifecycle_server.target, timeout=WAIT_S, admin_token="wrong") as stranger:
+        for call in (
+            lambda: stranger.load_model("other"),
+            lambda: stranger.unload_model("other"),
+            stranger.free_memory,
+        ):
+            with pytest.raises(ServiceError) as failure:
+                call()
+            assert failure.value.code is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_model_lifecycle_is_off_without_an_admin_token(client: DiffstackClient) -> None:
+    """Without ``server.admin_token`` the diagnostics stay open but nobody may load or unload."""
+    assert client.models()
+    with pytest.raises(ServiceError) as failure:
+        client.free_memory()
+    assert failure.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "server.admin_token" in failure.value.message

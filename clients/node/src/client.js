@@ -82,6 +82,9 @@ export function connect(target, options = {}) {
     getStack: (model = "") => unary(diagnostics, "GetStack", { model }, admin),
     listModels: () => unary(diagnostics, "ListModels", {}, admin),
     getStats: () => unary(diagnostics, "GetStats", {}, admin),
+    loadModel: (model) => unary(diagnostics, "LoadModel", { model }, admin),
+    unloadModel: (model) => unary(diagnostics, "UnloadModel", { model }, admin),
+    freeMemory: () => unary(diagnostics, "FreeMemory", {}, admin),
     close: () => {
       generation.close();
       diagnostics.close();

@@ -261,4 +261,6 @@ def model_message(listing: ModelListing) -> diagnostics_pb2.Model:
         is_default=listing.default,
         weights=_WEIGHTS.get(listing.weights, diagnostics_pb2.MODEL_WEIGHTS_UNSPECIFIED),
         description=listing.description,
+        device_memory_bytes=None if listing.memory is None else listing.memory.device_bytes,
+        host_memory_bytes=None if listing.memory is None else listing.memory.host_bytes,
     )

@@ -30,6 +30,7 @@ from diffstack_server import convert
 from diffstack_server.batching import BatchQueue
 from diffstack_server.encoding import ImageEncoder
 from diffstack_server.interceptors import current_request_id
+from diffstack_server.lifecycle import ModelLifecycle
 from diffstack_server.tickets import Preview, PreviewPolicy, Progress, Queued, Ticket
 
 if TYPE_CHECKING:
@@ -243,10 +244,12 @@ def _encode_previews(event: Preview, image_format: int) -> list[types_pb2.Image]
 
 
 class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
-    """ListPlugins, GetStack, ListModels, GetStats: the same data the CLI renders."""
+    """ListPlugins, GetStack, ListModels, GetStats: the same data the CLI renders; and the admin's
+    LoadModel, UnloadModel, FreeMemory (:mod:`diffstack_server.lifecycle`)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.lifecycle = ModelLifecycle(runtime)
 
     async def ListPlugins(
         self, request: diagnostics_pb2.ListPluginsRequest, context: Any = None
@@ -295,4 +298,22 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
             gpu_memory_allocated_bytes=None if allocated is None else int(allocated),
             gpu_memory_reserved_bytes=None if reserved is None else int(reserved),
             engine={k: float(v) for k, v in engine_stats.items()},
+            loaded_models=[]
+            if engine is None
+            else [convert.model_message(m) for m in engine.models() if m.loaded],
         )
+
+    async def LoadModel(
+        self, request: diagnostics_pb2.LoadModelRequest, context: Any = None
+    ) -> diagnostics_pb2.LoadModelResponse:
+        return await self.lifecycle.load(request)
+
+    async def UnloadModel(
+        self, request: diagnostics_pb2.UnloadModelRequest, context: Any = None
+    ) -> diagnostics_pb2.UnloadModelResponse:
+        return await self.lifecycle.unload(request)
+
+    async def FreeMemory(
+        self, request: diagnostics_pb2.FreeMemoryRequest, context: Any = None
+    ) -> diagnostics_pb2.FreeMemoryResponse:
+        return await self.lifecycle.free_memory(request)

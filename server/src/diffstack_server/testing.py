@@ -72,6 +72,12 @@ class SpyEngine:
     def unpin(self, model: LoadedModel) -> None:
         self.engine.unpin(model)
 
+    def unload(self, key: str) -> bool:
+        return self.engine.unload(key)
+
+    def free_memory(self) -> list[str]:
+        return self.engine.free_memory()
+
     def models(self) -> Any:
         return self.engine.models()
 

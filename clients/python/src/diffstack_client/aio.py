@@ -143,6 +143,17 @@ class AsyncDiffstackClient:
     async def stats(self) -> diagnostics_pb2.GetStatsResponse:
         return await self._admin_call(self._diagnostics.GetStats, diagnostics_pb2.GetStatsRequest())
 
+    async def load_model(self, model: str) -> diagnostics_pb2.LoadModelResponse:
+        request = diagnostics_pb2.LoadModelRequest(model=model)
+        return await self._admin_call(self._diagnostics.LoadModel, request)
+
+    async def unload_model(self, model: str) -> bool:
+        request = diagnostics_pb2.UnloadModelRequest(model=model)
+        return bool((await self._admin_call(self._diagnostics.UnloadModel, request)).unloaded)
+
+    async def free_memory(self) -> diagnostics_pb2.FreeMemoryResponse:
+        return await self._admin_call(self._diagnostics.FreeMemory, diagnostics_pb2.FreeMemoryRequest())
+
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         try:
             response = await self._health.Check(

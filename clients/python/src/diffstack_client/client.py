@@ -144,6 +144,21 @@ class DiffstackClient:
         """Live statistics: queue depth, in flight, served, failed, latency percentiles, GPU memory."""
         return self._admin_call(self._diagnostics.GetStats, diagnostics_pb2.GetStatsRequest())
 
+    # -- model lifecycle (admin token) ---------------------------------------------------------------
+
+    def load_model(self, model: str) -> diagnostics_pb2.LoadModelResponse:
+        """Load, compose and warm ``model``; idle least recently used models may make room."""
+        return self._admin_call(self._diagnostics.LoadModel, diagnostics_pb2.LoadModelRequest(model=model))
+
+    def unload_model(self, model: str) -> bool:
+        """Unload ``model`` (refused while requests use it); False when it was not loaded."""
+        request = diagnostics_pb2.UnloadModelRequest(model=model)
+        return bool(self._admin_call(self._diagnostics.UnloadModel, request).unloaded)
+
+    def free_memory(self) -> diagnostics_pb2.FreeMemoryResponse:
+        """Unload every idle model but the default and give cached device memory back."""
+        return self._admin_call(self._diagnostics.FreeMemory, diagnostics_pb2.FreeMemoryRequest())
+
     # -- health ----------------------------------------------------------------------------------------
 
     def health(self, service: str = "", timeout: float | None = None) -> str:

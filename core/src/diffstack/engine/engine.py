@@ -32,10 +32,16 @@ from diffstack.engine.loading import (
     without_dirs,
 )
 from diffstack.engine.model import LoadedModel, load_model
-from diffstack.engine.requests import GenerationJob, GenerationRequest, GenerationResult, ModelListing
+from diffstack.engine.requests import (
+    GenerationJob,
+    GenerationRequest,
+    GenerationResult,
+    ModelListing,
+    ModelMemory,
+)
 from diffstack.engine.run import run_batch
 from diffstack.engine.validation import prepare_request
-from diffstack.errors import DiffstackError, InvalidRequest, ModelError, Overloaded
+from diffstack.errors import DiffstackError, FieldViolation, InvalidRequest, ModelError, Overloaded
 from diffstack.plugins import PluginHost, load_plugins
 from diffstack.types import PluginRecord, StackReport
 
@@ -55,7 +61,7 @@ class Engine:
         torch.set_num_threads(cpu_threads(settings.engine))
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._pins: dict[str, int] = {}
-        self._bytes: dict[str, int] = {}
+        self._memory: dict[str, ModelMemory] = {}
         self._lock = threading.Lock()
         """Guards the three tables above; held for lookups only, never while a model loads."""
         self._load_lock = threading.Lock()
@@ -141,10 +147,10 @@ class Engine:
             is_default = key == self._default_key()
             self._make_room(key, models=self.settings.engine.max_loaded_models - 1, must_load=is_default)
             model = self._load(key)
-            size = _model_bytes(model)
+            memory = _model_memory(model)
             with self._lock:
                 self._models[key] = model
-                self._bytes[key] = size
+                self._memory[key] = memory
                 self._pins[key] = self._pins.get(key, 0) + 1
             budget = self.settings.engine.max_models_bytes
             if budget is not None and not is_default:
@@ -172,7 +178,7 @@ class Engine:
             def over() -> bool:
                 others = sum(1 for k in self._models if k != key)
                 return (models is not None and others > models) or (
-                    budget is not None and sum(self._bytes.values()) > budget
+                    budget is not None and sum(m.total_bytes for m in self._memory.values()) > budget
                 )
 
             dropped = 0
@@ -201,8 +207,35 @@ class Engine:
     def _drop(self, key: str) -> None:
         """Forget a loaded model (caller holds ``_lock``); its memory goes with the last reference."""
         del self._models[key]
-        self._bytes.pop(key, None)
+        self._memory.pop(key, None)
         log.info("model_unloaded", model=key)
+
+    def unload(self, key: str) -> bool:
+        """Unload model ``key`` at an admin's request; False when it was not loaded. The default model
+        stays (InvalidRequest), and a model that requests hold now is refused with Overloaded."""
+        if key == self._default_key():
+            raise InvalidRequest(FieldViolation("model", f"{key!r} is the default model; it stays loaded"))
+        with self._lock:
+            if key not in self._models:
+                return False
+            holds = self._pins.get(key, 0)
+            if not holds:
+                self._drop(key)
+        if holds:
+            raise Overloaded(f"model {key!r} is in use by {holds} request(s); retry when they finish")
+        _release_memory()
+        return True
+
+    def free_memory(self) -> list[str]:
+        """Unload every loaded model that no request holds except the default, and give the
+        allocator's cached memory back; returns the unloaded models' keys."""
+        default = self._default_key()
+        with self._lock:
+            idle = [k for k in self._models if k != default and not self._pins.get(k)]
+            for key in idle:
+                self._drop(key)
+        _release_memory()
+        return idle
 
     def model(self, name: str = "") -> LoadedModel:
         """The loaded model ``name`` ("" for the default), loading and composing it on first use
@@ -276,6 +309,7 @@ class Engine:
             default=key == self.default_model_name,
             weights=card.weights if card else "",
             description=card.description if card else "",
+            memory=self._memory.get(key),
         )
 
     def report(self, model: str = "") -> StackReport:
@@ -326,7 +360,7 @@ class Engine:
         with self._lock:
             models = list(self._models.values())
             stats["models_loaded"] = float(len(models))
-            stats["models_bytes"] = float(sum(self._bytes.values()))
+            stats["models_bytes"] = float(sum(m.total_bytes for m in self._memory.values()))
         for model in models:
             for component in model.stack.encoder_chain:
                 if hasattr(component, "stats"):
@@ -338,17 +372,22 @@ class Engine:
         return stats
 
 
-def _model_bytes(model: LoadedModel) -> int:
-    """Bytes of the parameters and buffers of every module of the model's pipeline."""
+def _model_memory(model: LoadedModel) -> ModelMemory:
+    """Bytes of the parameters and buffers of every module of the model's pipeline, by where they
+    live (an offloaded component counts as host memory)."""
     seen: set[int] = set()
-    total = 0
+    device = host = 0
     for component in model.pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             for tensor in (*component.parameters(), *component.buffers()):
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
-                    total += tensor.numel() * tensor.element_size()
-    return total
+                    size = tensor.numel() * tensor.element_size()
+                    if tensor.device.type == "cpu":
+                        host += size
+                    else:
+                        device += size
+    return ModelMemory(device_bytes=device, host_bytes=host)
 
 
 def _release_memory() -> None:

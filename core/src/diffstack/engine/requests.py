@@ -81,6 +81,18 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class ModelMemory:
+    """Bytes a loaded model's parameters and buffers hold on the device and in host memory."""
+
+    device_bytes: int
+    host_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.device_bytes + self.host_bytes
+
+
+@dataclass(frozen=True)
 class ModelListing:
     """A model the engine can serve."""
 
@@ -90,3 +102,5 @@ class ModelListing:
     default: bool
     weights: str
     description: str
+    memory: ModelMemory | None = None
+    """What the model holds while loaded; None when it is not."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffstack/v1/diagnostics.proto\x12\x0c\x64iffstack.v1\"\x14\n\x12ListPluginsRequest\"<\n\x13ListPluginsResponse\x12%\n\x07plugins\x18\x01 \x03(\x0b\x32\x14.diffstack.v1.Plugin\"\x9c\x01\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x65ntry_point\x18\x04 \x01(\t\x12\r\n\x05hooks\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.diffstack.v1.PluginStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\" \n\x0fGetStackRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10GetStackResponse\x12(\n\x05stack\x18\x01 \x01(\x0b\x32\x19.diffstack.v1.StackReport\"\xcf\x01\n\x0bStackReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08measured\x18\x05 \x01(\x08\x12\r\n\x05notes\x18\x06 \x03(\t\x12\'\n\x05slots\x18\x07 \x03(\x0b\x32\x18.diffstack.v1.SlotReport\x12\x10\n\x08restored\x18\x08 \x01(\x08\x12\x17\n\ndecided_at\x18\t \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_decided_at\"W\n\nSlotReport\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.diffstack.v1.Candidate\"\x8b\x02\n\tCandidate\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\r\n\x05offer\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.diffstack.v1.CandidateStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\x12\x1a\n\rnumeric_error\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07time_ms\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07setup_s\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05notes\x18\n \x03(\tB\x10\n\x0e_numeric_errorB\n\n\x08_time_msB\n\n\x08_setup_s\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.diffstack.v1.Model\"\x8b\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12+\n\x07weights\x18\x05 \x01(\x0e\x32\x1a.diffstack.v1.ModelWeights\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd6\x03\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x17\n\x0frequests_served\x18\x03 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x04 \x01(\x04\x12\x15\n\rimages_served\x18\x05 \x01(\x04\x12\x13\n\x0b\x62\x61tches_run\x18\x06 \x01(\x04\x12\x31\n\x07latency\x18\x07 \x01(\x0b\x32 .diffstack.v1.LatencyPercentiles\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\'\n\x1agpu_memory_allocated_bytes\x18\t \x01(\x04H\x00\x88\x01\x01\x12&\n\x19gpu_memory_reserved_bytes\x18\n \x01(\x04H\x01\x88\x01\x01\x12:\n\x06\x65ngine\x18\x0b \x03(\x0b\x32*.diffstack.v1.GetStatsResponse.EngineEntry\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x1d\n\x1b_gpu_memory_allocated_bytesB\x1c\n\x1a_gpu_memory_reserved_bytes\"J\n\x12LatencyPercentiles\x12\x0b\n\x03p50\x18\x01 \x01(\x01\x12\x0b\n\x03p90\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r*\x9a\x01\n\x0cPluginStatus\x12\x1d\n\x19PLUGIN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PLUGIN_STATUS_LOADED\x10\x01\x12\x18\n\x14PLUGIN_STATUS_FAILED\x10\x02\x12\x1a\n\x16PLUGIN_STATUS_DISABLED\x10\x03\x12\x1b\n\x17PLUGIN_STATUS_TIMED_OUT\x10\x04*\xe9\x01\n\x0f\x43\x61ndidateStatus\x12 \n\x1c\x43\x41NDIDATE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_CHOSEN\x10\x01\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_AVAILABLE\x10\x02\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_SLOWER\x10\x03\x12\x1d\n\x19\x43\x41NDIDATE_STATUS_REJECTED\x10\x04\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_FAILED\x10\x05\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_TIMED_OUT\x10\x06*b\n\x0cModelWeights\x12\x1d\n\x19MODEL_WEIGHTS_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_WEIGHTS_RANDOM\x10\x01\x12\x19\n\x15MODEL_WEIGHTS_TRAINED\x10\x02\x32\xcf\x02\n\x12\x44iagnosticsService\x12R\n\x0bListPlugins\x12 .diffstack.v1.ListPluginsRequest\x1a!.diffstack.v1.ListPluginsResponse\x12I\n\x08GetStack\x12\x1d.diffstack.v1.GetStackRequest\x1a\x1e.diffstack.v1.GetStackResponse\x12O\n\nListModels\x12\x1f.diffstack.v1.ListModelsRequest\x1a .diffstack.v1.ListModelsResponse\x12I\n\x08GetStats\x12\x1d.diffstack.v1.GetStatsRequest\x1a\x1e.diffstack.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffstack/v1/diagnostics.proto\x12\x0c\x64iffstack.v1\"\x14\n\x12ListPluginsRequest\"<\n\x13ListPluginsResponse\x12%\n\x07plugins\x18\x01 \x03(\x0b\x32\x14.diffstack.v1.Plugin\"\x9c\x01\n\x06Plugin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x65ntry_point\x18\x04 \x01(\t\x12\r\n\x05hooks\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.diffstack.v1.PluginStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\" \n\x0fGetStackRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10GetStackResponse\x12(\n\x05stack\x18\x01 \x01(\x0b\x32\x19.diffstack.v1.StackReport\"\xcf\x01\n\x0bStackReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08measured\x18\x05 \x01(\x08\x12\r\n\x05notes\x18\x06 \x03(\t\x12\'\n\x05slots\x18\x07 \x03(\x0b\x32\x18.diffstack.v1.SlotReport\x12\x10\n\x08restored\x18\x08 \x01(\x08\x12\x17\n\ndecided_at\x18\t \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_decided_at\"W\n\nSlotReport\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.diffstack.v1.Candidate\"\x8b\x02\n\tCandidate\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\r\n\x05offer\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.diffstack.v1.CandidateStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\x12\x1a\n\rnumeric_error\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07time_ms\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07setup_s\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05notes\x18\n \x03(\tB\x10\n\x0e_numeric_errorB\n\n\x08_time_msB\n\n\x08_setup_s\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.diffstack.v1.Model\"\xfb\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12+\n\x07weights\x18\x05 \x01(\x0e\x32\x1a.diffstack.v1.ModelWeights\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12 \n\x13\x64\x65vice_memory_bytes\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x11host_memory_bytes\x18\x08 \x01(\x04H\x01\x88\x01\x01\x42\x16\n\x14_device_memory_bytesB\x14\n\x12_host_memory_bytes\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"K\n\x11LoadModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.diffstack.v1.Model\x12\x12\n\nloaded_now\x18\x02 \x01(\x08\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x13\n\x11\x46reeMemoryRequest\";\n\x12\x46reeMemoryResponse\x12\x10\n\x08unloaded\x18\x01 \x03(\t\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\x82\x04\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x17\n\x0frequests_served\x18\x03 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x04 \x01(\x04\x12\x15\n\rimages_served\x18\x05 \x01(\x04\x12\x13\n\x0b\x62\x61tches_run\x18\x06 \x01(\x04\x12\x31\n\x07latency\x18\x07 \x01(\x0b\x32 .diffstack.v1.LatencyPercentiles\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\'\n\x1agpu_memory_allocated_bytes\x18\t \x01(\x04H\x00\x88\x01\x01\x12&\n\x19gpu_memory_reserved_bytes\x18\n \x01(\x04H\x01\x88\x01\x01\x12:\n\x06\x65ngine\x18\x0b \x03(\x0b\x32*.diffstack.v1.GetStatsResponse.EngineEntry\x12*\n\rloaded_models\x18\x0c \x03(\x0b\x32\x13.diffstack.v1.Model\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x1d\n\x1b_gpu_memory_allocated_bytesB\x1c\n\x1a_gpu_memory_reserved_bytes\"J\n\x12LatencyPercentiles\x12\x0b\n\x03p50\x18\x01 \x01(\x01\x12\x0b\n\x03p90\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r*\x9a\x01\n\x0cPluginStatus\x12\x1d\n\x19PLUGIN_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PLUGIN_STATUS_LOADED\x10\x01\x12\x18\n\x14PLUGIN_STATUS_FAILED\x10\x02\x12\x1a\n\x16PLUGIN_STATUS_DISABLED\x10\x03\x12\x1b\n\x17PLUGIN_STATUS_TIMED_OUT\x10\x04*\xe9\x01\n\x0f\x43\x61ndidateStatus\x12 \n\x1c\x43\x41NDIDATE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_CHOSEN\x10\x01\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_AVAILABLE\x10\x02\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_SLOWER\x10\x03\x12\x1d\n\x19\x43\x41NDIDATE_STATUS_REJECTED\x10\x04\x12\x1b\n\x17\x43\x41NDIDATE_STATUS_FAILED\x10\x05\x12\x1e\n\x1a\x43\x41NDIDATE_STATUS_TIMED_OUT\x10\x06*b\n\x0cModelWeights\x12\x1d\n\x19MODEL_WEIGHTS_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_WEIGHTS_RANDOM\x10\x01\x12\x19\n\x15MODEL_WEIGHTS_TRAINED\x10\x02\x32\xc2\x04\n\x12\x44iagnosticsService\x12R\n\x0bListPlugins\x12 .diffstack.v1.ListPluginsRequest\x1a!.diffstack.v1.ListPluginsResponse\x12I\n\x08GetStack\x12\x1d.diffstack.v1.GetStackRequest\x1a\x1e.diffstack.v1.GetStackResponse\x12O\n\nListModels\x12\x1f.diffstack.v1.ListModelsRequest\x1a .diffstack.v1.ListModelsResponse\x12I\n\x08GetStats\x12\x1d.diffstack.v1.GetStatsRequest\x1a\x1e.diffstack.v1.GetStatsResponse\x12L\n\tLoadModel\x12\x1e.diffstack.v1.LoadModelRequest\x1a\x1f.diffstack.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .diffstack.v1.UnloadModelRequest\x1a!.diffstack.v1.UnloadModelResponse\x12O\n\nFreeMemory\x12\x1f.diffstack.v1.FreeMemoryRequest\x1a .diffstack.v1.FreeMemoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATSRESPONSE_ENGINEENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_options = b'8\001'
-  _globals['_PLUGINSTATUS']._serialized_start=1747
-  _globals['_PLUGINSTATUS']._serialized_end=1901
-  _globals['_CANDIDATESTATUS']._serialized_start=1904
-  _globals['_CANDIDATESTATUS']._serialized_end=2137
-  _globals['_MODELWEIGHTS']._serialized_start=2139
-  _globals['_MODELWEIGHTS']._serialized_end=2237
+  _globals['_PLUGINSTATUS']._serialized_start=2175
+  _globals['_PLUGINSTATUS']._serialized_end=2329
+  _globals['_CANDIDATESTATUS']._serialized_start=2332
+  _globals['_CANDIDATESTATUS']._serialized_end=2565
+  _globals['_MODELWEIGHTS']._serialized_start=2567
+  _globals['_MODELWEIGHTS']._serialized_end=2665
   _globals['_LISTPLUGINSREQUEST']._serialized_start=48
   _globals['_LISTPLUGINSREQUEST']._serialized_end=68
   _globals['_LISTPLUGINSRESPONSE']._serialized_start=70
@@ -60,15 +60,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=977
   _globals['_LISTMODELSRESPONSE']._serialized_end=1034
   _globals['_MODEL']._serialized_start=1037
-  _globals['_MODEL']._serialized_end=1176
-  _globals['_GETSTATSREQUEST']._serialized_start=1178
-  _globals['_GETSTATSREQUEST']._serialized_end=1195
-  _globals['_GETSTATSRESPONSE']._serialized_start=1198
-  _globals['_GETSTATSRESPONSE']._serialized_end=1668
-  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_start=1562
-  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_end=1607
-  _globals['_LATENCYPERCENTILES']._serialized_start=1670
-  _globals['_LATENCYPERCENTILES']._serialized_end=1744
-  _globals['_DIAGNOSTICSSERVICE']._serialized_start=2240
-  _globals['_DIAGNOSTICSSERVICE']._serialized_end=2575
+  _globals['_MODEL']._serialized_end=1288
+  _globals['_LOADMODELREQUEST']._serialized_start=1290
+  _globals['_LOADMODELREQUEST']._serialized_end=1323
+  _globals['_LOADMODELRESPONSE']._serialized_start=1325
+  _globals['_LOADMODELRESPONSE']._serialized_end=1400
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1402
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1437
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1439
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1478
+  _globals['_FREEMEMORYREQUEST']._serialized_start=1480
+  _globals['_FREEMEMORYREQUEST']._serialized_end=1499
+  _globals['_FREEMEMORYRESPONSE']._serialized_start=1501
+  _globals['_FREEMEMORYRESPONSE']._serialized_end=1560
+  _globals['_GETSTATSREQUEST']._serialized_start=1562
+  _globals['_GETSTATSREQUEST']._serialized_end=1579
+  _globals['_GETSTATSRESPONSE']._serialized_start=1582
+  _globals['_GETSTATSRESPONSE']._serialized_end=2096
+  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_start=1990
+  _globals['_GETSTATSRESPONSE_ENGINEENTRY']._serialized_end=2035
+  _globals['_LATENCYPERCENTILES']._serialized_start=2098
+  _globals['_LATENCYPERCENTILES']._serialized_end=2172
+  _globals['_DIAGNOSTICSSERVICE']._serialized_start=2668
+  _globals['_DIAGNOSTICSSERVICE']._serialized_end=3246
 # @@protoc_insertion_point(module_scope)

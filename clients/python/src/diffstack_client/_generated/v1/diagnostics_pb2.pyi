@@ -472,6 +472,8 @@ class Model(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    DEVICE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name a request uses."""
     family: _builtins.str
@@ -484,6 +486,10 @@ class Model(_message.Message):
     """Where the weights came from."""
     description: _builtins.str
     """A short description."""
+    device_memory_bytes: _builtins.int
+    """Bytes of the model's parameters and buffers on the device (GPU); unset while not loaded."""
+    host_memory_bytes: _builtins.int
+    """Bytes of the model's parameters and buffers in host memory (CPU); unset while not loaded."""
     def __init__(
         self,
         *,
@@ -493,14 +499,162 @@ class Model(_message.Message):
         is_default: _builtins.bool = ...,
         weights: Global___ModelWeights.ValueType = ...,
         description: _builtins.str = ...,
+        device_memory_bytes: _builtins.int | None = ...,
+        host_memory_bytes: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_device_memory_bytes", b"_device_memory_bytes", "_host_memory_bytes", b"_host_memory_bytes", "device_memory_bytes", b"device_memory_bytes", "host_memory_bytes", b"host_memory_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_device_memory_bytes", b"_device_memory_bytes", "_host_memory_bytes", b"_host_memory_bytes", "description", b"description", "device_memory_bytes", b"device_memory_bytes", "family", b"family", "host_memory_bytes", b"host_memory_bytes", "is_default", b"is_default", "loaded", b"loaded", "name", b"name", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__device_memory_bytes: _TypeAlias = _typing.Literal["device_memory_bytes"]  # noqa: Y015
+    _WhichOneofArgType__device_memory_bytes: _TypeAlias = _typing.Literal["_device_memory_bytes", b"_device_memory_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__host_memory_bytes: _TypeAlias = _typing.Literal["host_memory_bytes"]  # noqa: Y015
+    _WhichOneofArgType__host_memory_bytes: _TypeAlias = _typing.Literal["_host_memory_bytes", b"_host_memory_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__device_memory_bytes) -> _WhichOneofReturnType__device_memory_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__host_memory_bytes) -> _WhichOneofReturnType__host_memory_bytes | None: ...
+
+Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    """LoadModelRequest names the model to load."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name; empty for the default model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "family", b"family", "is_default", b"is_default", "loaded", b"loaded", "name", b"name", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Model: _TypeAlias = Model  # noqa: Y015
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelResponse(_message.Message):
+    """LoadModelResponse describes the model once loaded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LOADED_NOW_FIELD_NUMBER: _builtins.int
+    loaded_now: _builtins.bool
+    """Whether this call loaded it (false: it was loaded already)."""
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model, loaded, with its memory; the least recently used idle models may have made room."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        loaded_now: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded_now", b"loaded_now", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelResponse: _TypeAlias = LoadModelResponse  # noqa: Y015
+
+@_typing.final
+class UnloadModelRequest(_message.Message):
+    """UnloadModelRequest names the model to unload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name; the default model cannot be unloaded."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelResponse(_message.Message):
+    """UnloadModelResponse says what the call did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNLOADED_FIELD_NUMBER: _builtins.int
+    unloaded: _builtins.bool
+    """Whether the model was loaded and is unloaded now (false: it was not loaded)."""
+    def __init__(
+        self,
+        *,
+        unloaded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unloaded", b"unloaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
+
+@_typing.final
+class FreeMemoryRequest(_message.Message):
+    """FreeMemoryRequest has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreeMemoryRequest: _TypeAlias = FreeMemoryRequest  # noqa: Y015
+
+@_typing.final
+class FreeMemoryResponse(_message.Message):
+    """FreeMemoryResponse says what the call freed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNLOADED_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
+    freed_bytes: _builtins.int
+    """Bytes the unloaded models' parameters and buffers held, device and host together."""
+    @_builtins.property
+    def unloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models unloaded, in least recently used order."""
+
+    def __init__(
+        self,
+        *,
+        unloaded: _abc.Iterable[_builtins.str] | None = ...,
+        freed_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed_bytes", b"freed_bytes", "unloaded", b"unloaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreeMemoryResponse: _TypeAlias = FreeMemoryResponse  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):
@@ -556,6 +710,7 @@ class GetStatsResponse(_message.Message):
     GPU_MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     GPU_MEMORY_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
+    LOADED_MODELS_FIELD_NUMBER: _builtins.int
     queue_depth: _builtins.int
     """Requests waiting in the queue."""
     in_flight: _builtins.int
@@ -582,6 +737,10 @@ class GetStatsResponse(_message.Message):
     def engine(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """The engine's own counters (e.g. prompt cache hits), by name."""
 
+    @_builtins.property
+    def loaded_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
+        """Every loaded model with its device and host memory."""
+
     def __init__(
         self,
         *,
@@ -596,10 +755,11 @@ class GetStatsResponse(_message.Message):
         gpu_memory_allocated_bytes: _builtins.int | None = ...,
         gpu_memory_reserved_bytes: _builtins.int | None = ...,
         engine: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        loaded_models: _abc.Iterable[Global___Model] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_memory_allocated_bytes", b"_gpu_memory_allocated_bytes", "_gpu_memory_reserved_bytes", b"_gpu_memory_reserved_bytes", "gpu_memory_allocated_bytes", b"gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes", b"gpu_memory_reserved_bytes", "latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_memory_allocated_bytes", b"_gpu_memory_allocated_bytes", "_gpu_memory_reserved_bytes", b"_gpu_memory_reserved_bytes", "batches_run", b"batches_run", "engine", b"engine", "gpu_memory_allocated_bytes", b"gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes", b"gpu_memory_reserved_bytes", "images_served", b"images_served", "in_flight", b"in_flight", "latency", b"latency", "queue_depth", b"queue_depth", "requests_failed", b"requests_failed", "requests_served", b"requests_served", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_memory_allocated_bytes", b"_gpu_memory_allocated_bytes", "_gpu_memory_reserved_bytes", b"_gpu_memory_reserved_bytes", "batches_run", b"batches_run", "engine", b"engine", "gpu_memory_allocated_bytes", b"gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes", b"gpu_memory_reserved_bytes", "images_served", b"images_served", "in_flight", b"in_flight", "latency", b"latency", "loaded_models", b"loaded_models", "queue_depth", b"queue_depth", "requests_failed", b"requests_failed", "requests_served", b"requests_served", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gpu_memory_allocated_bytes: _TypeAlias = _typing.Literal["gpu_memory_allocated_bytes"]  # noqa: Y015
     _WhichOneofArgType__gpu_memory_allocated_bytes: _TypeAlias = _typing.Literal["_gpu_memory_allocated_bytes", b"_gpu_memory_allocated_bytes"]  # noqa: Y015

@@ -55,6 +55,21 @@ class DiagnosticsServiceStub:
                 request_serializer=diffstack_dot_v1_dot_diagnostics__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/diffstack.v1.DiagnosticsService/LoadModel',
+                request_serializer=diffstack_dot_v1_dot_diagnostics__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/diffstack.v1.DiagnosticsService/UnloadModel',
+                request_serializer=diffstack_dot_v1_dot_diagnostics__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.FreeMemory = channel.unary_unary(
+                '/diffstack.v1.DiagnosticsService/FreeMemory',
+                request_serializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class DiagnosticsServiceServicer:
@@ -89,6 +104,27 @@ class DiagnosticsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """LoadModel loads, composes and warms one model (an admin's call: it needs the admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """UnloadModel unloads one model that no request holds (an admin's call: it needs the admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FreeMemory(self, request, context):
+        """FreeMemory unloads every idle model but the default and returns cached device memory (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiagnosticsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +147,21 @@ def add_DiagnosticsServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.GetStatsRequest.FromString,
                     response_serializer=diffstack_dot_v1_dot_diagnostics__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.LoadModelRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_diagnostics__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.UnloadModelRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_diagnostics__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'FreeMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreeMemory,
+                    request_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +273,87 @@ class DiagnosticsService:
             '/diffstack.v1.DiagnosticsService/GetStats',
             diffstack_dot_v1_dot_diagnostics__pb2.GetStatsRequest.SerializeToString,
             diffstack_dot_v1_dot_diagnostics__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffstack.v1.DiagnosticsService/LoadModel',
+            diffstack_dot_v1_dot_diagnostics__pb2.LoadModelRequest.SerializeToString,
+            diffstack_dot_v1_dot_diagnostics__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffstack.v1.DiagnosticsService/UnloadModel',
+            diffstack_dot_v1_dot_diagnostics__pb2.UnloadModelRequest.SerializeToString,
+            diffstack_dot_v1_dot_diagnostics__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreeMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffstack.v1.DiagnosticsService/FreeMemory',
+            diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryRequest.SerializeToString,
+            diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

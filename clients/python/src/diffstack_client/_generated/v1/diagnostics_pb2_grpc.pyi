@@ -41,6 +41,12 @@ class DiagnosticsServiceStub:
     """ListModels lists the models the server can serve."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_diagnostics_pb2.GetStatsRequest, _diagnostics_pb2.GetStatsResponse]
     """GetStats returns live statistics of the queue, the requests and the device."""
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_diagnostics_pb2.LoadModelRequest, _diagnostics_pb2.LoadModelResponse]
+    """LoadModel loads, composes and warms one model (an admin's call: it needs the admin token)."""
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_diagnostics_pb2.UnloadModelRequest, _diagnostics_pb2.UnloadModelResponse]
+    """UnloadModel unloads one model that no request holds (an admin's call: it needs the admin token)."""
+    FreeMemory: _grpc.UnaryUnaryMultiCallable[_diagnostics_pb2.FreeMemoryRequest, _diagnostics_pb2.FreeMemoryResponse]
+    """FreeMemory unloads every idle model but the default and returns cached device memory (admin)."""
 
 @_typing.type_check_only
 class DiagnosticsServiceAsyncStub(DiagnosticsServiceStub):
@@ -55,6 +61,12 @@ class DiagnosticsServiceAsyncStub(DiagnosticsServiceStub):
     """ListModels lists the models the server can serve."""
     GetStats: _aio.UnaryUnaryMultiCallable[_diagnostics_pb2.GetStatsRequest, _diagnostics_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats returns live statistics of the queue, the requests and the device."""
+    LoadModel: _aio.UnaryUnaryMultiCallable[_diagnostics_pb2.LoadModelRequest, _diagnostics_pb2.LoadModelResponse]  # type: ignore[assignment]
+    """LoadModel loads, composes and warms one model (an admin's call: it needs the admin token)."""
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_diagnostics_pb2.UnloadModelRequest, _diagnostics_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    """UnloadModel unloads one model that no request holds (an admin's call: it needs the admin token)."""
+    FreeMemory: _aio.UnaryUnaryMultiCallable[_diagnostics_pb2.FreeMemoryRequest, _diagnostics_pb2.FreeMemoryResponse]  # type: ignore[assignment]
+    """FreeMemory unloads every idle model but the default and returns cached device memory (admin)."""
 
 class DiagnosticsServiceServicer(metaclass=_abc_1.ABCMeta):
     """DiagnosticsService reports plugins, composed stacks, models and live statistics; it may require an admin token."""
@@ -90,5 +102,29 @@ class DiagnosticsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_diagnostics_pb2.GetStatsResponse, _abc.Awaitable[_diagnostics_pb2.GetStatsResponse]]:
         """GetStats returns live statistics of the queue, the requests and the device."""
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _diagnostics_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diagnostics_pb2.LoadModelResponse, _abc.Awaitable[_diagnostics_pb2.LoadModelResponse]]:
+        """LoadModel loads, composes and warms one model (an admin's call: it needs the admin token)."""
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _diagnostics_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diagnostics_pb2.UnloadModelResponse, _abc.Awaitable[_diagnostics_pb2.UnloadModelResponse]]:
+        """UnloadModel unloads one model that no request holds (an admin's call: it needs the admin token)."""
+
+    @_abc_1.abstractmethod
+    def FreeMemory(
+        self,
+        request: _diagnostics_pb2.FreeMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diagnostics_pb2.FreeMemoryResponse, _abc.Awaitable[_diagnostics_pb2.FreeMemoryResponse]]:
+        """FreeMemory unloads every idle model but the default and returns cached device memory (admin)."""
 
 def add_DiagnosticsServiceServicer_to_server(servicer: DiagnosticsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
