@@ -14,7 +14,7 @@ def sizes_run(spy: SpyEngine) -> list[int]:
 
 
 def settings(**fields: Any) -> ServerSettings:
-    return ServerSettings(batch_measure_steps=1, **fields)
+    return ServerSettings(batch_measure_steps=1, **{"warm_batches": True, **fields})
 
 
 def test_candidates_double_up_to_the_cap() -> None:
@@ -68,6 +68,8 @@ def test_a_configured_size_is_not_measured_but_warmed(engine: Any) -> None:
     assert sizes_run(spy) == [1, 2, 3]
     spy.calls.clear()
     assert choose_batch_size(spy, settings(batch_size=32, max_batch=2, warm_batches=False)).size == 2
+    assert spy.calls == []
+    assert choose_batch_size(spy, settings(batch_size=2, warm_batches=None)).warmed == []  # a CPU: no graphs
     assert spy.calls == []
 
 

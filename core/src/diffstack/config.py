@@ -193,8 +193,9 @@ class ServerSettings(_Section):
     """Measuring stops before a size that would take longer than this in total (a CPU's bound)."""
     batch_min_gain: float = Field(default=0.05, ge=0)
     """A larger batch is kept only if its images/s beats the best smaller one by this fraction."""
-    warm_batches: bool = True
-    """Run every batch size the batcher can form once before SERVING (records CUDA graphs)."""
+    warm_batches: bool | None = None
+    """Run every batch size the batcher can form once before SERVING, so none records CUDA graphs
+    while serving. ``None``: when the default model runs on CUDA (a CPU has no graphs to record)."""
     batch_wait_ms: int = 5
     encode_threads: int = Field(default=0, ge=0)
     """Threads encoding result images (PNG, WebP and JPEG encoders release the GIL, so they run in

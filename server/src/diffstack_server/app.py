@@ -112,7 +112,8 @@ class DiffstackServer:
             log.exception("engine_start_failed")
             self.ready.set()  # wake the waiters; they check engine_error
             return
-        log.info("engine_started", seconds=round(time.perf_counter() - started, 2))
+        engine_s = time.perf_counter() - started
+        log.info("engine_started", seconds=round(engine_s, 2))
         try:
             await self._size_batches()
         except asyncio.CancelledError:
@@ -132,7 +133,16 @@ class DiffstackServer:
         if not self._stopping:
             for service in HEALTH_SERVICES:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving")
+            total_s = time.perf_counter() - started
+            # Where start-up went: the engine (plugins, loading, composing or restoring the stack,
+            # warm-up; each logged on its own above) and the batch sizes (measured and warmed).
+            log.info(
+                "serving",
+                seconds=round(total_s, 2),
+                engine_s=round(engine_s, 2),
+                batches_s=round(total_s - engine_s, 2),
+                stack_restored=default.report.restored,
+            )
         self.ready.set()
 
     async def _size_batches(self) -> None:

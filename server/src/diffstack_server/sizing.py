@@ -8,12 +8,13 @@ size by ``server.batch_min_gain``. Each size runs once untimed first (that run r
 of compiled stacks and settles allocator and cache state), then once timed. A size that runs out of
 memory ends the search: the size before it is the largest that fits. The search also stops when the
 next size would overrun ``server.batch_measure_budget_s`` (on a CPU this bound, with the small step
-count, keeps start-up short; CPUs rarely gain from batching, so the choice there is usually small).
+count, keeps start-up short).
 
-Afterwards every size from 1 to the chosen one that the search did not run is run once, so no
-client's batch records graphs after SERVING (a batch can be any number of images up to the size).
-With ``server.batch_size`` set, nothing is measured: that size (capped by ``max_batch``) is used and,
-unless ``server.warm_batches`` is off, warmed the same way.
+Afterwards, on CUDA (``server.warm_batches``), every size from 1 to the chosen one that the search
+did not run is run once, so no client's batch records graphs after SERVING (a batch can be any
+number of images up to the size; torch_compile's dynamic batch dimension means one compile serves
+them all, each size records its own graphs). With ``server.batch_size`` set, nothing is measured:
+that size (capped by ``max_batch``) is used and warmed the same way.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class BatchSizeChoice:
     units_per_image: float = 0.0
     """Steps × pixels of one probe image (to seed the queue's time per unit of work)."""
     warmed: list[int] = field(default_factory=list)
-    """Every size run before SERVING, ascending."""
+    """Every size run before SERVING (measured or warmed), ascending."""
 
 
 def candidate_sizes(cap: int) -> list[int]:
@@ -69,11 +70,10 @@ def choose_batch_size(
     cap = max(1, settings.max_batch)
     if settings.batch_size:
         choice = BatchSizeChoice(min(settings.batch_size, cap), measured=False, reason="server.batch_size")
-        if not settings.warm_batches:
-            return choice
     else:
         choice = _measure(engine, settings, cap, clock)
-    for size in range(1, choice.size + 1):
+    warm = settings.warm_batches if settings.warm_batches is not None else _on_cuda(engine)
+    for size in range(1, choice.size + 1) if warm else ():
         if size not in choice.warmed:
             _run(engine, size, settings.batch_measure_steps)
             choice.warmed.append(size)
@@ -123,6 +123,17 @@ def _measure(
             break
         choice.size, best_rate = size, rate
     return choice
+
+
+def _on_cuda(engine: ServingEngine) -> bool:
+    """Whether the default model runs on CUDA."""
+    model = engine.pin(engine.resolve(""))
+    if model is None:
+        return False
+    try:
+        return model.report.device.startswith("cuda")
+    finally:
+        engine.unpin(model)
 
 
 def _run(engine: ServingEngine, size: int, steps: int) -> float:
