@@ -106,11 +106,15 @@ const unloaded = await admin.unloadModel("tiny-sd2");
 await admin.loadModel("tiny-sd2");
 const freed = await admin.freeMemory();
 const listed = await admin.listModels();
+const plugins = (await admin.listPlugins()).plugins;
+const deepcache = plugins.find((p) => p.name === "deepcache").wrappers[0];
+const interval = deepcache.options.find((o) => o.name === "interval");
 console.log(JSON.stringify({
   loaded: loaded.model.name, loadedNow: loaded.loaded_now, host: Number(loaded.model.host_memory_bytes),
   statsModels: stats.loaded_models.map((m) => m.name).sort(), refused, unloaded: unloaded.unloaded,
   freed: freed.unloaded, freedBytes: Number(freed.freed_bytes),
   stillLoaded: listed.models.filter((m) => m.loaded).map((m) => m.name),
+  wrapper: deepcache.wrapper, interval: [interval.type, interval.minimum, interval.default_value.int_value],
 }));
 admin.close();
 stranger.close();
@@ -118,7 +122,7 @@ stranger.close();
 
 
 @pytest.mark.slow
-def test_node_client_loads_unloads_and_frees_models_with_the_admin_token(models_dir: Path) -> None:
+def test_node_client_manages_models_and_lists_wrapper_option_schemas(models_dir: Path) -> None:
     if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
         pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
     settings = baseline_settings(
@@ -126,6 +130,7 @@ def test_node_client_loads_unloads_and_frees_models_with_the_admin_token(models_
         "tiny-sd1",
         server={"port": 0, "metrics_port": 0, "admin_token": "s3cret"},
         engine={"warmup_steps": 0},
+        plugins={"allow": [*BASELINE_PLUGINS, "deepcache"]},
     )
     with BackgroundServer(settings) as server:
         finished = subprocess.run(
@@ -143,3 +148,5 @@ def test_node_client_loads_unloads_and_frees_models_with_the_admin_token(models_
     assert summary["unloaded"] is True
     assert summary["freed"] == ["tiny-sd2"] and summary["freedBytes"] == summary["host"]
     assert summary["stillLoaded"] == ["tiny-sd1"]
+    assert summary["wrapper"] == "deepcache"
+    assert summary["interval"] == ["OPTION_TYPE_INT", 1, "3"]  # int64 travels as a string

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image as PILImage
 
 from diffstack.errors import FieldViolation, InvalidRequest
+from diffstack.option_schema import OptionSpec, option_schema
 from diffstack_client.v1 import diagnostics_pb2, generation_pb2, types_pb2
 
 if TYPE_CHECKING:
     from diffstack.config import Limits
     from diffstack.engine import GenerationRequest, GenerationResult, ModelListing
-    from diffstack.types import PluginRecord, StackReport
+    from diffstack.types import DenoiserWrapperOffer, PluginRecord, StackReport
 
 SPEC = "spec"
 DEFAULT_QUALITY = 90
@@ -205,8 +206,12 @@ def result_message(
 # -------------------------------------------------------------------------------------------------
 
 
-def plugin_message(record: PluginRecord) -> diagnostics_pb2.Plugin:
+def plugin_message(
+    record: PluginRecord, wrappers: Mapping[str, DenoiserWrapperOffer] | None = None
+) -> diagnostics_pb2.Plugin:
+    """``wrappers``: the wrapper offers this plugin made to loaded models, by name."""
     return diagnostics_pb2.Plugin(
+        wrappers=[_wrapper_schema(name, offer) for name, offer in sorted((wrappers or {}).items())],
         name=record.name,
         distribution=record.distribution,
         version=record.version,
@@ -216,6 +221,41 @@ def plugin_message(record: PluginRecord) -> diagnostics_pb2.Plugin:
         status=diagnostics_pb2.PluginStatus.Value(f"PLUGIN_STATUS_{record.status.name}"),
         error=record.error,
     )
+
+
+def _wrapper_schema(name: str, offer: DenoiserWrapperOffer) -> diagnostics_pb2.WrapperSchema:
+    description = offer.description
+    try:
+        options = option_schema(offer.options) if offer.options is not None else ()
+    except TypeError as exc:  # a declaration the schema cannot describe is reported, never fatal
+        options, description = (), f"{description} (its options have no schema: {exc})".strip()
+    return diagnostics_pb2.WrapperSchema(
+        wrapper=name, description=description, options=[_option_schema(o) for o in options]
+    )
+
+
+def _option_schema(spec: OptionSpec) -> diagnostics_pb2.OptionSchema:
+    return diagnostics_pb2.OptionSchema(
+        name=spec.name,
+        type=diagnostics_pb2.OptionType.Value(f"OPTION_TYPE_{spec.type.name}"),
+        nullable=spec.nullable,
+        default_value=None if spec.default is None else _option_value(spec.default),
+        minimum=spec.minimum,
+        exclusive_minimum=spec.exclusive_minimum,
+        maximum=spec.maximum,
+        exclusive_maximum=spec.exclusive_maximum,
+        description=spec.description,
+    )
+
+
+def _option_value(value: bool | int | float | str) -> types_pb2.OptionValue:
+    if isinstance(value, bool):
+        return types_pb2.OptionValue(bool_value=value)
+    if isinstance(value, int):
+        return types_pb2.OptionValue(int_value=value)
+    if isinstance(value, float):
+        return types_pb2.OptionValue(double_value=value)
+    return types_pb2.OptionValue(string_value=value)
 
 
 def stack_message(report: StackReport) -> diagnostics_pb2.StackReport:

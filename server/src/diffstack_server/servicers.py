@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from diffstack.config import Settings
     from diffstack.engine import EngineWorker, ServingEngine
     from diffstack.engine.model import LoadedModel
+    from diffstack.types import DenoiserWrapperOffer
     from diffstack_server.metrics import Metrics
 
 log = structlog.get_logger("diffstack.server.generation")
@@ -258,7 +259,28 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
         plugins = self.runtime.worker.plugins
         if plugins is None:
             raise NotReady("the server is starting: the plugins are loading")
-        return diagnostics_pb2.ListPluginsResponse(plugins=[convert.plugin_message(p) for p in plugins])
+        wrappers = self._wrappers_by_plugin()
+        return diagnostics_pb2.ListPluginsResponse(
+            plugins=[convert.plugin_message(p, wrappers.get(p.name)) for p in plugins]
+        )
+
+    def _wrappers_by_plugin(self) -> dict[str, dict[str, DenoiserWrapperOffer]]:
+        """The wrapper offers of every loaded model's stack, by the plugin that made them."""
+        engine = self.runtime.worker.engine
+        found: dict[str, dict[str, DenoiserWrapperOffer]] = {}
+        for listing in engine.models() if engine is not None else []:
+            model = engine.pin(listing.name) if engine is not None and listing.loaded else None
+            if model is None or engine is None:
+                continue
+            try:
+                for slot in model.report.slots:
+                    for candidate in slot.candidates:
+                        offer = model.stack.wrappers.get(candidate.offer)
+                        if slot.slot == "wrap_denoiser" and offer is not None:
+                            found.setdefault(candidate.plugin, {})[offer.name] = offer
+            finally:
+                engine.unpin(model)
+        return found
 
     async def GetStack(
         self, request: diagnostics_pb2.GetStackRequest, context: Any = None

@@ -27,10 +27,13 @@ from diffstack_client.client import DiffstackClient
 from diffstack_client.diagnostics import (
     Candidate,
     CandidateStatus,
+    OptionSchema,
+    OptionType,
     Plugin,
     PluginStatus,
     SlotReport,
     StackReport,
+    WrapperSchema,
 )
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "Finished",
     "GeneratedImage",
     "Generation",
+    "OptionSchema",
+    "OptionType",
     "Picture",
     "Plugin",
     "PluginStatus",
@@ -52,5 +57,6 @@ __all__ = [
     "SlotReport",
     "SpecParams",
     "StackReport",
+    "WrapperSchema",
     "tls_credentials",
 ]

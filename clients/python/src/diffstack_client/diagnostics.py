@@ -21,6 +21,7 @@ class PluginStatus(enum.StrEnum):
     LOADED = "loaded"
     FAILED = "failed"
     DISABLED = "disabled"
+    TIMED_OUT = "timed_out"
 
 
 class CandidateStatus(enum.StrEnum):
@@ -32,6 +33,7 @@ class CandidateStatus(enum.StrEnum):
     SLOWER = "slower"
     REJECTED = "rejected"
     FAILED = "failed"
+    TIMED_OUT = "timed_out"
 
 
 def _enum_name(descriptor: Any, value: int, prefix: str) -> str:
@@ -40,6 +42,66 @@ def _enum_name(descriptor: Any, value: int, prefix: str) -> str:
         return str(descriptor.Name(value)).removeprefix(prefix).lower()
     except ValueError:  # a value a newer server added: shown as unspecified, never a crash
         return "unspecified"
+
+
+class OptionType(enum.StrEnum):
+    """The kind of value a wrapper option takes."""
+
+    UNSPECIFIED = "unspecified"
+    BOOL = "bool"
+    INT = "int"
+    FLOAT = "float"
+    STRING = "string"
+
+
+OptionDefault = bool | int | float | str | None
+
+
+@dataclass(frozen=True)
+class OptionSchema:
+    """One per-request option of a denoiser wrapper; bounds are None where there are none."""
+
+    name: str
+    type: OptionType
+    nullable: bool
+    default: OptionDefault
+    minimum: float | None
+    exclusive_minimum: bool
+    maximum: float | None
+    exclusive_maximum: bool
+    description: str
+
+    @classmethod
+    def from_message(cls, message: diagnostics_pb2.OptionSchema) -> OptionSchema:
+        kind = message.default_value.WhichOneof("kind")
+        return cls(
+            name=message.name,
+            type=OptionType(_enum_name(diagnostics_pb2.OptionType, message.type, "OPTION_TYPE_")),
+            nullable=message.nullable,
+            default=getattr(message.default_value, kind) if kind else None,
+            minimum=message.minimum if message.HasField("minimum") else None,
+            exclusive_minimum=message.exclusive_minimum,
+            maximum=message.maximum if message.HasField("maximum") else None,
+            exclusive_maximum=message.exclusive_maximum,
+            description=message.description,
+        )
+
+
+@dataclass(frozen=True)
+class WrapperSchema:
+    """A denoiser wrapper a request can enable (``wrappers={name: {...}}``) and its options."""
+
+    wrapper: str
+    description: str
+    options: tuple[OptionSchema, ...]
+
+    @classmethod
+    def from_message(cls, message: diagnostics_pb2.WrapperSchema) -> WrapperSchema:
+        return cls(
+            wrapper=message.wrapper,
+            description=message.description,
+            options=tuple(OptionSchema.from_message(option) for option in message.options),
+        )
 
 
 @dataclass(frozen=True)
@@ -53,6 +115,8 @@ class Plugin:
     hooks: tuple[str, ...]
     status: PluginStatus
     error: str
+    wrappers: tuple[WrapperSchema, ...] = ()
+    """The denoiser wrappers it offers to loaded models, with their per-request option schemas."""
 
     @classmethod
     def from_message(cls, message: diagnostics_pb2.Plugin) -> Plugin:
@@ -65,6 +129,7 @@ class Plugin:
             hooks=tuple(message.hooks),
             status=PluginStatus(status),
             error=message.error,
+            wrappers=tuple(WrapperSchema.from_message(wrapper) for wrapper in message.wrappers),
         )
 
 

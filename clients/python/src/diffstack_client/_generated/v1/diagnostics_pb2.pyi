@@ -4,6 +4,7 @@ isort:skip_file
 The diagnostics service: what the server loaded, composed and is doing."""
 
 from collections import abc as _abc
+from . import types_pb2 as _types_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -50,6 +51,38 @@ PLUGIN_STATUS_DISABLED: PluginStatus.ValueType  # 3
 PLUGIN_STATUS_TIMED_OUT: PluginStatus.ValueType  # 4
 """The plugin's import ran past the configured limit; error says which."""
 Global___PluginStatus: _TypeAlias = PluginStatus  # noqa: Y015
+
+class _OptionType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OptionTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OptionType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPTION_TYPE_UNSPECIFIED: _OptionType.ValueType  # 0
+    """Not reported."""
+    OPTION_TYPE_BOOL: _OptionType.ValueType  # 1
+    """A flag: OptionValue.bool_value."""
+    OPTION_TYPE_INT: _OptionType.ValueType  # 2
+    """A whole number: OptionValue.int_value."""
+    OPTION_TYPE_FLOAT: _OptionType.ValueType  # 3
+    """A real number: OptionValue.double_value (or int_value)."""
+    OPTION_TYPE_STRING: _OptionType.ValueType  # 4
+    """A string: OptionValue.string_value."""
+
+class OptionType(_OptionType, metaclass=_OptionTypeEnumTypeWrapper):
+    """OptionType is the kind of value an option takes."""
+
+OPTION_TYPE_UNSPECIFIED: OptionType.ValueType  # 0
+"""Not reported."""
+OPTION_TYPE_BOOL: OptionType.ValueType  # 1
+"""A flag: OptionValue.bool_value."""
+OPTION_TYPE_INT: OptionType.ValueType  # 2
+"""A whole number: OptionValue.int_value."""
+OPTION_TYPE_FLOAT: OptionType.ValueType  # 3
+"""A real number: OptionValue.double_value (or int_value)."""
+OPTION_TYPE_STRING: OptionType.ValueType  # 4
+"""A string: OptionValue.string_value."""
+Global___OptionType: _TypeAlias = OptionType  # noqa: Y015
 
 class _CandidateStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -169,6 +202,7 @@ class Plugin(_message.Message):
     HOOKS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    WRAPPERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The plugin's name (its entry point's name)."""
     distribution: _builtins.str
@@ -185,6 +219,12 @@ class Plugin(_message.Message):
     def hooks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The hooks it implements."""
 
+    @_builtins.property
+    def wrappers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WrapperSchema]:
+        """The denoiser wrappers this plugin offers to loaded models, each with the per-request options a
+        request's `wrappers.<wrapper>` takes; requests are checked against these schemas.
+        """
+
     def __init__(
         self,
         *,
@@ -195,14 +235,110 @@ class Plugin(_message.Message):
         hooks: _abc.Iterable[_builtins.str] | None = ...,
         status: Global___PluginStatus.ValueType = ...,
         error: _builtins.str = ...,
+        wrappers: _abc.Iterable[Global___WrapperSchema] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "entry_point", b"entry_point", "error", b"error", "hooks", b"hooks", "name", b"name", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "entry_point", b"entry_point", "error", b"error", "hooks", b"hooks", "name", b"name", "status", b"status", "version", b"version", "wrappers", b"wrappers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Plugin: _TypeAlias = Plugin  # noqa: Y015
+
+@_typing.final
+class WrapperSchema(_message.Message):
+    """WrapperSchema is one denoiser wrapper a request can enable, with its options."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRAPPER_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    wrapper: _builtins.str
+    """The wrapper's name, the key of GenerationSpec.wrappers."""
+    description: _builtins.str
+    """What the wrapper does."""
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionSchema]:
+        """Every option it takes, in declaration order."""
+
+    def __init__(
+        self,
+        *,
+        wrapper: _builtins.str = ...,
+        description: _builtins.str = ...,
+        options: _abc.Iterable[Global___OptionSchema] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "options", b"options", "wrapper", b"wrapper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WrapperSchema: _TypeAlias = WrapperSchema  # noqa: Y015
+
+@_typing.final
+class OptionSchema(_message.Message):
+    """OptionSchema describes one per-request option of a wrapper."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    NULLABLE_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_MAXIMUM_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The option's name, the key in WrapperOptions.options."""
+    type: Global___OptionType.ValueType
+    """The kind of value it takes."""
+    nullable: _builtins.bool
+    """Whether null (leaving the option unset) is a valid value."""
+    minimum: _builtins.float
+    """The least value allowed, when bounded below."""
+    exclusive_minimum: _builtins.bool
+    """Whether minimum itself is excluded."""
+    maximum: _builtins.float
+    """The greatest value allowed, when bounded above."""
+    exclusive_maximum: _builtins.bool
+    """Whether maximum itself is excluded."""
+    description: _builtins.str
+    """What the option does."""
+    @_builtins.property
+    def default_value(self) -> _types_pb2.OptionValue:
+        """The value used when a request leaves the option out; unset when that is null."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___OptionType.ValueType = ...,
+        nullable: _builtins.bool = ...,
+        default_value: _types_pb2.OptionValue | None = ...,
+        minimum: _builtins.float | None = ...,
+        exclusive_minimum: _builtins.bool = ...,
+        maximum: _builtins.float | None = ...,
+        exclusive_maximum: _builtins.bool = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "default_value", b"default_value", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "default_value", b"default_value", "description", b"description", "exclusive_maximum", b"exclusive_maximum", "exclusive_minimum", b"exclusive_minimum", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "nullable", b"nullable", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___OptionSchema: _TypeAlias = OptionSchema  # noqa: Y015
 
 @_typing.final
 class GetStackRequest(_message.Message):
