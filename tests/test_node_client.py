@@ -150,3 +150,43 @@ def test_node_client_manages_models_and_lists_wrapper_option_schemas(models_dir:
     assert summary["stillLoaded"] == ["tiny-sd1"]
     assert summary["wrapper"] == "deepcache"
     assert summary["interval"] == ["OPTION_TYPE_INT", 1, "3"]  # int64 travels as a string
+
+
+KEYS_SCRIPT = """
+import { connect } from "./src/client.js";
+const [target, key] = process.argv.slice(1);
+const spec = { prompt: "a cube", steps: 1, width: 64, height: 64 };
+const keyed = connect(target, { apiKey: key });
+const anonymous = connect(target);
+const made = await keyed.generate({ spec });
+let streamed = 0;
+for await (const event of keyed.generateStream({ spec })) if (event.event === "result") streamed += 1;
+const refused = await anonymous.generate({ spec }).then(() => "OK", (error) => error.code);
+console.log(JSON.stringify({ images: made.result.images.length, streamed, refused }));
+keyed.close();
+anonymous.close();
+"""
+
+
+@pytest.mark.slow
+def test_node_client_sends_its_api_key(models_dir: Path) -> None:
+    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
+        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
+    key = "node-secret-key-0123456789"
+    settings = baseline_settings(
+        models_dir,
+        "tiny-sd1",
+        server={"port": 0, "metrics_port": 0, "api_keys": [{"label": "node", "key": key}]},
+        engine={"warmup_steps": 0},
+    )
+    with BackgroundServer(settings) as server:
+        finished = subprocess.run(
+            ["node", "--input-type=module", "-e", KEYS_SCRIPT, server.target, key],
+            cwd=NODE_CLIENT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary == {"images": 1, "streamed": 1, "refused": 16}  # 16: UNAUTHENTICATED

@@ -49,7 +49,7 @@ export function loadContract() {
  * grpc-js readable stream (async-iterable) of GenerateStreamResponse events.
  *
  * @param {string} target host:port
- * @param {{credentials?: grpc.ChannelCredentials, adminToken?: string, timeoutMs?: number}} [options]
+ * @param {{credentials?: grpc.ChannelCredentials, adminToken?: string, apiKey?: string, timeoutMs?: number}} [options]
  */
 export function connect(target, options = {}) {
   const v1 = loadContract();
@@ -63,6 +63,12 @@ export function connect(target, options = {}) {
   const timeoutMs = options.timeoutMs ?? 60_000;
   const admin = new grpc.Metadata();
   if (options.adminToken) admin.set("authorization", `Bearer ${options.adminToken}`);
+  // The generation service's key, when the server requires one (server.api_keys).
+  const caller = () => {
+    const metadata = new grpc.Metadata();
+    if (options.apiKey) metadata.set("authorization", `Bearer ${options.apiKey}`);
+    return metadata;
+  };
 
   const deadline = () => new Date(Date.now() + timeoutMs);
   /** @param {any} stub @param {string} method @param {object} request @param {grpc.Metadata} metadata */
@@ -75,9 +81,9 @@ export function connect(target, options = {}) {
 
   return {
     /** @param {object} request a GenerateRequest */
-    generate: (request) => unary(generation, "Generate", request, new grpc.Metadata()),
+    generate: (request) => unary(generation, "Generate", request, caller()),
     /** @param {object} request a GenerateStreamRequest */
-    generateStream: (request) => generation.GenerateStream(request, new grpc.Metadata(), { deadline: deadline() }),
+    generateStream: (request) => generation.GenerateStream(request, caller(), { deadline: deadline() }),
     listPlugins: () => unary(diagnostics, "ListPlugins", {}, admin),
     getStack: (model = "") => unary(diagnostics, "GetStack", { model }, admin),
     listModels: () => unary(diagnostics, "ListModels", {}, admin),

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -161,6 +161,23 @@ class Limits(_Section):
         return self.max_images * image + _OTHER_FIELDS_BYTES
 
 
+class ApiKey(_Section):
+    """One caller's key for the generation service, with its own limits (see ``server.api_keys``)."""
+
+    label: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Names the caller in metrics and logs; the key itself is never shown."""
+    key: SecretStr = Field(min_length=16)
+    """The secret the caller sends as ``authorization: Bearer <key>``."""
+    max_concurrent: int | None = Field(default=None, ge=1)
+    """Generation calls this key may have open at once; None: no limit of its own."""
+    rate_per_minute: float | None = Field(default=None, gt=0)
+    """Generation calls this key may start per minute (a token bucket of ``burst``); None: unlimited."""
+    burst: int = Field(default=1, ge=1)
+    """Calls the rate limit lets through at once before it spaces them out."""
+    models: list[str] | None = None
+    """The models this key may use (the default model is ``""``); None: every model."""
+
+
 class ServerSettings(_Section):
     """The gRPC server: ports, queue, batching, shutdown and security."""
 
@@ -204,6 +221,12 @@ class ServerSettings(_Section):
     preview_interval_s: float = 0.5
     preview_max_side: int = 256
     admin_token: str | None = None
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    """Keys for the generation service; empty (and no ``api_keys_file``): generation is open.
+    From the environment: ``DIFFSTACK_SERVER__API_KEYS='[{"label": ..., "key": ...}]'``."""
+    api_keys_file: Path | None = None
+    """A TOML file of ``[[keys]]`` tables (the fields of :class:`ApiKey`), added to ``api_keys``;
+    keeps the secrets out of the main configuration."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None

@@ -98,4 +98,8 @@ class DeadlineExceeded(DiffstackError):
 
 
 class PermissionDenied(DiffstackError):
-    """An admin RPC was called without the admin token."""
+    """An admin RPC was called without the admin token, or a caller's key does not cover the call."""
+
+
+class Unauthenticated(DiffstackError):
+    """The generation service needs a key and the call brought none that the server knows."""

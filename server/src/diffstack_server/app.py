@@ -36,6 +36,7 @@ from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generatio
 from diffstack_server.batching import BatchQueue
 from diffstack_server.encoding import ImageEncoder, encode_threads
 from diffstack_server.interceptors import AdminTokenInterceptor, StatusInterceptor
+from diffstack_server.keys import ApiKeyInterceptor, KeyRing, load_keys
 from diffstack_server.metrics import Metrics
 from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
 from diffstack_server.sizing import BatchSizeChoice, choose_batch_size
@@ -276,6 +277,9 @@ async def create_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
     if server_settings.admin_token:
         interceptors.append(AdminTokenInterceptor(server_settings.admin_token))
+    api_keys = load_keys(settings)
+    if api_keys:
+        interceptors.append(ApiKeyInterceptor(KeyRing(api_keys, metrics.registry)))
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.request_message_bytes),
         ("grpc.max_send_message_length", limits.response_message_bytes),

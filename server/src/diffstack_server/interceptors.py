@@ -40,6 +40,7 @@ from diffstack.errors import (
     OutOfMemory,
     Overloaded,
     PermissionDenied,
+    Unauthenticated,
 )
 from diffstack_server.metrics import Metrics
 from diffstack_server.tickets import DEADLINE_SLACK_S
@@ -70,6 +71,7 @@ _CODES: tuple[tuple[type[DiffstackError], grpc.StatusCode, str], ...] = (
     (Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED"),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION, "MODEL_ERROR"),
 )
 
@@ -178,7 +180,7 @@ Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Streaming = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
-def _rewrap(
+def rewrap(
     handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Unary], Unary],
     streaming: Callable[[Streaming], Streaming],
@@ -217,7 +219,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        return _rewrap(
+        return rewrap(
             handler, lambda b: self._unary(method, b), lambda b: self._streaming(method, b), tolerant=True
         )
 
@@ -309,7 +311,7 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(DIAGNOSTICS_PREFIX):
             return handler
-        return _rewrap(handler, self._checked, self._checked_stream)
+        return rewrap(handler, self._checked, self._checked_stream)
 
     def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         given = dict(context.invocation_metadata() or ()).get("authorization", "")

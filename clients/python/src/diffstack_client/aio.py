@@ -44,6 +44,7 @@ class AsyncDiffstackClient:
         target: str = DEFAULT_TARGET,
         *,
         admin_token: str | None = None,
+        api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
@@ -58,6 +59,7 @@ class AsyncDiffstackClient:
         self.channel = channel
         self.timeout = timeout
         self._admin: Metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._key: Metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._generation = generation_pb2_grpc.GenerationServiceStub(channel)
         self._diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -79,7 +81,7 @@ class AsyncDiffstackClient:
             spec=build_spec(prompt, params), output=output_options(image_format, quality, effort, lossless)
         )
         call = self._generation.Generate(
-            request, timeout=self._timeout(timeout), metadata=_request_metadata(request_id)
+            request, timeout=self._timeout(timeout), metadata=self._key + _request_metadata(request_id)
         )
         try:
             response = await call
@@ -113,7 +115,7 @@ class AsyncDiffstackClient:
             previews=preview_options(previews, preview_max_side, preview_format),
         )
         call = self._generation.GenerateStream(
-            request, timeout=self._timeout(timeout), metadata=_request_metadata(request_id)
+            request, timeout=self._timeout(timeout), metadata=self._key + _request_metadata(request_id)
         )
         request_id = ""
         try:

@@ -47,6 +47,7 @@ class DiffstackClient:
         target: str = DEFAULT_TARGET,
         *,
         admin_token: str | None = None,
+        api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
@@ -61,6 +62,7 @@ class DiffstackClient:
         self.channel = channel
         self.timeout = timeout
         self._admin: Metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._key: Metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._generation = generation_pb2_grpc.GenerationServiceStub(channel)
         self._diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -85,7 +87,7 @@ class DiffstackClient:
         )
         try:
             response, call = self._generation.Generate.with_call(
-                request, timeout=self._timeout(timeout), metadata=_request_metadata(request_id)
+                request, timeout=self._timeout(timeout), metadata=self._key + _request_metadata(request_id)
             )
         except grpc.RpcError as error:
             raise ServiceError.from_rpc_error(error) from error
@@ -118,7 +120,7 @@ class DiffstackClient:
             previews=preview_options(previews, preview_max_side, preview_format),
         )
         call = self._generation.GenerateStream(
-            request, timeout=self._timeout(timeout), metadata=_request_metadata(request_id)
+            request, timeout=self._timeout(timeout), metadata=self._key + _request_metadata(request_id)
         )
         return _events(call)
 
