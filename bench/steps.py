@@ -95,7 +95,10 @@ class StepBench:
         if not self.compile_ok:
             plugins["deny"] = ["torch_compile"]
         return load_settings(
-            None, compose={"measure": "always", "batch": self.workload.batch}, plugins=plugins
+            None,
+            # Measured afresh every run: a benchmark never restores a kept decision.
+            compose={"measure": "always", "batch": self.workload.batch, "decisions_dir": None},
+            plugins=plugins,
         )
 
     # -- parts -------------------------------------------------------------------------------------
