@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     import torch
     from diffusers import SchedulerMixin
 
+    from diffstack.options import OptionProblem
+
 
 class Family(enum.StrEnum):
     """Model families the engine knows; each has an engine adapter."""
@@ -225,12 +227,16 @@ class DenoiserWrapperOffer(Offer):
     the host checks a request's options against it before any plugin code runs.
     ``on_compiled``: ``apply`` also takes the compile offer's module, so a request using this
     wrapper keeps the compiled denoiser instead of falling back to the eager one.
+    ``check_latent(options, latent_height, latent_width)``, given the parsed options, names the
+    problem when the wrapper cannot serve a request's latent size (a multi-scale latent too small to
+    downscale); the request is then refused on that option, before any work.
     """
 
     denoiser_kinds: frozenset[DenoiserKind] = frozenset(DenoiserKind)
     apply: Callable[[torch.nn.Module, Mapping[str, Any]], DenoiserWrapper]
     options: type | None = None
     on_compiled: bool = False
+    check_latent: Callable[[Any, int, int], OptionProblem | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from diffstack.engine.model import LoadedModel
 from diffstack.engine.requests import AUTO, GenerationRequest
 from diffstack.engine.samplers import SAMPLERS
 from diffstack.errors import FieldViolation, InvalidRequest, shown
-from diffstack.options import OptionsError, parse_options
+from diffstack.options import OptionProblem, OptionsError, parse_options
+from diffstack.types import DenoiserWrapperOffer
 
 MAX_GUIDANCE = 50.0
 
@@ -188,11 +189,25 @@ def _check_wrappers(
         if offer.options is None:
             continue
         try:
-            parse_options(offer.options, {**model.info.plugin_options(name), **options})
+            parsed: object = parse_options(offer.options, {**model.info.plugin_options(name), **options})
         except OptionsError as exc:
-            for problem in exc.problems:
-                field = f"wrappers.{name}.{problem.option}" if problem.option else f"wrappers.{name}"
-                yield FieldViolation(field, problem.message)
+            problems = exc.problems
+        else:
+            problems = _latent_problems(offer, parsed, request, model)
+        for problem in problems:
+            field = f"wrappers.{name}.{problem.option}" if problem.option else f"wrappers.{name}"
+            yield FieldViolation(field, problem.message)
+
+
+def _latent_problems(
+    offer: DenoiserWrapperOffer, options: object, request: GenerationRequest, model: LoadedModel
+) -> tuple[OptionProblem, ...]:
+    """The wrapper's own word on the request's latent size (a multi-scale latent too small, say)."""
+    if offer.check_latent is None:
+        return ()
+    scale = int(getattr(model.pipeline, "vae_scale_factor", 8))
+    problem = offer.check_latent(options, request.height // scale, request.width // scale)
+    return () if problem is None else (problem,)
 
 
 def _check_schedule(
