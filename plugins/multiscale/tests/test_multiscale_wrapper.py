@@ -14,7 +14,7 @@ from diffstack.errors import InvalidRequest
 from diffstack.testing import BASELINE_PLUGINS, baseline_settings, build_tiny_pipeline
 from diffstack.types import Family
 from diffstack_multiscale.config import MultiScaleOptions
-from diffstack_multiscale.wrapper import MultiScale
+from diffstack_multiscale.wrapper import _NOISE_STD, MultiScale
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def test_phases_first_steps_coarse_middle_intermittent_and_late_steps_at_full_si
     assert speed == [16, 8, 8, 8, 8, 8, 8, 16, 16, 16]
 
 
-def test_a_coarse_step_is_the_unet_on_the_downscaled_latent_upscaled(unet: torch.nn.Module) -> None:
+def test_a_coarse_step_is_the_unet_on_the_downscaled_latent_upscaled_plus_the_unseen_detail_as_noise(
+    unet: torch.nn.Module,
+) -> None:
     wrapper = MultiScale(unet, parse_options(MultiScaleOptions, {"full_res_start": 0, "full_res_below": 0.0}))
     try:
         wrapped = _call(unet, 999)
@@ -67,8 +69,17 @@ def test_a_coarse_step_is_the_unet_on_the_downscaled_latent_upscaled(unet: torch
     with torch.inference_mode():
         small = torch.nn.functional.interpolate(sample, size=(8, 8), mode="area")
         expected = unet(small, 999, encoder_hidden_states=context, return_dict=False)[0]
-        expected = torch.nn.functional.interpolate(expected, size=(16, 16), mode="bilinear")
+        up = torch.nn.functional.interpolate
+        detail = (sample - up(small, size=(16, 16), mode="bilinear")) / _NOISE_STD[999]
+        expected = up(expected, size=(16, 16), mode="bilinear") + detail.float()
     torch.testing.assert_close(wrapped, expected)
+
+
+def test_the_noise_share_is_the_sd_training_schedules() -> None:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    torch.testing.assert_close(_NOISE_STD.float(), (1 - scheduler.alphas_cumprod).sqrt())
 
 
 def test_removed_it_leaves_the_unet_exactly_as_it_was(unet: torch.nn.Module) -> None:

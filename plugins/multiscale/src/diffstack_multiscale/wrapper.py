@@ -2,7 +2,11 @@
 
 On a coarse step the latent going in is resized to ``factor`` of each side (area averaging, so the
 coarse UNet sees the mean of what it stands for) and the noise prediction coming out is resized back
-(bilinear) to the full latent; every other step runs untouched. The UNet's code is not changed, and
+(bilinear) to the full latent. The coarse UNet cannot see the latent's fine detail, which at these
+noise levels is noise: the prediction takes that detail as noise, ``(x - up(down(x))) / sqrt(1 - ᾱ_t)``
+under the SD-family training schedule. Without it the fine noise is never removed and the late
+full-size steps inherit a latent far noisier than their noise level (measured: 31 % of attributes
+right instead of 99 %). Every other step runs untouched. The UNet's code is not changed, and
 ``remove()`` takes the hooks off, leaving the module as it was.
 """
 
@@ -19,6 +23,15 @@ from diffstack_multiscale.config import MultiScaleOptions, coarse_side
 TRAIN_TIMESTEPS = 1000
 """The training range of every SD-family scheduler: ``full_res_below`` is a fraction of it."""
 
+_NOISE_STD = torch.sqrt(
+    1
+    - torch.cumprod(
+        1 - torch.linspace(0.00085**0.5, 0.012**0.5, TRAIN_TIMESTEPS, dtype=torch.float64) ** 2, 0
+    )
+)
+"""sqrt(1 - ᾱ_t) of SD1, SD2 and SDXL's training schedule (scaled linear betas, 0.00085 to 0.012):
+the share of noise in the UNet's input at timestep t."""
+
 
 @dataclass
 class MultiScale:
@@ -28,6 +41,8 @@ class MultiScale:
     options: MultiScaleOptions
     calls: int = 0
     full_size: tuple[int, int] | None = None
+    detail: torch.Tensor | None = None
+    """The coarse step's input detail the coarse UNet cannot see, as noise: added to its prediction."""
     coarse_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -59,8 +74,9 @@ class MultiScale:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         step, self.calls = self.calls, self.calls + 1
-        self.full_size = None
-        if not self.is_coarse(step, float(torch.as_tensor(timestep).flatten()[0])):
+        self.full_size, self.detail = None, None
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        if not self.is_coarse(step, t):
             return None
         factor = self.options.setting("factor")
         height, width = sample.shape[-2:]
@@ -69,6 +85,8 @@ class MultiScale:
         small = F.interpolate(
             sample, size=(coarse_side(height, factor), coarse_side(width, factor)), mode="area"
         )
+        noise_std = float(_NOISE_STD[min(max(round(t), 0), TRAIN_TIMESTEPS - 1)])
+        self.detail = (sample - F.interpolate(small, size=self.full_size, mode="bilinear")) / noise_std
         if args:
             return (small, *args[1:]), kwargs
         return args, {**kwargs, "sample": small}
@@ -76,10 +94,10 @@ class MultiScale:
     def _grow(
         self, _module: torch.nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any
     ) -> Any:
-        if self.full_size is None:
+        if self.full_size is None or self.detail is None:
             return None
-        size = self.full_size
+        size, detail = self.full_size, self.detail
         if isinstance(output, tuple):
-            return (F.interpolate(output[0], size=size, mode="bilinear"), *output[1:])
-        output.sample = F.interpolate(output.sample, size=size, mode="bilinear")
+            return (F.interpolate(output[0], size=size, mode="bilinear") + detail, *output[1:])
+        output.sample = F.interpolate(output.sample, size=size, mode="bilinear") + detail
         return output
