@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
-from diffstack import Ge, Gt, Le, OptionProblem
+from diffstack import Ge, Gt, Le, OptionProblem, OptionsError
 
 MIN_LATENT_SIDE = 4
 """The smallest downscaled latent side served: below it an SD UNet's second downsampler already
@@ -30,7 +30,8 @@ class MultiScaleOptions:
     spaced timesteps, ``full_res_below = 0.3`` is the last 30 % of the steps.
     """
 
-    preset: Literal["quality", "speed"] = "quality"
+    preset: str = "quality"
+    """``quality`` or ``speed``: the values of the options below that are left unset."""
     factor: Annotated[float, Gt(0), Le(0.75)] | None = None
     """Downscale factor of each latent side on the coarse steps (0.5 halves them)."""
     full_res_start: Annotated[int, Ge(0)] | None = None
@@ -39,6 +40,11 @@ class MultiScaleOptions:
     """Calls below this fraction of the noise range run at full size (the late, detailed steps)."""
     intermittent: Annotated[int, Ge(0)] | None = None
     """Every ``intermittent``-th step of the coarse phase runs at full size (0: none)."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            problem = f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
+            raise OptionsError([OptionProblem("preset", problem)])
 
     def setting(self, name: str) -> float:
         """An option's value: the request's or admin's, else the preset's."""
