@@ -190,3 +190,43 @@ def test_node_client_sends_its_api_key(models_dir: Path) -> None:
     assert finished.returncode == 0, finished.stdout + finished.stderr
     summary = json.loads(finished.stdout.strip().splitlines()[-1])
     assert summary == {"images": 1, "streamed": 1, "refused": 16}  # 16: UNAUTHENTICATED
+
+
+JOBS_SCRIPT = """
+import { connect } from "./src/client.js";
+const [target] = process.argv.slice(1);
+const client = connect(target);
+const request = { spec: { prompt: "a cube", steps: 2, width: 64, height: 64, seeds: ["4"] } };
+const { job_id } = await client.submitJob(request, "node-once");
+const again = await client.submitJob(request, "node-once");
+const kinds = [];
+for await (const message of client.watchJob(job_id)) kinds.push(message.event.event);
+const listed = (await client.listJobs()).jobs.map((job) => [job.job_id === job_id, job.state]);
+const cancelled = await client.cancelJob(job_id);
+const same = again.job_id === job_id;
+console.log(JSON.stringify({ same, created: again.created, kinds, listed, state: cancelled.state }));
+client.close();
+"""
+
+
+@pytest.mark.slow
+def test_node_client_submits_watches_lists_and_cancels_jobs(models_dir: Path) -> None:
+    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
+        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
+    settings = baseline_settings(
+        models_dir, "tiny-sd1", server={"port": 0, "metrics_port": 0}, engine={"warmup_steps": 0}
+    )
+    with BackgroundServer(settings) as server:
+        finished = subprocess.run(
+            ["node", "--input-type=module", "-e", JOBS_SCRIPT, server.target],
+            cwd=NODE_CLIENT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary["same"] is True and summary["created"] is False
+    assert summary["kinds"] == ["queued", "progress", "progress", "result"]
+    assert summary["listed"] == [[True, "JOB_STATE_SUCCEEDED"]]
+    assert summary["state"] == "JOB_STATE_SUCCEEDED"

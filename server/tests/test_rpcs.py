@@ -194,8 +194,14 @@ def test_every_rpc_has_a_test() -> None:
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     ]
-    missing = [rpc for rpc in rpcs if f"test_{re.sub(r'(?<!^)(?=[A-Z])', '_', rpc).lower()}" not in globals()]
-    assert len(rpcs) == 9
+    jobs_tests = (Path(__file__).parent / "test_jobs.py").read_text()  # the job RPCs' tests live there
+    missing = [
+        rpc
+        for rpc in rpcs
+        if (name := f"test_{re.sub(r'(?<!^)(?=[A-Z])', '_', rpc).lower()}") not in globals()
+        and f"def {name}(" not in jobs_tests
+    ]
+    assert len(rpcs) == 13
     assert not missing
 
 

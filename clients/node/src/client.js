@@ -84,6 +84,14 @@ export function connect(target, options = {}) {
     generate: (request) => unary(generation, "Generate", request, caller()),
     /** @param {object} request a GenerateStreamRequest */
     generateStream: (request) => generation.GenerateStream(request, caller(), { deadline: deadline() }),
+    /** @param {object} request a GenerateStreamRequest @param {string} [idempotencyKey] */
+    submitJob: (request, idempotencyKey = "") =>
+      unary(generation, "SubmitJob", { request, idempotency_key: idempotencyKey }, caller()),
+    /** A job's events (each WatchJobResponse wraps one GenerateStreamResponse) from its start, or from now. */
+    watchJob: (jobId, fromNow = false) =>
+      generation.WatchJob({ job_id: jobId, from_now: fromNow }, caller(), { deadline: deadline() }),
+    cancelJob: (jobId) => unary(generation, "CancelJob", { job_id: jobId }, caller()),
+    listJobs: () => unary(generation, "ListJobs", {}, caller()),
     listPlugins: () => unary(diagnostics, "ListPlugins", {}, admin),
     getStack: (model = "") => unary(diagnostics, "GetStack", { model }, admin),
     listModels: () => unary(diagnostics, "ListModels", {}, admin),

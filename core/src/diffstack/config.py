@@ -221,6 +221,10 @@ class ServerSettings(_Section):
     preview_interval_s: float = 0.5
     preview_max_side: int = 256
     admin_token: str | None = None
+    jobs_keep_s: float = Field(default=3600.0, ge=0)
+    """How long a finished job (SubmitJob) and its result stay for WatchJob and ListJobs."""
+    jobs_keep_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Memory the finished jobs' events may hold; past it the oldest finished jobs go first."""
     api_keys: list[ApiKey] = Field(default_factory=list)
     """Keys for the generation service; empty (and no ``api_keys_file``): generation is open.
     From the environment: ``DIFFSTACK_SERVER__API_KEYS='[{"label": ..., "key": ...}]'``."""

@@ -101,5 +101,9 @@ class PermissionDenied(DiffstackError):
     """An admin RPC was called without the admin token, or a caller's key does not cover the call."""
 
 
+class NotFound(DiffstackError):
+    """The thing the call names (a job, say) does not exist, or no longer does."""
+
+
 class Unauthenticated(DiffstackError):
     """The generation service needs a key and the call brought none that the server knows."""

@@ -36,6 +36,7 @@ from diffstack.errors import (
     FieldViolation,
     InvalidRequest,
     ModelError,
+    NotFound,
     NotReady,
     OutOfMemory,
     Overloaded,
@@ -72,6 +73,7 @@ _CODES: tuple[tuple[type[DiffstackError], grpc.StatusCode, str], ...] = (
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    (NotFound, grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION, "MODEL_ERROR"),
 )
 

@@ -21,6 +21,7 @@ import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 GENERATION_PREFIX = "/diffstack.v1.GenerationService/"
+
+current_caller: ContextVar[str] = ContextVar("diffstack_caller", default="")
+"""The label of the key the current call came with ("" when keys are off): jobs are scoped by it."""
 
 
 def load_keys(settings: Settings) -> tuple[ApiKey, ...]:
@@ -96,10 +100,10 @@ class KeyRing:
             )
         return found
 
-    def admit(self, state: _KeyState, model: str) -> None:
+    def admit(self, state: _KeyState, model: str | None) -> None:
         """Take a concurrency slot and a rate token for one call, or refuse it with why."""
         key = state.key
-        if key.models is not None and model not in key.models:
+        if key.models is not None and model is not None and model not in key.models:
             self.calls.labels(key.label, "permission_denied").inc()
             raise PermissionDenied(f"API key {key.label!r} may not use model {model[:64]!r}")
         with self._lock:
@@ -137,9 +141,10 @@ def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     return raw.removeprefix(b"Bearer ") if raw.startswith(b"Bearer ") else b""
 
 
-def _model_of(request: Any) -> str:
-    spec = getattr(request, "spec", None)
-    return str(getattr(spec, "model", ""))
+def _model_of(request: Any) -> str | None:
+    """The model a generation call asks for (SubmitJob wraps its request); None for calls on jobs."""
+    spec = getattr(getattr(request, "request", request), "spec", None)
+    return None if spec is None else str(spec.model)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -162,6 +167,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         state = self.ring.identify(_bearer(context))
         self.ring.admit(state, _model_of(request))
         structlog.contextvars.bind_contextvars(key=state.key.label)
+        current_caller.set(state.key.label)
         return state
 
     def _unary(self, behaviour: Unary) -> Unary:

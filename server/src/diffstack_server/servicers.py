@@ -30,6 +30,7 @@ from diffstack_server import convert
 from diffstack_server.batching import BatchQueue
 from diffstack_server.encoding import ImageEncoder
 from diffstack_server.interceptors import current_request_id
+from diffstack_server.jobs import JobStore
 from diffstack_server.lifecycle import ModelLifecycle
 from diffstack_server.tickets import Preview, PreviewPolicy, Progress, Queued, Ticket
 
@@ -110,38 +111,60 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.jobs = JobStore(self)
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Any = None
     ) -> generation_pb2.GenerateResponse:
-        ticket = await self._enqueue(request.spec, request.output, context)
+        ticket = await self.enqueue(request.spec, request.output, context)
         try:
             result = await asyncio.shield(ticket.future)
         except asyncio.CancelledError:
             self.runtime.queue.withdraw(ticket, _why_ended(context))
             raise
-        return generation_pb2.GenerateResponse(result=await self._encode(ticket, result, request.output))
+        return generation_pb2.GenerateResponse(result=await self.encode(ticket, result, request.output))
 
     async def GenerateStream(
         self, request: generation_pb2.GenerateStreamRequest, context: Any = None
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        ticket = await self._enqueue(request.spec, request.output, context, previews=request.previews)
+        ticket = await self.enqueue(request.spec, request.output, context, previews=request.previews)
         finished = False
         try:
             async for event in ticket.events():
-                yield await self._event_message(event, request.previews)
+                yield await self.event_message(event, request.previews)
             result = await ticket.future
             finished = True
             yield generation_pb2.GenerateStreamResponse(
-                result=await self._encode(ticket, result, request.output)
+                result=await self.encode(ticket, result, request.output)
             )
         finally:
             if not finished:
                 self.runtime.queue.withdraw(ticket, _why_ended(context))
 
-    # -- helpers -----------------------------------------------------------------------------------
+    async def SubmitJob(
+        self, request: generation_pb2.SubmitJobRequest, context: Any = None
+    ) -> generation_pb2.SubmitJobResponse:
+        return await self.jobs.submit(request)
 
-    async def _enqueue(
+    async def WatchJob(
+        self, request: generation_pb2.WatchJobRequest, context: Any = None
+    ) -> AsyncIterator[generation_pb2.WatchJobResponse]:
+        async for event in self.jobs.watch(request):
+            yield event
+
+    async def CancelJob(
+        self, request: generation_pb2.CancelJobRequest, context: Any = None
+    ) -> generation_pb2.CancelJobResponse:
+        return self.jobs.cancel(request)
+
+    async def ListJobs(
+        self, request: generation_pb2.ListJobsRequest, context: Any = None
+    ) -> generation_pb2.ListJobsResponse:
+        return self.jobs.list()
+
+    # -- helpers (shared with diffstack_server.jobs) --------------------------------------------------
+
+    async def enqueue(
         self,
         spec: types_pb2.GenerationSpec,
         output: types_pb2.OutputOptions,
@@ -212,7 +235,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise convert.in_spec(error) from None
         return prepared, engine.batch_key(prepared)
 
-    async def _encode(
+    async def encode(
         self, ticket: Ticket, result: Any, output: types_pb2.OutputOptions
     ) -> types_pb2.GenerationResult:
         started = time.perf_counter()
@@ -222,7 +245,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.runtime.metrics.observe_images(len(message.images))
         return message
 
-    async def _event_message(
+    async def event_message(
         self, event: Queued | Progress | Preview, previews: generation_pb2.PreviewOptions
     ) -> generation_pb2.GenerateStreamResponse:
         if isinstance(event, Queued):

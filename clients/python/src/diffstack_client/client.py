@@ -124,6 +124,54 @@ class DiffstackClient:
         )
         return _events(call)
 
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    def submit_job(
+        self,
+        prompt: str,
+        *,
+        idempotency_key: str = "",
+        previews: bool = False,
+        image_format: ImageFormatName = "png",
+        **params: Unpack[SpecParams],
+    ) -> str:
+        """Queue a job that runs whether or not anyone watches; returns its id. Submitting again with
+        the same ``idempotency_key`` returns the same job (it never runs twice)."""
+        request = generation_pb2.SubmitJobRequest(
+            request=generation_pb2.GenerateStreamRequest(
+                spec=build_spec(prompt, params),
+                output=output_options(image_format, None, None, False),
+                previews=preview_options(previews, 0, "jpeg"),
+            ),
+            idempotency_key=idempotency_key,
+        )
+        return str(self._call(self._generation.SubmitJob, request).job_id)
+
+    def watch_job(self, job_id: str, *, from_now: bool = False) -> Generator[Event, None, None]:
+        """The job's events from its start (or from now) until it ends, ``Finished`` last; a failed
+        job raises its error. Stopping early leaves the job running."""
+        call = self._generation.WatchJob(
+            generation_pb2.WatchJobRequest(job_id=job_id, from_now=from_now),
+            timeout=self.timeout,
+            metadata=self._key,
+        )
+        return _events(call)
+
+    def cancel_job(self, job_id: str) -> str:
+        """Cancel the job; returns its state name after the call (e.g. ``JOB_STATE_CANCELLED``)."""
+        response = self._call(self._generation.CancelJob, generation_pb2.CancelJobRequest(job_id=job_id))
+        return generation_pb2.JobState.Name(response.state)
+
+    def list_jobs(self) -> list[generation_pb2.JobInfo]:
+        """This caller's jobs the server still keeps, oldest first, with queue positions."""
+        return list(self._call(self._generation.ListJobs, generation_pb2.ListJobsRequest()).jobs)
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._key)
+        except grpc.RpcError as error:
+            raise ServiceError.from_rpc_error(error) from error
+
     # -- diagnostics ---------------------------------------------------------------------------------
 
     def plugins(self) -> list[Plugin]:
@@ -223,6 +271,8 @@ def _events(call: Any) -> Generator[Event, None, None]:
         for message in call:
             if not request_id:
                 request_id = metadata_value(call.initial_metadata(), REQUEST_ID_HEADER)
+            if isinstance(message, generation_pb2.WatchJobResponse):
+                message = message.event
             yield event_from_message(message, request_id)
     except grpc.RpcError as error:
         raise ServiceError.from_rpc_error(error) from error

@@ -25,29 +25,49 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as diffstack_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64iffstack/v1/generation.proto\x12\x0c\x64iffstack.v1\x1a\x18\x64iffstack/v1/types.proto\"j\n\x0fGenerateRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.diffstack.v1.GenerationSpec\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x1b.diffstack.v1.OutputOptions\"B\n\x10GenerateResponse\x12.\n\x06result\x18\x01 \x01(\x0b\x32\x1e.diffstack.v1.GenerationResult\"\xa0\x01\n\x15GenerateStreamRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.diffstack.v1.GenerationSpec\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x1b.diffstack.v1.OutputOptions\x12.\n\x08previews\x18\x03 \x01(\x0b\x32\x1c.diffstack.v1.PreviewOptions\"^\n\x0ePreviewOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x10\n\x08max_side\x18\x02 \x01(\r\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.diffstack.v1.ImageFormat\"\xe0\x01\n\x16GenerateStreamResponse\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x19.diffstack.v1.QueuedEventH\x00\x12/\n\x08progress\x18\x02 \x01(\x0b\x32\x1b.diffstack.v1.ProgressEventH\x00\x12-\n\x07preview\x18\x03 \x01(\x0b\x32\x1a.diffstack.v1.PreviewEventH\x00\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x1e.diffstack.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x1f\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\r\",\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\"A\n\x0cPreviewEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.diffstack.v1.Image2\xbd\x01\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.diffstack.v1.GenerateRequest\x1a\x1e.diffstack.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.diffstack.v1.GenerateStreamRequest\x1a$.diffstack.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64iffstack/v1/generation.proto\x12\x0c\x64iffstack.v1\x1a\x18\x64iffstack/v1/types.proto\"a\n\x10SubmitJobRequest\x12\x34\n\x07request\x18\x01 \x01(\x0b\x32#.diffstack.v1.GenerateStreamRequest\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"4\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"3\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_now\x18\x02 \x01(\x08\"G\n\x10WatchJobResponse\x12\x33\n\x05\x65vent\x18\x01 \x01(\x0b\x32$.diffstack.v1.GenerateStreamResponse\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x11\x43\x61ncelJobResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.diffstack.v1.JobState\"\x11\n\x0fListJobsRequest\"7\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.diffstack.v1.JobInfo\"\x9f\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.diffstack.v1.JobState\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x14\n\x0csubmitted_at\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"j\n\x0fGenerateRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.diffstack.v1.GenerationSpec\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x1b.diffstack.v1.OutputOptions\"B\n\x10GenerateResponse\x12.\n\x06result\x18\x01 \x01(\x0b\x32\x1e.diffstack.v1.GenerationResult\"\xa0\x01\n\x15GenerateStreamRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.diffstack.v1.GenerationSpec\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x1b.diffstack.v1.OutputOptions\x12.\n\x08previews\x18\x03 \x01(\x0b\x32\x1c.diffstack.v1.PreviewOptions\"^\n\x0ePreviewOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x10\n\x08max_side\x18\x02 \x01(\r\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.diffstack.v1.ImageFormat\"\xe0\x01\n\x16GenerateStreamResponse\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x19.diffstack.v1.QueuedEventH\x00\x12/\n\x08progress\x18\x02 \x01(\x0b\x32\x1b.diffstack.v1.ProgressEventH\x00\x12-\n\x07preview\x18\x03 \x01(\x0b\x32\x1a.diffstack.v1.PreviewEventH\x00\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x1e.diffstack.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x1f\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\r\",\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\"A\n\x0cPreviewEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.diffstack.v1.Image*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xf1\x03\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.diffstack.v1.GenerateRequest\x1a\x1e.diffstack.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.diffstack.v1.GenerateStreamRequest\x1a$.diffstack.v1.GenerateStreamResponse0\x01\x12L\n\tSubmitJob\x12\x1e.diffstack.v1.SubmitJobRequest\x1a\x1f.diffstack.v1.SubmitJobResponse\x12K\n\x08WatchJob\x12\x1d.diffstack.v1.WatchJobRequest\x1a\x1e.diffstack.v1.WatchJobResponse0\x01\x12L\n\tCancelJob\x12\x1e.diffstack.v1.CancelJobRequest\x1a\x1f.diffstack.v1.CancelJobResponse\x12I\n\x08ListJobs\x12\x1d.diffstack.v1.ListJobsRequest\x1a\x1e.diffstack.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffstack.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=73
-  _globals['_GENERATEREQUEST']._serialized_end=179
-  _globals['_GENERATERESPONSE']._serialized_start=181
-  _globals['_GENERATERESPONSE']._serialized_end=247
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=250
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=410
-  _globals['_PREVIEWOPTIONS']._serialized_start=412
-  _globals['_PREVIEWOPTIONS']._serialized_end=506
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=509
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=733
-  _globals['_QUEUEDEVENT']._serialized_start=735
-  _globals['_QUEUEDEVENT']._serialized_end=766
-  _globals['_PROGRESSEVENT']._serialized_start=768
-  _globals['_PROGRESSEVENT']._serialized_end=812
-  _globals['_PREVIEWEVENT']._serialized_start=814
-  _globals['_PREVIEWEVENT']._serialized_end=879
-  _globals['_GENERATIONSERVICE']._serialized_start=882
-  _globals['_GENERATIONSERVICE']._serialized_end=1071
+  _globals['_JOBSTATE']._serialized_start=1495
+  _globals['_JOBSTATE']._serialized_end=1649
+  _globals['_SUBMITJOBREQUEST']._serialized_start=73
+  _globals['_SUBMITJOBREQUEST']._serialized_end=170
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=172
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=224
+  _globals['_WATCHJOBREQUEST']._serialized_start=226
+  _globals['_WATCHJOBREQUEST']._serialized_end=277
+  _globals['_WATCHJOBRESPONSE']._serialized_start=279
+  _globals['_WATCHJOBRESPONSE']._serialized_end=350
+  _globals['_CANCELJOBREQUEST']._serialized_start=352
+  _globals['_CANCELJOBREQUEST']._serialized_end=386
+  _globals['_CANCELJOBRESPONSE']._serialized_start=388
+  _globals['_CANCELJOBRESPONSE']._serialized_end=446
+  _globals['_LISTJOBSREQUEST']._serialized_start=448
+  _globals['_LISTJOBSREQUEST']._serialized_end=465
+  _globals['_LISTJOBSRESPONSE']._serialized_start=467
+  _globals['_LISTJOBSRESPONSE']._serialized_end=522
+  _globals['_JOBINFO']._serialized_start=525
+  _globals['_JOBINFO']._serialized_end=684
+  _globals['_GENERATEREQUEST']._serialized_start=686
+  _globals['_GENERATEREQUEST']._serialized_end=792
+  _globals['_GENERATERESPONSE']._serialized_start=794
+  _globals['_GENERATERESPONSE']._serialized_end=860
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=863
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1023
+  _globals['_PREVIEWOPTIONS']._serialized_start=1025
+  _globals['_PREVIEWOPTIONS']._serialized_end=1119
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1122
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1346
+  _globals['_QUEUEDEVENT']._serialized_start=1348
+  _globals['_QUEUEDEVENT']._serialized_end=1379
+  _globals['_PROGRESSEVENT']._serialized_start=1381
+  _globals['_PROGRESSEVENT']._serialized_end=1425
+  _globals['_PREVIEWEVENT']._serialized_start=1427
+  _globals['_PREVIEWEVENT']._serialized_end=1492
+  _globals['_GENERATIONSERVICE']._serialized_start=1652
+  _globals['_GENERATIONSERVICE']._serialized_end=2149
 # @@protoc_insertion_point(module_scope)

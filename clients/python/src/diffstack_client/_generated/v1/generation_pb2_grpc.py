@@ -45,6 +45,26 @@ class GenerationServiceStub:
                 request_serializer=diffstack_dot_v1_dot_generation__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=diffstack_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/diffstack.v1.GenerationService/SubmitJob',
+                request_serializer=diffstack_dot_v1_dot_generation__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_generation__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/diffstack.v1.GenerationService/WatchJob',
+                request_serializer=diffstack_dot_v1_dot_generation__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_generation__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/diffstack.v1.GenerationService/CancelJob',
+                request_serializer=diffstack_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_generation__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/diffstack.v1.GenerationService/ListJobs',
+                request_serializer=diffstack_dot_v1_dot_generation__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_generation__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -65,6 +85,36 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """SubmitJob queues a request as a job that runs whether or not anyone watches; the same
+        idempotency key (per caller) returns the same job and never runs twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """WatchJob streams a job's events, from its start or from now, until it ends (a dropped
+        connection loses nothing: watch again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """CancelJob stops a job: taken out of the queue, or stopped at its next step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """ListJobs lists the caller's jobs that the server still keeps, with queue positions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +127,26 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=diffstack_dot_v1_dot_generation__pb2.GenerateStreamRequest.FromString,
                     response_serializer=diffstack_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=diffstack_dot_v1_dot_generation__pb2.SubmitJobRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_generation__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=diffstack_dot_v1_dot_generation__pb2.WatchJobRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_generation__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=diffstack_dot_v1_dot_generation__pb2.CancelJobRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_generation__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=diffstack_dot_v1_dot_generation__pb2.ListJobsRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_generation__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +204,114 @@ class GenerationService:
             '/diffstack.v1.GenerationService/GenerateStream',
             diffstack_dot_v1_dot_generation__pb2.GenerateStreamRequest.SerializeToString,
             diffstack_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffstack.v1.GenerationService/SubmitJob',
+            diffstack_dot_v1_dot_generation__pb2.SubmitJobRequest.SerializeToString,
+            diffstack_dot_v1_dot_generation__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/diffstack.v1.GenerationService/WatchJob',
+            diffstack_dot_v1_dot_generation__pb2.WatchJobRequest.SerializeToString,
+            diffstack_dot_v1_dot_generation__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffstack.v1.GenerationService/CancelJob',
+            diffstack_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
+            diffstack_dot_v1_dot_generation__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffstack.v1.GenerationService/ListJobs',
+            diffstack_dot_v1_dot_generation__pb2.ListJobsRequest.SerializeToString,
+            diffstack_dot_v1_dot_generation__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

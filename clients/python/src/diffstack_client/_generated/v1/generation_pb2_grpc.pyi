@@ -37,6 +37,18 @@ class GenerationServiceStub:
     """Generate runs one request to completion and returns its images."""
     GenerateStream: _grpc.UnaryStreamMultiCallable[_generation_pb2.GenerateStreamRequest, _generation_pb2.GenerateStreamResponse]
     """GenerateStream runs one request and streams its queue position, progress, previews and result."""
+    SubmitJob: _grpc.UnaryUnaryMultiCallable[_generation_pb2.SubmitJobRequest, _generation_pb2.SubmitJobResponse]
+    """SubmitJob queues a request as a job that runs whether or not anyone watches; the same
+    idempotency key (per caller) returns the same job and never runs twice.
+    """
+    WatchJob: _grpc.UnaryStreamMultiCallable[_generation_pb2.WatchJobRequest, _generation_pb2.WatchJobResponse]
+    """WatchJob streams a job's events, from its start or from now, until it ends (a dropped
+    connection loses nothing: watch again).
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CancelJobRequest, _generation_pb2.CancelJobResponse]
+    """CancelJob stops a job: taken out of the queue, or stopped at its next step."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListJobsRequest, _generation_pb2.ListJobsResponse]
+    """ListJobs lists the caller's jobs that the server still keeps, with queue positions."""
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -47,6 +59,18 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     """Generate runs one request to completion and returns its images."""
     GenerateStream: _aio.UnaryStreamMultiCallable[_generation_pb2.GenerateStreamRequest, _generation_pb2.GenerateStreamResponse]  # type: ignore[assignment]
     """GenerateStream runs one request and streams its queue position, progress, previews and result."""
+    SubmitJob: _aio.UnaryUnaryMultiCallable[_generation_pb2.SubmitJobRequest, _generation_pb2.SubmitJobResponse]  # type: ignore[assignment]
+    """SubmitJob queues a request as a job that runs whether or not anyone watches; the same
+    idempotency key (per caller) returns the same job and never runs twice.
+    """
+    WatchJob: _aio.UnaryStreamMultiCallable[_generation_pb2.WatchJobRequest, _generation_pb2.WatchJobResponse]  # type: ignore[assignment]
+    """WatchJob streams a job's events, from its start or from now, until it ends (a dropped
+    connection loses nothing: watch again).
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_generation_pb2.CancelJobRequest, _generation_pb2.CancelJobResponse]  # type: ignore[assignment]
+    """CancelJob stops a job: taken out of the queue, or stopped at its next step."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListJobsRequest, _generation_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """ListJobs lists the caller's jobs that the server still keeps, with queue positions."""
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     """GenerationService generates images; requests with compatible settings are batched together."""
@@ -66,5 +90,41 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateStreamResponse], _abc.AsyncIterator[_generation_pb2.GenerateStreamResponse]]:
         """GenerateStream runs one request and streams its queue position, progress, previews and result."""
+
+    @_abc_1.abstractmethod
+    def SubmitJob(
+        self,
+        request: _generation_pb2.SubmitJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.SubmitJobResponse, _abc.Awaitable[_generation_pb2.SubmitJobResponse]]:
+        """SubmitJob queues a request as a job that runs whether or not anyone watches; the same
+        idempotency key (per caller) returns the same job and never runs twice.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _generation_pb2.WatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_pb2.WatchJobResponse], _abc.AsyncIterator[_generation_pb2.WatchJobResponse]]:
+        """WatchJob streams a job's events, from its start or from now, until it ends (a dropped
+        connection loses nothing: watch again).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _generation_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.CancelJobResponse, _abc.Awaitable[_generation_pb2.CancelJobResponse]]:
+        """CancelJob stops a job: taken out of the queue, or stopped at its next step."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _generation_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.ListJobsResponse, _abc.Awaitable[_generation_pb2.ListJobsResponse]]:
+        """ListJobs lists the caller's jobs that the server still keeps, with queue positions."""
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
