@@ -94,6 +94,44 @@ def test_node_demo_reports_an_unreachable_target_in_one_line() -> None:
     assert failed.stderr.count("\n") == 1, failed.stderr
 
 
+INPAINT_SCRIPT = """
+import { connect, imageFile, statusDetails } from "./src/client.js";
+const [target, dir] = process.argv.slice(1);
+const client = connect(target, { timeoutMs: 60000 });
+const spec = { prompt: "a", steps: 2, strength: 1.0, seeds: ["1"], init_image: imageFile(`${dir}/init.png`) };
+const { result } = await client.generate({ spec: { ...spec, mask: imageFile(`${dir}/mask.png`) } });
+const refused = await client.generate({ spec: { ...spec, mask: imageFile(`${dir}/small.png`) } })
+  .then(() => ({}), (error) => statusDetails(error).violations);
+console.log(JSON.stringify({ width: result.images[0].image.width, refused: Object.keys(refused) }));
+client.close();
+"""
+
+
+@pytest.mark.slow
+def test_node_client_inpaints_with_a_mask_and_sees_a_bad_one_refused(tmp_path: Path) -> None:
+    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
+        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    Image.new("L", (32, 64), 255).save(tmp_path / "small.png")
+    settings = load_settings(
+        server={"port": 0, "metrics_port": 0},
+        plugins={"allow": list(BASELINE_PLUGINS)},
+        engine={"warmup_steps": 0},
+    )
+    with BackgroundServer(settings) as server:
+        finished = subprocess.run(
+            ["node", "--input-type=module", "-e", INPAINT_SCRIPT, server.target, str(tmp_path)],
+            cwd=NODE_CLIENT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary == {"width": 64, "refused": ["spec.mask"]}
+
+
 LIFECYCLE_SCRIPT = """
 import { connect } from "./src/client.js";
 const [target, token] = process.argv.slice(1);

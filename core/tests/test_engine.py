@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
 from diffstack.engine.samplers import SAMPLERS
-from diffstack.errors import Cancelled
+from diffstack.errors import Cancelled, InvalidRequest
 from diffstack.types import Family
 
 
@@ -162,3 +162,31 @@ def test_a_custom_schedule_reaches_a_flow_matching_sampler_without_its_final_zer
     assert seen == [4, 4, 4, 4]
     sigmas = flux.model("tiny-flux").pipeline.scheduler.sigmas
     assert len(sigmas) == 5 and float(sigmas[-1]) == 0.0
+
+
+@pytest.mark.parametrize("family", [f for f in Family if f is not Family.FLUX])
+def test_inpainting_repaints_only_the_white_part_of_the_mask(engine: Engine, family: Family) -> None:
+    """Two seeds differ where the mask is white and agree where it is black (the UNet families' plain
+    denoisers, through diffusers' inpainting pipelines, which blend the kept latents back each step)."""
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half, keep the right
+    a, b = (
+        pixels(
+            generate(
+                engine, model=f"tiny-{family.value}", init_image=init, mask=mask, strength=1.0, seeds=(seed,)
+            )
+        )
+        for seed in (1, 2)
+    )
+    repainted = np.abs(a[:, :24] - b[:, :24]).mean()
+    kept = np.abs(a[:, 40:] - b[:, 40:]).mean()
+    assert kept < repainted / 4
+
+
+def test_a_mask_needs_an_init_image_of_its_size(engine: Engine) -> None:
+    mask = Image.new("L", (64, 64), 255)
+    with pytest.raises(InvalidRequest, match="needs an init_image"):
+        engine.prepare(GenerationRequest("a", mask=mask))
+    with pytest.raises(InvalidRequest, match="is 64x64 but init_image is 32x64"):
+        engine.prepare(GenerationRequest("a", mask=mask, init_image=Image.new("RGB", (32, 64))))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,6 +29,7 @@ from diffstack_client import (
     Progress,
     Queued,
     ServiceError,
+    outpaint,
 )
 from diffstack_client.v1 import diagnostics_pb2, generation_pb2
 from diffstack_server import BackgroundServer
@@ -66,6 +68,33 @@ def test_generate_image_to_image(client: DiffstackClient) -> None:
     start = Image.new("RGB", (64, 64), (200, 30, 30))
     result = client.generate("a red square", steps=4, strength=0.5, init_image=start, seed=5)
     assert result.images[0].to_pil().size == (64, 64)
+
+
+def test_outpaint_through_the_client_keeps_the_picture_and_fills_the_padding(client: DiffstackClient) -> None:
+    start = Image.new("RGB", (32, 64), (200, 30, 30))
+    padded, mask = outpaint(start, right=32)
+    assert padded.size == mask.size == (64, 64)
+    a, b = (
+        np.asarray(
+            client.generate("a", steps=4, strength=1.0, init_image=padded, mask=mask, seed=s)
+            .images[0]
+            .to_pil(),
+            dtype=np.int16,
+        )
+        for s in (1, 2)
+    )
+    assert np.abs(a[:, :24] - b[:, :24]).mean() < np.abs(a[:, 40:] - b[:, 40:]).mean() / 4
+
+
+def test_a_mask_of_another_size_is_refused_naming_the_field(client: DiffstackClient) -> None:
+    start = Image.new("RGB", (64, 64))
+    with pytest.raises(ServiceError) as failure:
+        client.generate("a", steps=1, init_image=start, mask=Image.new("L", (32, 64)))
+    assert failure.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.mask" in failure.value.violations
+    with pytest.raises(ServiceError) as failure:
+        client.generate("a", steps=1, init_image=start, mask=b"not an image")
+    assert "spec.mask" in failure.value.violations
 
 
 def test_request_id_from_client_is_echoed(client: DiffstackClient) -> None:

@@ -7,6 +7,7 @@
  *   const client = connect("127.0.0.1:50051");
  *   const response = await client.generate({ spec: { prompt: "a small red circle at the top left", steps: 20 } });
  */
+import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 
@@ -160,6 +161,17 @@ export function statusDetails(error) {
     }
   }
   return found;
+}
+
+/**
+ * An `Image` message for a request's `init_image` or `mask` from a PNG, JPEG or WebP file
+ * (the server detects the format from the bytes).
+ *
+ * @param {string} file the picture's path
+ * @returns {{data: Buffer}}
+ */
+export function imageFile(file) {
+  return { data: readFileSync(file) };
 }
 
 export { grpc };

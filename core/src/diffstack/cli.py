@@ -347,6 +347,11 @@ def _add_generate(commands: Subcommands) -> None:
     )
     generate.add_argument("--init-image", type=Path, help="img2img: start from this picture")
     generate.add_argument(
+        "--mask",
+        type=Path,
+        help="inpaint: repaint the white parts of --init-image (same size; pad to outpaint)",
+    )
+    generate.add_argument(
         "--strength",
         type=float,
         help="img2img: how much to change the --init-image, in (0, 1] (default: %(request_default)s)",
@@ -427,6 +432,8 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidRequest(violations)
     if args.init_image:
         fields["init_image"] = _open_image(args.init_image)
+    if args.mask:
+        fields["mask"] = _open_image(args.mask, "mask")
     return fields
 
 
@@ -556,15 +563,15 @@ def stack_summary(stack: Mapping[str, Sequence[str]]) -> str:
     return "; ".join(parts)
 
 
-def _open_image(path: Path) -> Image.Image:
-    """The init image, or an InvalidRequest naming the flag when it cannot be read as a picture."""
+def _open_image(path: Path, field: str = "init_image") -> Image.Image:
+    """The picture for ``field``, or an InvalidRequest naming it when it cannot be read as one."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidRequest(FieldViolation("init_image", f"cannot read {path}: {exc}")) from exc
+        raise InvalidRequest(FieldViolation(field, f"cannot read {path}: {exc}")) from exc
 
 
 def _wrapper(spec: str) -> tuple[str, dict[str, Any]]:

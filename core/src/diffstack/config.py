@@ -145,13 +145,14 @@ class Limits(_Section):
 
     @property
     def request_message_bytes(self) -> int:
-        """The largest legitimate request: an init image of ``max_pixels`` (raw RGB is 3 bytes a pixel;
-        half again for encoded formats), a prompt and a negative prompt of ``max_prompt_bytes``, and
-        64 KiB for every other field. With the defaults: 4.5 MiB + 8 KB + 64 KiB ≈ 4.6 MiB (was 64 MiB)."""
+        """The largest legitimate request: an init image and its inpainting mask of ``max_pixels`` each
+        (raw RGB is 3 bytes a pixel; half again for encoded formats), a prompt and a negative prompt of
+        ``max_prompt_bytes``, and 64 KiB for every other field. With the defaults: 2 × 4.5 MiB + 8 KB +
+        64 KiB ≈ 9.1 MiB (was 64 MiB)."""
         if self.max_message_bytes is not None:
             return self.max_message_bytes
         image = int(self.max_pixels * 3 * _IMAGE_FORMAT_SLACK)
-        return image + 2 * self.max_prompt_bytes + _OTHER_FIELDS_BYTES
+        return 2 * image + 2 * self.max_prompt_bytes + _OTHER_FIELDS_BYTES
 
     @property
     def response_message_bytes(self) -> int:

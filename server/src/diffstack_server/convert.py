@@ -67,6 +67,8 @@ def request_from_spec(spec: types_pb2.GenerationSpec, limits: Limits) -> Generat
             fields[optional] = getattr(spec, optional)
     if spec.HasField("init_image"):
         fields["init_image"] = decode_image(spec.init_image, limits, field=f"{SPEC}.init_image")
+    if spec.HasField("mask"):
+        fields["mask"] = decode_image(spec.mask, limits, field=f"{SPEC}.mask")
     return GenerationRequest(**fields)
 
 

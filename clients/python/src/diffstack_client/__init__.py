@@ -20,6 +20,7 @@ from diffstack_client._common import (
     Queued,
     ServiceError,
     SpecParams,
+    outpaint,
     tls_credentials,
 )
 from diffstack_client.aio import AsyncDiffstackClient
@@ -58,5 +59,6 @@ __all__ = [
     "SpecParams",
     "StackReport",
     "WrapperSchema",
+    "outpaint",
     "tls_credentials",
 ]

@@ -53,7 +53,22 @@ class SpecParams(TypedDict, total=False):
     num_images: int
     init_image: bytes | str | Path | PILImage.Image
     strength: float
+    mask: bytes | str | Path | PILImage.Image
     wrappers: Mapping[str, Mapping[str, OptionScalar]]
+
+
+_SCALAR_FIELDS = (
+    "model",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "sampler",
+    "schedule",
+    "num_images",
+    "strength",
+)
 
 
 def build_spec(prompt: str, params: SpecParams) -> types_pb2.GenerationSpec:
@@ -62,25 +77,42 @@ def build_spec(prompt: str, params: SpecParams) -> types_pb2.GenerationSpec:
     if unknown:
         raise TypeError(f"unknown generation parameters: {', '.join(sorted(unknown))}")
     spec = types_pb2.GenerationSpec(prompt=prompt)
-    for name in ("model", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "schedule"):
+    for name in _SCALAR_FIELDS:
         if name in params:
-            setattr(spec, name, params[name])
-    if "num_images" in params:
-        spec.num_images = params["num_images"]
-    if "strength" in params:
-        spec.strength = params["strength"]
+            setattr(spec, name, params[name])  # type: ignore[literal-required]
     seeds = list(params.get("seeds", ()))
     if "seed" in params:
         seeds.insert(0, params["seed"])
     spec.seeds.extend(seeds)
-    if "init_image" in params:
-        spec.init_image.CopyFrom(_image_message(params["init_image"]))
+    for name in ("init_image", "mask"):
+        if name in params:
+            getattr(spec, name).CopyFrom(_image_message(params[name]))  # type: ignore[literal-required]
     for name, options in params.get("wrappers", {}).items():
         wrapper = spec.wrappers[name]
         wrapper.SetInParent()
         for key, value in options.items():
             wrapper.options[key].CopyFrom(_option(value))
     return spec
+
+
+def outpaint(
+    image: PILImage.Image, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0
+) -> tuple[PILImage.Image, PILImage.Image]:
+    """``image`` padded by the given pixels on each side and the mask that repaints only the padding:
+    pass them as ``init_image`` and ``mask`` (with ``strength=1.0``) to outpaint. The padding starts as
+    the image's mean colour, so the model continues the picture rather than a black frame."""
+    from PIL import Image, ImageStat
+
+    if min(left, top, right, bottom) < 0:
+        raise ValueError("padding must not be negative")
+    rgb = image.convert("RGB")
+    mean = tuple(round(channel) for channel in ImageStat.Stat(rgb).mean)
+    size = (rgb.width + left + right, rgb.height + top + bottom)
+    padded = Image.new("RGB", size, mean)
+    padded.paste(rgb, (left, top))
+    mask = Image.new("L", size, 255)
+    mask.paste(0, (left, top, left + rgb.width, top + rgb.height))
+    return padded, mask
 
 
 def _option(value: OptionScalar) -> types_pb2.OptionValue:

@@ -343,6 +343,7 @@ class Engine:
             request.schedule,
             wrappers,
             request.init_image is not None,
+            request.mask is not None,
             request.strength if request.init_image is not None else None,
         )
 

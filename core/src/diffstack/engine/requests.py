@@ -37,6 +37,8 @@ class GenerationRequest:
     num_images: int = 1
     init_image: Image.Image | None = None
     strength: float = 0.75
+    mask: Image.Image | None = None
+    """Inpainting: white repaints, black keeps ``init_image``; the same size as it (grey levels blend)."""
     wrappers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Denoiser wrappers to enable, by name, with per-request options (within the server's policy)."""
 

@@ -97,7 +97,7 @@ def _attempt(
     try:
         embeddings = _encode(model, jobs, reference)
         encoded = time.perf_counter()
-        pipeline = _pipeline_for(model, request.init_image is not None)
+        pipeline = _pipeline_for(model, request.init_image is not None, request.mask is not None)
         sampler = SAMPLERS[request.sampler]
         scheduler = sampler.build(model.scheduler_config)
         pipeline.scheduler = scheduler
@@ -147,12 +147,16 @@ def _encode(model: LoadedModel, jobs: Sequence[GenerationJob], reference: bool) 
     return batch_embeddings(per_image)
 
 
-def _pipeline_for(model: LoadedModel, img2img: bool) -> Pipeline:
+def _pipeline_for(model: LoadedModel, img2img: bool, inpaint: bool) -> Pipeline:
+    """The text-to-image pipeline, or its image-to-image or inpainting sibling on the same modules
+    (the inpainting pipelines also take a model's plain denoiser: they blend the kept latents in)."""
     if not img2img:
         return model.pipeline
-    from diffusers import AutoPipelineForImage2Image  # slow to import; only img2img needs it
+    # slow to import; only image input needs them
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-    pipeline = AutoPipelineForImage2Image.from_pipe(model.pipeline)
+    auto = AutoPipelineForInpainting if inpaint else AutoPipelineForImage2Image
+    pipeline = auto.from_pipe(model.pipeline)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -182,7 +186,10 @@ def _image_arguments(jobs: Sequence[GenerationJob]) -> dict[str, Any]:
     if first.init_image is None:
         return {}
     images = [job.request.init_image for job in jobs for _ in range(job.request.num_images)]
-    return {"image": images, "strength": first.strength}
+    arguments = {"image": images, "strength": first.strength}
+    if first.mask is not None:
+        arguments["mask_image"] = [job.request.mask for job in jobs for _ in range(job.request.num_images)]
+    return arguments
 
 
 @contextlib.contextmanager

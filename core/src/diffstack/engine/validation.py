@@ -28,10 +28,13 @@ def prepare_request(request: GenerationRequest, model: LoadedModel, limits: Limi
     violations = [violation for check in CHECKS for violation in check(resolved, model, limits)]
     if violations:
         raise InvalidRequest(violations)
-    init_image = resolved.init_image
+    size = (resolved.width, resolved.height)
+    init_image, mask = resolved.init_image, resolved.mask
     if init_image is not None:
-        init_image = init_image.convert("RGB").resize((resolved.width, resolved.height))
-    return replace(resolved, init_image=init_image, seeds=_seeds(resolved))
+        init_image = init_image.convert("RGB").resize(size)
+    if mask is not None:
+        mask = mask.convert("L").resize(size)
+    return replace(resolved, init_image=init_image, mask=mask, seeds=_seeds(resolved))
 
 
 def with_defaults(request: GenerationRequest, model: LoadedModel, limits: Limits) -> GenerationRequest:
@@ -154,6 +157,17 @@ def _check_strength(
         )
 
 
+def _check_mask(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    """A mask says what of ``init_image`` to repaint, so it needs one of the same size."""
+    if request.mask is None:
+        return
+    if request.init_image is None:
+        yield FieldViolation("mask", "a mask needs an init_image to repaint (pad it to outpaint)")
+    elif request.mask.size != request.init_image.size:
+        (mw, mh), (iw, ih) = request.mask.size, request.init_image.size
+        yield FieldViolation("mask", f"is {mw}x{mh} but init_image is {iw}x{ih}; they must match")
+
+
 def _check_cost(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
     """Steps × pixels × images, once each factor is within its own limit (else that one is named)."""
     pixels = request.width * request.height
@@ -243,6 +257,7 @@ CHECKS: tuple[Check, ...] = (
     _check_sampler,
     _check_images,
     _check_strength,
+    _check_mask,
     _check_cost,
     _check_wrappers,
     _check_schedule,

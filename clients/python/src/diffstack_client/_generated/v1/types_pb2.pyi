@@ -126,6 +126,7 @@ class GenerationSpec(_message.Message):
     INIT_IMAGE_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
     WRAPPERS_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name as ListModels reports it; empty for the server's default model."""
     prompt: _builtins.str
@@ -160,6 +161,13 @@ class GenerationSpec(_message.Message):
     def wrappers(self) -> _containers.MessageMap[_builtins.str, Global___WrapperOptions]:
         """Denoiser wrappers to enable for this request (e.g. "deepcache"), each with its options, within the server's policy."""
 
+    @_builtins.property
+    def mask(self) -> Global___Image:
+        """Inpainting: which parts of init_image to repaint (white) and which to keep (black), the same
+        size as init_image, in any image format (read as grey levels); needs init_image. Outpainting is
+        inpainting of a padded init_image whose mask is white over the padding.
+        """
+
     def __init__(
         self,
         *,
@@ -177,10 +185,11 @@ class GenerationSpec(_message.Message):
         init_image: Global___Image | None = ...,
         strength: _builtins.float | None = ...,
         wrappers: _abc.Mapping[_builtins.str, Global___WrapperOptions] | None = ...,
+        mask: Global___Image | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "init_image", b"init_image", "strength", b"strength"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "init_image", b"init_image", "mask", b"mask", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "height", b"height", "init_image", b"init_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "sampler", b"sampler", "schedule", b"schedule", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "width", b"width", "wrappers", b"wrappers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "height", b"height", "init_image", b"init_image", "mask", b"mask", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "sampler", b"sampler", "schedule", b"schedule", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "width", b"width", "wrappers", b"wrappers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
