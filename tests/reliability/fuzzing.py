@@ -33,8 +33,14 @@ LIST_METHODS = (
     "/diffstack.v1.DiagnosticsService/ListPlugins",
     "/diffstack.v1.DiagnosticsService/ListModels",
     "/diffstack.v1.DiagnosticsService/GetStats",
+    "/diffstack.v1.DiagnosticsService/FreeMemory",
+    "/diffstack.v1.GenerationService/ListJobs",
 )
-STREAMING = frozenset({GENERATE_STREAM})
+SUBMIT_JOB = "/diffstack.v1.GenerationService/SubmitJob"
+WATCH_JOB = "/diffstack.v1.GenerationService/WatchJob"
+CANCEL_JOB = "/diffstack.v1.GenerationService/CancelJob"
+MODEL_METHODS = ("/diffstack.v1.DiagnosticsService/LoadModel", "/diffstack.v1.DiagnosticsService/UnloadModel")
+STREAMING = frozenset({GENERATE_STREAM, WATCH_JOB})
 
 UINT32 = 2**32 - 1
 UINT64 = 2**64 - 1
@@ -239,7 +245,7 @@ def calls() -> st.SearchStrategy[Call]:
         st.builds(Call, st.sampled_from([GENERATE, GENERATE_STREAM]), damaged(generate_payloads), deadlines),
         st.builds(
             Call,
-            st.sampled_from([GENERATE, GENERATE_STREAM, *LIST_METHODS]),
+            st.sampled_from([GENERATE, GENERATE_STREAM, SUBMIT_JOB, WATCH_JOB, CANCEL_JOB, *LIST_METHODS]),
             st.binary(max_size=64),
             deadlines,
         ),
@@ -250,6 +256,18 @@ def calls() -> st.SearchStrategy[Call]:
             deadlines,
         ),
         st.builds(Call, st.sampled_from(LIST_METHODS), st.just(b""), deadlines),
+        st.builds(
+            Call,
+            st.sampled_from([WATCH_JOB, CANCEL_JOB]),
+            st.builds(lambda j: generation_pb2.CancelJobRequest(job_id=j).SerializeToString(), model_names),
+            deadlines,
+        ),
+        st.builds(
+            Call,
+            st.sampled_from(MODEL_METHODS),
+            st.builds(lambda m: diagnostics_pb2.LoadModelRequest(model=m).SerializeToString(), model_names),
+            deadlines,
+        ),
     )
 
 

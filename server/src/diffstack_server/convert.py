@@ -229,7 +229,7 @@ def _wrapper_schema(name: str, offer: DenoiserWrapperOffer) -> diagnostics_pb2.W
     description = offer.description
     try:
         options = option_schema(offer.options) if offer.options is not None else ()
-    except TypeError as exc:  # a declaration the schema cannot describe is reported, never fatal
+    except Exception as exc:  # a declaration the schema cannot describe is reported, never fatal
         options, description = (), f"{description} (its options have no schema: {exc})".strip()
     return diagnostics_pb2.WrapperSchema(
         wrapper=name, description=description, options=[_option_schema(o) for o in options]
