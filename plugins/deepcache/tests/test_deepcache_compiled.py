@@ -12,6 +12,8 @@ from torch._dynamo.utils import counters
 from diffstack_deepcache import _apply
 from diffstack_deepcache.compiled import COMPILE_LIKE, CompiledDeepCacheHandle
 
+pytestmark = pytest.mark.slow  # torch.compile on a CPU: tens of seconds
+
 
 def inputs(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A step's UNet inputs (a CFG batch of 2), the timestep as the compile offer hands it on."""

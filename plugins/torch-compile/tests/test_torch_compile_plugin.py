@@ -210,6 +210,7 @@ def test_the_recompile_limit_is_raised_never_lowered() -> None:
         config.recompile_limit = before
 
 
+@pytest.mark.slow
 def test_wrappers_compile_their_own_variant_with_the_offer_s_settings(monkeypatch, tmp_path: Path) -> None:
     """DeepCache on the offer's module compiles its copy through ``diffstack_compile_like``."""
     from diffstack_deepcache.compiled import CompiledDeepCacheHandle
