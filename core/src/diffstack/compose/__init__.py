@@ -68,7 +68,7 @@ def compose_stack(
     reference = model.denoise()
     sigmas = compose_sigmas(host, model, settings)
     encoder = compose_encoder(host, model, settings)
-    wrappers = compose_wrappers(host, model, settings, reference)
+    wrappers = compose_wrappers(host, model, settings)
     compiled = compose_compile(host, model, settings, reference)
     return ComposedStack(
         slots=(attention.report, sigmas.report, encoder.report, wrappers.report, compiled.report),

@@ -11,6 +11,7 @@ import torch
 from diffstack.compose.slots import ModelUnderTest, SlotRecorder, build_guard, valid_offers
 from diffstack.config import ComposeSettings
 from diffstack.plugins import Failure, PluginHost
+from diffstack.timing import relative_error
 from diffstack.types import Availability, CandidateStatus, DenoiserWrapperOffer, SlotReport
 
 
@@ -22,10 +23,13 @@ class WrapperDecision:
     report: SlotReport
 
 
-def compose_wrappers(
-    host: PluginHost, model: ModelUnderTest, settings: ComposeSettings, reference: torch.Tensor
-) -> WrapperDecision:
-    """``reference`` is the denoiser's output with the chosen attention, before any wrapper."""
+RESTORE_TOLERANCE = 1e-4
+"""How far the denoiser's output may move across applying and removing a wrapper. Run-to-run noise
+(another thread count, another kernel pick) moves it by about 1e-6; a hook or a cache left behind
+moves it by orders of magnitude more, so exact equality would refuse correct wrappers at random."""
+
+
+def compose_wrappers(host: PluginHost, model: ModelUnderTest, settings: ComposeSettings) -> WrapperDecision:
     slot = SlotRecorder("wrap_denoiser")
     wrappers: dict[str, DenoiserWrapperOffer] = {}
     for trial in valid_offers(host, "wrap_denoiser", DenoiserWrapperOffer, model, settings, slot):
@@ -37,7 +41,7 @@ def compose_wrappers(
             )
             slot.record(trial, CandidateStatus.REJECTED, reason)
             continue
-        verdict = build_guard(settings, "apply", _check_wrapper, offer, model, reference)
+        verdict = build_guard(settings, "apply", _check_wrapper, offer, model)
         if isinstance(verdict, Failure):
             slot.fail(trial, verdict)
             continue
@@ -49,10 +53,10 @@ def compose_wrappers(
     return WrapperDecision(MappingProxyType(wrappers), slot.report([]))
 
 
-def _check_wrapper(
-    offer: DenoiserWrapperOffer, model: ModelUnderTest, reference: torch.Tensor
-) -> Availability:
-    """The wrapper must run, and removing it must leave the denoiser exactly as it was."""
+def _check_wrapper(offer: DenoiserWrapperOffer, model: ModelUnderTest) -> Availability:
+    """The wrapper must run, and removing it must leave the denoiser as it was: compared with an
+    output taken just before applying it, so earlier work in the process cannot tip the check."""
+    before = model.denoise()
     handle = offer.apply(model.denoiser, model.info.plugin_options(offer.name))
     try:
         handle.reset_state()
@@ -60,6 +64,7 @@ def _check_wrapper(
             return Availability.no("produced non-finite output")
     finally:
         handle.remove()
-    if not torch.equal(model.denoise(), reference):
-        return Availability.no("removing it did not restore the denoiser")
+    drift = relative_error(model.denoise(), before)
+    if drift > RESTORE_TOLERANCE:
+        return Availability.no(f"removing it did not restore the denoiser (output moved by {drift:.1e})")
     return Availability.yes()
