@@ -67,6 +67,7 @@ queue_size = {queue}
 max_batch = 4
 batch_size = 4
 batch_measure_steps = 1
+admin_token = "{token}"
 batch_wait_ms = 2
 preview_interval_s = 0.0
 log_format = "json"
@@ -103,7 +104,9 @@ def start_server(root: Path, queue: int) -> tuple[subprocess.Popen[bytes], str]:
     save_tiny_model(Family.SD1, root / "models" / "tiny-sd1", metadata=CARD)
     port = _free_port()
     config = root / "diffstack.toml"
-    config.write_text(CONFIG.format(models=root / "models", port=port, queue=queue))
+    config.write_text(
+        CONFIG.format(models=root / "models", port=port, queue=queue, token=fuzzing.ADMIN_TOKEN)
+    )
     log = (root / "server.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "diffstack_server", "--config", str(config)],

@@ -41,6 +41,10 @@ WATCH_JOB = "/diffstack.v1.GenerationService/WatchJob"
 CANCEL_JOB = "/diffstack.v1.GenerationService/CancelJob"
 MODEL_METHODS = ("/diffstack.v1.DiagnosticsService/LoadModel", "/diffstack.v1.DiagnosticsService/UnloadModel")
 STREAMING = frozenset({GENERATE_STREAM, WATCH_JOB})
+ADMIN_TOKEN = "fuzz-admin-token"
+"""The servers under fuzz require it on DiagnosticsService; every call sends it, so the admin RPCs
+(loading and unloading models by hostile names) are fuzzed too, not only refused."""
+ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 UINT32 = 2**32 - 1
 UINT64 = 2**64 - 1
@@ -281,11 +285,11 @@ def send(channel: grpc.Channel, call: Call) -> str:
     try:
         if call.method in STREAMING:
             stream = channel.unary_stream(call.method, request_serializer=None, response_deserializer=None)
-            for _ in stream(call.payload, timeout=call.timeout):
+            for _ in stream(call.payload, timeout=call.timeout, metadata=ADMIN_METADATA):
                 pass
         else:
             unary = channel.unary_unary(call.method, request_serializer=None, response_deserializer=None)
-            unary(call.payload, timeout=call.timeout)
+            unary(call.payload, timeout=call.timeout, metadata=ADMIN_METADATA)
     except grpc.RpcError as error:
         code = error.code()  # type: ignore[attr-defined]
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

@@ -1,6 +1,6 @@
 """Property-based fuzzing of a real server: no INTERNAL, no UNKNOWN, healthy and bounded after.
 
-Every request field and raw bytes (strategies in ``fuzzing.py``), a few thousand calls from eight
+Every request field and raw bytes (strategies in ``fuzzing.py``), 1,500 calls from eight
 concurrent clients against a server on loopback that runs the real engine on the tiny SD1 model with
 tight limits (so the valid requests among them stay cheap). Derandomized: CI fuzzes the same calls
 each run; ``fuzz_soak.py`` runs 10,000 fresh ones against a server process.
@@ -27,7 +27,7 @@ from diffstack_client import DiffstackClient
 from diffstack_server import BackgroundServer
 
 CALLS_PER_EXAMPLE = 25
-EXAMPLES = 80
+EXAMPLES = 60
 CLIENTS = 8
 RSS_GROWTH_LIMIT = 256 * 2**20
 CARD = {"weights": "random", "default_width": 16, "default_height": 16, "default_steps": 1}
@@ -39,7 +39,8 @@ SERVER = {
     "queue_size": 8,
     "max_batch": 4,
     "batch_size": 4,
-    "batch_measure_steps": 1,  # warming each batch size must stay within the limits above
+    "batch_measure_steps": 1,
+    "admin_token": fuzzing.ADMIN_TOKEN,  # warming each batch size must stay within the limits above
 }
 
 codes: Counter[str] = Counter()
@@ -65,7 +66,7 @@ def channel(server: BackgroundServer) -> Iterator[grpc.Channel]:
 def test_fuzzed_calls_never_answer_internal_or_unknown(
     server: BackgroundServer, channel: grpc.Channel
 ) -> None:
-    with DiffstackClient(server.target, timeout=60) as client:
+    with DiffstackClient(server.target, timeout=60, admin_token=fuzzing.ADMIN_TOKEN) as client:
         client.generate("a red circle", seeds=[1])  # warm: the first preview fit, the first batch
         rss_before = fuzzing.rss_bytes()
         forbidden: list[tuple[fuzzing.Call, str]] = []
