@@ -49,3 +49,14 @@ def test_the_engine_applies_its_thread_count() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("section", "field"), [("engine", "warmup_steps"), ("server", "batch_measure_steps")]
+)
+def test_start_up_work_beyond_the_step_limit_is_refused_at_load(section: str, field: str) -> None:
+    with pytest.raises(ValidationError, match=rf"{section}\.{field} \(5\) exceeds limits\.max_steps \(4\)"):
+        load_settings(None, limits={"max_steps": 4}, **{section: {field: 5}})
+    load_settings(
+        None, limits={"max_steps": 4}, engine={"warmup_steps": 4}, server={"batch_measure_steps": 4}
+    )

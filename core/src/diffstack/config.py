@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -248,6 +248,19 @@ class Settings(BaseSettings):
     compose: ComposeSettings = ComposeSettings()
     limits: Limits = Limits()
     server: ServerSettings = ServerSettings()
+
+    @model_validator(mode="after")
+    def _start_up_work_fits_the_limits(self) -> Settings:
+        """The warm-up and the batch-size measurement are real requests, checked like a client's: a
+        configuration that refuses its own start-up work is an error at load, not a server that
+        never turns SERVING."""
+        for name, steps in (
+            ("engine.warmup_steps", self.engine.warmup_steps),
+            ("server.batch_measure_steps", self.server.batch_measure_steps),
+        ):
+            if steps > self.limits.max_steps:
+                raise ValueError(f"{name} ({steps}) exceeds limits.max_steps ({self.limits.max_steps})")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,280 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from diffstack_client._common import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
+    REQUEST_ID_HEADER,
+    Event,
+    Generation,
+    ImageFormatName,
+    ServiceError,
+    SpecParams,
+    build_spec,
+    event_from_message,
+    metadata_value,
+    output_options,
+    preview_options,
+)
+from diffstack_client.diagnostics import Plugin, StackReport
+from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class DiffstackClient:
+    """A blocking client for one diffstack server.
+
+    >>> with DiffstackClient("127.0.0.1:50051") as client:
+    ...     client.wait_until_serving()
+    ...     client.generate("a small red circle at the top left", steps=20, seed=7).images[0].save("out.png")
+
+    Failed calls raise :class:`~diffstack_client.ServiceError` (a ``grpc.RpcError``) with the
+    status code, the field violations and the request id unpacked.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        admin_token: str | None = None,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        if channel is None:
+            options = list(CHANNEL_OPTIONS)
+            channel = (
+                grpc.secure_channel(target, credentials, options)
+                if credentials is not None
+                else grpc.insecure_channel(target, options)
+            )
+        self.channel = channel
+        self.timeout = timeout
+        self._admin: Metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._key: Metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._generation = generation_pb2_grpc.GenerationServiceStub(channel)
+        self._diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+
+    # -- generation ----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        image_format: ImageFormatName = "png",
+        quality: int | None = None,
+        effort: int | None = None,
+        lossless: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **params: Unpack[SpecParams],
+    ) -> Generation:
+        """Generate images for ``prompt`` and return them with their seeds."""
+        request = generation_pb2.GenerateRequest(
+            spec=build_spec(prompt, params), output=output_options(image_format, quality, effort, lossless)
+        )
+        try:
+            response, call = self._generation.Generate.with_call(
+                request, timeout=self._timeout(timeout), metadata=self._key + _request_metadata(request_id)
+            )
+        except grpc.RpcError as error:
+            raise ServiceError.from_rpc_error(error) from error
+        return Generation.from_message(
+            response.result, metadata_value(call.initial_metadata(), REQUEST_ID_HEADER)
+        )
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        previews: bool = False,
+        preview_max_side: int = 0,
+        preview_format: ImageFormatName = "jpeg",
+        image_format: ImageFormatName = "png",
+        quality: int | None = None,
+        effort: int | None = None,
+        lossless: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **params: Unpack[SpecParams],
+    ) -> Generator[Event, None, None]:
+        """Generate with a stream of events: ``Queued``, ``Progress``, ``Preview``, then ``Finished``.
+
+        Closing the iterator early (``break``) cancels the request on the server.
+        """
+        request = generation_pb2.GenerateStreamRequest(
+            spec=build_spec(prompt, params),
+            output=output_options(image_format, quality, effort, lossless),
+            previews=preview_options(previews, preview_max_side, preview_format),
+        )
+        call = self._generation.GenerateStream(
+            request, timeout=self._timeout(timeout), metadata=self._key + _request_metadata(request_id)
+        )
+        return _events(call)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    def submit_job(
+        self,
+        prompt: str,
+        *,
+        idempotency_key: str = "",
+        previews: bool = False,
+        image_format: ImageFormatName = "png",
+        **params: Unpack[SpecParams],
+    ) -> str:
+        """Queue a job that runs whether or not anyone watches; returns its id. Submitting again with
+        the same ``idempotency_key`` returns the same job (it never runs twice)."""
+        request = generation_pb2.SubmitJobRequest(
+            request=generation_pb2.GenerateStreamRequest(
+                spec=build_spec(prompt, params),
+                output=output_options(image_format, None, None, False),
+                previews=preview_options(previews, 0, "jpeg"),
+            ),
+            idempotency_key=idempotency_key,
+        )
+        return str(self._call(self._generation.SubmitJob, request).job_id)
+
+    def watch_job(self, job_id: str, *, from_now: bool = False) -> Generator[Event, None, None]:
+        """The job's events from its start (or from now) until it ends, ``Finished`` last; a failed
+        job raises its error. Stopping early leaves the job running."""
+        call = self._generation.WatchJob(
+            generation_pb2.WatchJobRequest(job_id=job_id, from_now=from_now),
+            timeout=self.timeout,
+            metadata=self._key,
+        )
+        return _events(call)
+
+    def cancel_job(self, job_id: str) -> str:
+        """Cancel the job; returns its state name after the call (e.g. ``JOB_STATE_CANCELLED``)."""
+        response = self._call(self._generation.CancelJob, generation_pb2.CancelJobRequest(job_id=job_id))
+        return generation_pb2.JobState.Name(response.state)
+
+    def list_jobs(self) -> list[generation_pb2.JobInfo]:
+        """This caller's jobs the server still keeps, oldest first, with queue positions."""
+        return list(self._call(self._generation.ListJobs, generation_pb2.ListJobsRequest()).jobs)
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._key)
+        except grpc.RpcError as error:
+            raise ServiceError.from_rpc_error(error) from error
+
+    # -- diagnostics ---------------------------------------------------------------------------------
+
+    def plugins(self) -> list[Plugin]:
+        """Every plugin the server found, with its distribution, hooks and load status."""
+        response = self._admin_call(self._diagnostics.ListPlugins, diagnostics_pb2.ListPluginsRequest())
+        return [Plugin.from_message(plugin) for plugin in response.plugins]
+
+    def stack(self, model: str = "") -> StackReport:
+        """The composed stack of ``model`` (the default model when empty), every candidate included."""
+        response = self._admin_call(self._diagnostics.GetStack, diagnostics_pb2.GetStackRequest(model=model))
+        return StackReport.from_message(response.stack)
+
+    def models(self) -> list[diagnostics_pb2.Model]:
+        """The models the server can serve."""
+        return list(
+            self._admin_call(self._diagnostics.ListModels, diagnostics_pb2.ListModelsRequest()).models
+        )
+
+    def stats(self) -> diagnostics_pb2.GetStatsResponse:
+        """Live statistics: queue depth, in flight, served, failed, latency percentiles, GPU memory."""
+        return self._admin_call(self._diagnostics.GetStats, diagnostics_pb2.GetStatsRequest())
+
+    # -- model lifecycle (admin token) ---------------------------------------------------------------
+
+    def load_model(self, model: str) -> diagnostics_pb2.LoadModelResponse:
+        """Load, compose and warm ``model``; idle least recently used models may make room."""
+        return self._admin_call(self._diagnostics.LoadModel, diagnostics_pb2.LoadModelRequest(model=model))
+
+    def unload_model(self, model: str) -> bool:
+        """Unload ``model`` (refused while requests use it); False when it was not loaded."""
+        request = diagnostics_pb2.UnloadModelRequest(model=model)
+        return bool(self._admin_call(self._diagnostics.UnloadModel, request).unloaded)
+
+    def free_memory(self) -> diagnostics_pb2.FreeMemoryResponse:
+        """Unload every idle model but the default and give cached device memory back."""
+        return self._admin_call(self._diagnostics.FreeMemory, diagnostics_pb2.FreeMemoryRequest())
+
+    # -- health ----------------------------------------------------------------------------------------
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The grpc.health.v1 status name of ``service`` (``""``: the whole server), e.g. ``SERVING``."""
+        try:
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+            )
+        except grpc.RpcError as error:
+            raise ServiceError.from_rpc_error(error) from error
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        """Block until the server reports SERVING (it waits for the port to open, too)."""
+        give_up_at = time.monotonic() + timeout
+        request = health_pb2.HealthCheckRequest(service=service)
+        while (remaining := give_up_at - time.monotonic()) > 0:
+            try:
+                for update in self._health.Watch(request, timeout=remaining, wait_for_ready=True):
+                    if update.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as error:
+                if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
+                if error.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise ServiceError.from_rpc_error(error) from error
+                # UNAVAILABLE: the server closed the stream (restarting): watch again
+        raise TimeoutError(f"the server was not SERVING within {timeout} s")
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    def _admin_call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._admin)
+        except grpc.RpcError as error:
+            raise ServiceError.from_rpc_error(error) from error
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> DiffstackClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _request_metadata(request_id: str | None) -> Metadata:
+    return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+
+
+def _events(call: Any) -> Generator[Event, None, None]:
+    request_id = ""
+    try:
+        for message in call:
+            if not request_id:
+                request_id = metadata_value(call.initial_metadata(), REQUEST_ID_HEADER)
+            if isinstance(message, generation_pb2.WatchJobResponse):
+                message = message.event
+            yield event_from_message(message, request_id)
+    except grpc.RpcError as error:
+        raise ServiceError.from_rpc_error(error) from error
+    finally:
+        call.cancel()  # no-op when the stream ended; cancels the request when the caller stopped early

@@ -1,0 +1,85 @@
+"""diffstack: a diffusion image service whose speed comes from plugins that the host measures.
+
+This package's top level is the plugin API: everything a plugin needs, and the only import a plugin
+makes from diffstack (a CI contract checks that). It is light on purpose: importing it loads the hook
+markers and the offer types, never torch, diffusers or the engine.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from diffstack.hookspecs import hookimpl
+from diffstack.options import Ge, Gt, Interval, Le, Lt, OptionProblem, OptionsError, parse_options
+from diffstack.probes import (
+    all_of,
+    head_dim_in,
+    installed_version,
+    needs_cuda,
+    needs_distribution,
+    needs_module,
+)
+from diffstack.types import (
+    AttentionFn,
+    AttentionOffer,
+    AttentionShape,
+    Availability,
+    Built,
+    CompileOffer,
+    DenoiserKind,
+    DenoiserWrapper,
+    DenoiserWrapperOffer,
+    EncoderOffer,
+    Family,
+    ModelInfo,
+    Offer,
+    Probe,
+    PromptEmbeddings,
+    PromptEncoder,
+    PromptSpec,
+    SigmasOffer,
+    always_available,
+    supports_every_shape,
+)
+
+try:
+    __version__ = version("diffstack")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "AttentionFn",
+    "AttentionOffer",
+    "AttentionShape",
+    "Availability",
+    "Built",
+    "CompileOffer",
+    "DenoiserKind",
+    "DenoiserWrapper",
+    "DenoiserWrapperOffer",
+    "EncoderOffer",
+    "Family",
+    "Ge",
+    "Gt",
+    "Interval",
+    "Le",
+    "Lt",
+    "ModelInfo",
+    "Offer",
+    "OptionProblem",
+    "OptionsError",
+    "Probe",
+    "PromptEmbeddings",
+    "PromptEncoder",
+    "PromptSpec",
+    "SigmasOffer",
+    "__version__",
+    "all_of",
+    "always_available",
+    "head_dim_in",
+    "hookimpl",
+    "installed_version",
+    "needs_cuda",
+    "needs_distribution",
+    "needs_module",
+    "parse_options",
+    "supports_every_shape",
+]

@@ -1,0 +1,376 @@
+"""One pipeline call for a batch of prepared jobs, with the composed stack applied.
+
+Each image gets its own ``torch.Generator``, so an image with seed S is the same picture whether it
+ran alone or inside a batch. Progress and cancellation go through ``callback_on_step_end``.
+
+Never an answer of garbage: every image is checked for NaN/inf before it is returned. When the
+composed stack raises or gives a non-finite image, the jobs concerned run once more on the reference
+stack (SDPA attention, the eager denoiser, no wrappers, the scheduler's own sigmas, the pipeline's own
+encoder), whose summary then travels with the images. When the reference stack gives NaN as well, the
+model itself is at fault (an fp16 VAE overflowing, say): the job fails with :class:`ModelError`
+(FAILED_PRECONDITION), never OK. The stack summary of every answer says what actually ran, run-time
+fallbacks included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from diffstack.attention import KernelAttnProcessor, KernelChain, sdpa
+from diffstack.engine.families import Pipeline, batch_embeddings
+from diffstack.engine.model import LoadedModel
+from diffstack.engine.previews import latent_previews
+from diffstack.engine.requests import GeneratedImage, GenerationJob, GenerationResult, StepEvent
+from diffstack.engine.samplers import SAMPLERS, Sampler
+from diffstack.errors import DiffstackError, ModelError, OutOfMemory
+from diffstack.types import DenoiserWrapper, DenoiserWrapperOffer, PromptSpec
+
+log = structlog.get_logger(__name__)
+
+REFERENCE_SCHEDULE = "default"
+Outcome = GenerationResult | DiffstackError
+
+
+class _EveryJobStopped(Exception):
+    """Raised inside the pipeline's step callback to end the call early."""
+
+
+@dataclass
+class _Ran:
+    """What one pipeline call actually ran, as opposed to what the request asked for."""
+
+    schedule: str
+    wrappers: tuple[str, ...]
+    reference: bool
+    fallback: str = ""
+
+
+def run_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> list[Outcome]:
+    """Run ``jobs`` (one batch key) as one pipeline call; see the module docstring for fallbacks."""
+    with model.lock:
+        try:
+            outcomes = _attempt(model, jobs, reference=False)
+        except DiffstackError:
+            raise
+        except Exception as exc:  # the composed stack broke at run time: the reference stack serves
+            log.warning(
+                "composed stack failed; retrying on the reference stack", error=str(exc), exc_info=True
+            )
+            outcomes = [None] * len(jobs)
+            reason = f"the composed stack raised {type(exc).__name__}"
+        else:
+            reason = "the composed stack gave a non-finite image"
+        retry = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if retry:
+            log.warning("retrying on the reference stack", reason=reason, jobs=len(retry))
+            again = _attempt(model, [jobs[i] for i in retry], reference=True, fallback=reason)
+            for index, outcome in zip(retry, again, strict=True):
+                outcomes[index] = outcome if outcome is not None else _non_finite(model)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _non_finite(model: LoadedModel) -> ModelError:
+    log.error("the reference stack gave a non-finite image", model=model.name)
+    return ModelError(
+        f"model {model.name!r} produced a non-finite image (NaN or inf) even on the reference stack; "
+        "its weights or dtype do not suit this request (an fp16 VAE that overflows, say)"
+    )
+
+
+def _attempt(
+    model: LoadedModel, jobs: Sequence[GenerationJob], reference: bool, fallback: str = ""
+) -> list[Outcome | None]:
+    """One pipeline call; a job whose images are not all finite comes back as None."""
+    request = jobs[0].request
+    stopped: dict[int, DiffstackError] = {}
+    started = time.perf_counter()
+    try:
+        embeddings = _encode(model, jobs, reference)
+        encoded = time.perf_counter()
+        pipeline = _pipeline_for(model, request.init_image is not None, request.mask is not None)
+        sampler = SAMPLERS[request.sampler]
+        scheduler = sampler.build(model.scheduler_config)
+        pipeline.scheduler = scheduler
+        schedule = REFERENCE_SCHEDULE if reference else request.schedule
+        schedule_arguments, schedule_ran = _schedule_arguments(
+            model, schedule, request.steps, scheduler, sampler
+        )
+        arguments = {
+            **embeddings,
+            **schedule_arguments,
+            **_image_arguments(jobs),
+            "height": request.height,
+            "width": request.width,
+            "guidance_scale": request.guidance,
+            "generator": [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.seeds],
+            "callback_on_step_end": _step_callback(model, jobs, stopped),
+            "output_type": "np",
+        }
+        wrappers = {} if reference else request.wrappers
+        with _denoiser_stack(model, pipeline, wrappers, reference) as wrappers_ran:
+            pixels = pipeline(**arguments).images
+    except _EveryJobStopped:
+        return [stopped[i] for i in range(len(jobs))]
+    except torch.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        images_asked = sum(job.request.num_images for job in jobs)
+        raise OutOfMemory(f"GPU out of memory for a batch of {images_asked} images") from exc
+    finished = time.perf_counter()
+    timings = {"encode_s": encoded - started, "pipeline_s": finished - encoded, "total_s": finished - started}
+    ran = _Ran(schedule_ran, wrappers_ran, reference, fallback)
+    return _split(model, jobs, np.asarray(pixels), stopped, timings, ran)
+
+
+def _encode(model: LoadedModel, jobs: Sequence[GenerationJob], reference: bool) -> dict[str, torch.Tensor]:
+    encoder = model.stack.encoder
+    assert encoder is not None
+    per_image = []
+    for job in jobs:
+        request = job.request
+        spec = PromptSpec(request.prompt, request.negative_prompt, (request.guidance or 0) > 1)
+        if reference:
+            with torch.no_grad():
+                embedding = model.adapter.encode(model.pipeline, spec)
+        else:
+            embedding = encoder(spec)
+        per_image.extend([embedding] * request.num_images)
+    return batch_embeddings(per_image)
+
+
+def _pipeline_for(model: LoadedModel, img2img: bool, inpaint: bool) -> Pipeline:
+    """The text-to-image pipeline, or its image-to-image or inpainting sibling on the same modules
+    (the inpainting pipelines also take a model's plain denoiser: they blend the kept latents in)."""
+    if not img2img:
+        return model.pipeline
+    # slow to import; only image input needs them
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    auto = AutoPipelineForInpainting if inpaint else AutoPipelineForImage2Image
+    pipeline = auto.from_pipe(model.pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _schedule_arguments(
+    model: LoadedModel, schedule: str, steps: int, scheduler: Any, sampler: Sampler
+) -> tuple[dict[str, Any], str]:
+    """``sigmas=`` for a custom schedule (flow-matching schedulers append their own final 0), and the
+    name of the schedule that really runs (the scheduler's own when the plugin fails)."""
+    offer = model.stack.schedules.get(schedule)
+    sigmas = None
+    if offer is not None:
+        try:
+            sigmas = offer.build(steps, scheduler)
+        except Exception as exc:  # a plugin failing at run time falls back, never fails the request
+            log.warning("schedule failed; using the scheduler's own", schedule=schedule, error=str(exc))
+            schedule = REFERENCE_SCHEDULE
+    if sigmas is None:
+        return {"num_inference_steps": steps}, schedule
+    if sampler.flow_matching:
+        sigmas = sigmas[:-1]
+    return {"sigmas": list(sigmas)}, schedule
+
+
+def _image_arguments(jobs: Sequence[GenerationJob]) -> dict[str, Any]:
+    first = jobs[0].request
+    if first.init_image is None:
+        return {}
+    images = [job.request.init_image for job in jobs for _ in range(job.request.num_images)]
+    arguments = {"image": images, "strength": first.strength}
+    if first.mask is not None:
+        arguments["mask_image"] = [job.request.mask for job in jobs for _ in range(job.request.num_images)]
+    return arguments
+
+
+@contextlib.contextmanager
+def _denoiser_stack(
+    model: LoadedModel, pipeline: Pipeline, wrappers: Any, reference: bool
+) -> Iterator[tuple[str, ...]]:
+    """The compiled denoiser (the eager one where a wrapper needs it) with this request's wrappers
+    attached and reset (or, for the reference stack, the eager one with SDPA attention). Yields the
+    wrappers that applied: one that fails to apply is logged and left out, never fatal."""
+    offers = sorted((model.stack.wrappers[name] for name in wrappers), key=lambda o: -o.priority)
+    denoiser = model.denoiser_for(with_wrappers=reference or _needs_eager(offers))
+    model.adapter.set_denoiser(pipeline, denoiser)
+    handles: list[DenoiserWrapper] = []
+    applied: list[str] = []
+    try:
+        for offer in offers:
+            options = {**model.info.plugin_options(offer.name), **wrappers[offer.name]}
+            try:
+                handle = offer.apply(denoiser, options)
+                handle.reset_state()
+            except Exception as exc:
+                log.warning(
+                    "denoiser wrapper failed to apply; running without it", wrapper=offer.name, error=str(exc)
+                )
+                continue
+            handles.append(handle)
+            applied.append(offer.name)
+        with _reference_attention(model, denoiser) if reference else contextlib.nullcontext():
+            yield tuple(applied)
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+        model.adapter.set_denoiser(pipeline, model.denoiser_for(with_wrappers=False))
+
+
+@contextlib.contextmanager
+def _reference_attention(model: LoadedModel, denoiser: torch.nn.Module) -> Iterator[None]:
+    """SDPA everywhere for the duration: the host's own processor (it understands fused projections)
+    on UNets, diffusers' native dispatch on transformers; the chosen kernels are restored after."""
+    if model.stack.attention_backend is not None:
+        denoiser.set_attention_backend("native")  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            denoiser.set_attention_backend(model.stack.attention_backend)  # type: ignore[operator]
+        return
+    if not model.stack.attention_plan:
+        yield
+        return
+    chosen = dict(denoiser.attn_processors)  # type: ignore[arg-type]
+    denoiser.set_attn_processor(KernelAttnProcessor(sdpa, "sdpa"))  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        denoiser.set_attn_processor(chosen)  # type: ignore[operator]
+
+
+def _needs_eager(offers: Sequence[DenoiserWrapperOffer]) -> bool:
+    return not all(offer.on_compiled for offer in offers)
+
+
+def _step_callback(
+    model: LoadedModel, jobs: Sequence[GenerationJob], stopped: dict[int, DiffstackError]
+) -> Any:
+    offsets = _image_offsets(jobs)
+
+    def on_step_end(pipeline: Pipeline, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        for index, job in enumerate(jobs):
+            if index in stopped:
+                continue
+            reason = job.should_stop()
+            if reason is not None:
+                stopped[index] = reason
+            elif job.on_step is not None:
+                start, count = offsets[index]
+                latents = tensors["latents"][start : start + count]
+                job.on_step(
+                    StepEvent(step + 1, pipeline.num_timesteps, _previewer(model, pipeline, latents, job))
+                )
+        if len(stopped) == len(jobs):
+            raise _EveryJobStopped
+        return {}
+
+    return on_step_end
+
+
+def _image_offsets(jobs: Sequence[GenerationJob]) -> list[tuple[int, int]]:
+    offsets, start = [], 0
+    for job in jobs:
+        offsets.append((start, job.request.num_images))
+        start += job.request.num_images
+    return offsets
+
+
+def _previewer(model: LoadedModel, pipeline: Pipeline, latents: torch.Tensor, job: GenerationJob) -> Any:
+    latents = latents.detach().clone()
+
+    def preview(max_side: int) -> list[Image.Image]:
+        request = job.request
+        return latent_previews(pipeline, latents, request.width, request.height, max_side)
+
+    return preview
+
+
+def _split(
+    model: LoadedModel,
+    jobs: Sequence[GenerationJob],
+    pixels: np.ndarray,
+    stopped: dict[int, DiffstackError],
+    timings: dict[str, float],
+    ran: _Ran,
+) -> list[Outcome | None]:
+    """Per job: its error, its result, or None when one of its images is not finite."""
+    outcomes: list[Outcome | None] = []
+    summary = _stack_summary(model, ran)
+    for index, (job, (start, count)) in enumerate(zip(jobs, _image_offsets(jobs), strict=True)):
+        if index in stopped:
+            outcomes.append(stopped[index])
+            continue
+        own = pixels[start : start + count]
+        if not np.isfinite(own).all():
+            log.warning(
+                "non-finite image", model=model.name, seeds=job.request.seeds, reference=ran.reference
+            )
+            outcomes.append(None)
+            continue
+        pictures = VaeImageProcessor.numpy_to_pil(own)
+        generated = tuple(GeneratedImage(pictures[i], job.request.seeds[i]) for i in range(count))
+        outcomes.append(GenerationResult(generated, model.name, summary, timings))
+    return outcomes
+
+
+def _stack_summary(model: LoadedModel, ran: _Ran) -> dict[str, tuple[str, ...]]:
+    """The report's choices, narrowed to what this call really ran (run-time fallbacks included)."""
+    summary = dict(model.report.summary())
+    if ran.reference:
+        summary.update(
+            select_attention=("sdpa",),
+            encode_prompt=(),
+            compile_model=(),
+            fallback=(f"reference stack: {ran.fallback}",),
+        )
+    else:
+        summary["select_attention"] = attention_in_use(model, summary.get("select_attention", ()))
+        if _needs_eager([model.stack.wrappers[name] for name in ran.wrappers]):
+            summary["compile_model"] = ()
+    summary["build_sigmas"] = (ran.schedule,) if ran.schedule else ()
+    summary["wrap_denoiser"] = ran.wrappers
+    return summary
+
+
+def attention_in_use(model: LoadedModel, chosen: tuple[str, ...]) -> tuple[str, ...]:
+    """The attention entries as the last call ran them: where a chosen kernel raised or did not serve
+    the call's shape, the kernel its fallback chain ran instead, and why (``scope: sparge (sage failed
+    at run time)``)."""
+    denoiser = model.denoiser_for(with_wrappers=True)
+    processors = getattr(denoiser, "attn_processors", None)
+    if not processors:
+        return chosen
+    by_label: dict[str, list[tuple[str, str] | None]] = {}
+    for processor in processors.values():
+        if isinstance(processor, KernelAttnProcessor):
+            by_label.setdefault(processor.label, []).append(_ran_instead(processor))
+    entries = []
+    for entry in chosen:
+        ran = [r for r in by_label.get(entry, []) if r is not None]
+        if not ran:
+            entries.append(entry)
+            continue
+        modules = len(by_label[entry])
+        where = "" if len(ran) == modules else f" in {len(ran)} of {modules} modules"
+        kernel, why = ran[0]
+        entries.append(f"{entry.rpartition(': ')[0]}: {kernel}{where} ({why})")
+    return tuple(entries)
+
+
+def _ran_instead(processor: KernelAttnProcessor) -> tuple[str, str] | None:
+    """What a processor's last call ran instead of its chosen kernel, and why; None when it ran that."""
+    chain = processor.kernel
+    if isinstance(chain, KernelChain):
+        return (chain.used, "; ".join(chain.passed_over)) if chain.passed_over else None
+    if processor.failed:
+        return "sdpa", f"{processor.label.rpartition(': ')[2]} failed at run time"
+    return None

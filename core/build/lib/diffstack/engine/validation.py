@@ -1,0 +1,314 @@
+"""Request validation: defaults first, then one small check per field; every problem is reported at
+once, each naming the field the client sent. Client input repeated in a message is bounded."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+from diffstack.compose.sigmas import _check_sigmas
+from diffstack.config import Limits
+from diffstack.engine.model import LoadedModel
+from diffstack.engine.requests import AUTO, GenerationRequest
+from diffstack.engine.samplers import SAMPLERS
+from diffstack.errors import FieldViolation, InvalidRequest, shown
+from diffstack.options import OptionProblem, OptionsError, parse_options
+from diffstack.types import DenoiserWrapperOffer
+
+MAX_GUIDANCE = 50.0
+
+Check = Callable[[GenerationRequest, LoadedModel, Limits], Iterator[FieldViolation]]
+
+
+def prepare_request(request: GenerationRequest, model: LoadedModel, limits: Limits) -> GenerationRequest:
+    """``request`` with the model's defaults filled in, or InvalidRequest listing every violation."""
+    resolved = with_defaults(request, model, limits)
+    violations = [violation for check in CHECKS for violation in check(resolved, model, limits)]
+    if violations:
+        raise InvalidRequest(violations)
+    size = (resolved.width, resolved.height)
+    init_image, mask = resolved.init_image, resolved.mask
+    if init_image is not None:
+        init_image = init_image.convert("RGB").resize(size)
+    if mask is not None:
+        mask = mask.convert("L").resize(size)
+    return replace(resolved, init_image=init_image, mask=mask, seeds=_seeds(resolved))
+
+
+def with_defaults(request: GenerationRequest, model: LoadedModel, limits: Limits) -> GenerationRequest:
+    """Zero and empty fields replaced by the model's defaults, ``auto`` by a concrete schedule."""
+    width, height = model.default_size
+    if request.init_image is not None and not (request.width or request.height):
+        multiple = model.adapter.size_multiple
+        width, height = (side - side % multiple for side in request.init_image.size)
+    sampler = request.sampler or model.adapter.default_sampler
+    steps = request.steps or model.default_steps
+    return replace(
+        request,
+        model=model.name,
+        width=request.width or width,
+        height=request.height or height,
+        steps=steps,
+        guidance=model.default_guidance if request.guidance is None else request.guidance,
+        sampler=sampler,
+        schedule=_auto_schedule(model, sampler, steps, limits)
+        if request.schedule in ("", AUTO)
+        else request.schedule,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# One check per field
+# -------------------------------------------------------------------------------------------------
+
+
+def _check_prompts(
+    request: GenerationRequest, model: LoadedModel, limits: Limits
+) -> Iterator[FieldViolation]:
+    yield from _check_prompt("prompt", request.prompt, model, limits)
+    if request.negative_prompt:
+        if not model.adapter.uses_negative_prompt:
+            yield FieldViolation(
+                "negative_prompt", f"{model.info.family.value} models take no negative prompt"
+            )
+        yield from _check_prompt("negative_prompt", request.negative_prompt, model, limits)
+
+
+def _check_prompt(field: str, text: str, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    """Characters, then bytes, then tokens: the costly count only for a text of bounded size."""
+    if len(text) > limits.max_prompt_chars:
+        yield FieldViolation(
+            field, f"{len(text)} characters, more than the limit of {limits.max_prompt_chars}"
+        )
+        return
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        yield FieldViolation(field, "is not valid Unicode text (it holds a lone surrogate)")
+        return
+    if size > limits.max_prompt_bytes:
+        yield FieldViolation(
+            field, f"{size} bytes of UTF-8, more than the limit of {limits.max_prompt_bytes}"
+        )
+        return
+    tokens = model.count_tokens(text)
+    if tokens > limits.max_prompt_tokens:
+        yield FieldViolation(field, f"{tokens} tokens, more than the limit of {limits.max_prompt_tokens}")
+
+
+def _check_size(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    multiple = model.adapter.size_multiple
+    for field, value in (("width", request.width), ("height", request.height)):
+        if value <= 0 or value % multiple:
+            yield FieldViolation(field, f"must be a positive multiple of {multiple}, got {value}")
+    if request.width * request.height > limits.max_pixels:
+        yield FieldViolation(
+            "width", f"{request.width}x{request.height} exceeds the limit of {limits.max_pixels} pixels"
+        )
+
+
+def _check_steps(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    if not 1 <= request.steps <= limits.max_steps:
+        yield FieldViolation("steps", f"must be between 1 and {limits.max_steps}, got {request.steps}")
+
+
+def _check_guidance(
+    request: GenerationRequest, model: LoadedModel, limits: Limits
+) -> Iterator[FieldViolation]:
+    guidance = request.guidance
+    if guidance is None or not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        yield FieldViolation("guidance", f"must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+
+
+def _check_sampler(
+    request: GenerationRequest, model: LoadedModel, limits: Limits
+) -> Iterator[FieldViolation]:
+    if request.sampler not in model.adapter.samplers:
+        yield FieldViolation(
+            "sampler",
+            f"unknown sampler {shown(request.sampler)} for {model.info.family.value}; "
+            f"choose one of {sorted(model.adapter.samplers)}",
+        )
+
+
+def _check_images(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    if not 1 <= request.num_images <= limits.max_images:
+        yield FieldViolation(
+            "num_images", f"must be between 1 and {limits.max_images}, got {request.num_images}"
+        )
+    if len(request.seeds) > request.num_images:
+        yield FieldViolation("seeds", f"{len(request.seeds)} seeds for {request.num_images} images")
+    if any(not 0 <= seed < 2**63 for seed in request.seeds):
+        yield FieldViolation("seeds", "seeds must be between 0 and 2^63 - 1")
+
+
+def _check_strength(
+    request: GenerationRequest, model: LoadedModel, limits: Limits
+) -> Iterator[FieldViolation]:
+    if request.init_image is None:
+        return
+    if not 0 < request.strength <= 1:  # NaN fails this too
+        yield FieldViolation("strength", f"must be in (0, 1], got {request.strength}")
+    elif _steps_run(request) < 1:
+        yield FieldViolation(
+            "strength", f"strength {request.strength} of {request.steps} steps runs no step at all"
+        )
+
+
+def _check_mask(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    """A mask says what of ``init_image`` to repaint, so it needs one of the same size."""
+    if request.mask is None:
+        return
+    if request.init_image is None:
+        yield FieldViolation("mask", "a mask needs an init_image to repaint (pad it to outpaint)")
+    elif request.mask.size != request.init_image.size:
+        (mw, mh), (iw, ih) = request.mask.size, request.init_image.size
+        yield FieldViolation("mask", f"is {mw}x{mh} but init_image is {iw}x{ih}; they must match")
+
+
+def _check_cost(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    """Steps × pixels × images, once each factor is within its own limit (else that one is named)."""
+    pixels = request.width * request.height
+    if not (
+        0 < request.steps <= limits.max_steps
+        and 0 < pixels <= limits.max_pixels
+        and 0 < request.num_images <= limits.max_images
+    ):
+        return
+    steps = _steps_run(request) if request.init_image is not None else request.steps
+    cost, limit = steps * pixels * request.num_images, limits.cost_limit(model.info.device)
+    if cost > limit:
+        yield FieldViolation(
+            "steps",
+            f"{steps} steps x {request.width}x{request.height} x {request.num_images} images = {cost} "
+            f"pixel-steps, more than this server allows on {model.info.device} ({limit}): "
+            "ask for fewer steps, fewer images or a smaller size",
+        )
+
+
+def _check_wrappers(
+    request: GenerationRequest, model: LoadedModel, limits: Limits
+) -> Iterator[FieldViolation]:
+    """Known names, and options that fit what the offer declares (checked before any plugin runs)."""
+    for name, options in request.wrappers.items():
+        offer = model.stack.wrappers.get(name)
+        if offer is None:
+            yield FieldViolation(
+                "wrappers",
+                f"unknown or unavailable wrapper {shown(name)}; available: {sorted(model.stack.wrappers)}",
+            )
+            continue
+        if offer.options is None:
+            continue
+        try:
+            parsed: object = parse_options(offer.options, {**model.info.plugin_options(name), **options})
+        except OptionsError as exc:
+            problems = exc.problems
+        else:
+            problems = _latent_problems(offer, parsed, request, model)
+        for problem in problems:
+            field = f"wrappers.{name}.{problem.option}" if problem.option else f"wrappers.{name}"
+            yield FieldViolation(field, problem.message)
+
+
+def _latent_problems(
+    offer: DenoiserWrapperOffer, options: object, request: GenerationRequest, model: LoadedModel
+) -> tuple[OptionProblem, ...]:
+    """The wrapper's own word on the request's latent size (a multi-scale latent too small, say)."""
+    if offer.check_latent is None:
+        return ()
+    scale = int(getattr(model.pipeline, "vae_scale_factor", 8))
+    problem = offer.check_latent(options, request.height // scale, request.width // scale)
+    return () if problem is None else (problem,)
+
+
+def _check_schedule(
+    request: GenerationRequest, model: LoadedModel, limits: Limits
+) -> Iterator[FieldViolation]:
+    name, sampler = request.schedule, request.sampler
+    if not name:
+        return  # ``auto`` with no schedule offered at all: the scheduler's own
+    if name not in model.stack.schedules:
+        yield FieldViolation(
+            "schedule", f"unknown schedule {shown(name)}; available: {[AUTO, *model.stack.schedules]}"
+        )
+    elif name in model.stack.custom_schedules:
+        if not _takes_sigmas(sampler):
+            yield FieldViolation(
+                "schedule",
+                f"schedule {name!r} needs a sampler that takes custom sigmas (euler, flow_euler), "
+                f"not {shown(sampler)}",
+            )
+        elif 1 <= request.steps <= limits.max_steps:
+            problem = _sigmas_problem(model, name, sampler, request.steps)
+            if problem:
+                yield FieldViolation(
+                    "schedule", f"schedule {name!r} cannot serve {request.steps} steps: {problem}"
+                )
+
+
+CHECKS: tuple[Check, ...] = (
+    _check_prompts,
+    _check_size,
+    _check_steps,
+    _check_guidance,
+    _check_sampler,
+    _check_images,
+    _check_strength,
+    _check_mask,
+    _check_cost,
+    _check_wrappers,
+    _check_schedule,
+)
+
+
+# -------------------------------------------------------------------------------------------------
+# Helpers
+# -------------------------------------------------------------------------------------------------
+
+
+def _takes_sigmas(sampler: str) -> bool:
+    return sampler in SAMPLERS and SAMPLERS[sampler].custom_sigmas
+
+
+def _steps_run(request: GenerationRequest) -> int:
+    """The steps img2img runs: diffusers skips the first ``1 - strength`` of them (a strength out of
+    range, NaN say, counts as all steps: the strength check names it)."""
+    if not 0 < request.strength <= 1:
+        return request.steps
+    return int(request.steps * request.strength)
+
+
+def _auto_schedule(model: LoadedModel, sampler: str, steps: int, limits: Limits) -> str:
+    """The best schedule this sampler can follow that serves ``steps`` (composition ordered them)."""
+    for name in model.stack.schedules:
+        if name not in model.stack.custom_schedules:
+            return name
+        if _takes_sigmas(sampler) and (
+            not 1 <= steps <= limits.max_steps or not _sigmas_problem(model, name, sampler, steps)
+        ):
+            return name
+    return ""
+
+
+def _sigmas_problem(model: LoadedModel, schedule: str, sampler: str, steps: int) -> str:
+    """What is wrong with a schedule's sigmas at this step count ("" when nothing): composition
+    checked them at 10 steps only, and a schedule may fail at others."""
+    try:
+        scheduler = SAMPLERS[sampler].build(model.scheduler_config)
+        sigmas = model.stack.schedules[schedule].build(steps, scheduler)
+    except Exception as exc:  # a plugin's fault, reported as the reason this schedule cannot serve
+        return f"it raised {type(exc).__name__}: {shown(str(exc), 200)}"
+    return _check_sigmas(sigmas, steps)
+
+
+def _seeds(request: GenerationRequest) -> tuple[int, ...]:
+    """One seed per image: the given ones, continued by +1 from the last, or fresh random ones."""
+    seeds = list(request.seeds)
+    if not seeds:
+        seeds.append(secrets.randbelow(2**63))
+    while len(seeds) < request.num_images:
+        seeds.append((seeds[-1] + 1) % 2**63)
+    return tuple(seeds)

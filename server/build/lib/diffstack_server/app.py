@@ -1,0 +1,351 @@
+"""Building, starting, draining and serving the gRPC server.
+
+``create_server(settings, engine=None)`` builds the whole server and binds its port (0 gives a free
+one); the CLI, the tests and the benchmarks all use it. ``serve(settings)`` only adds signal handling
+and waits. Start-up order, as load balancers expect it: the port opens at once with health
+NOT_SERVING, the engine starts on its worker's device thread (plugins first, so ListPlugins answers
+while the models still compose and warm), then health turns SERVING. On SIGTERM or SIGINT: health
+NOT_SERVING, new generation requests get UNAVAILABLE, queued and running requests finish within
+``server.grace_seconds`` (what is left then fails with UNAVAILABLE, so clients retry elsewhere), the
+process exits 0 (a second signal stops the work at once). The process exits even when a plugin never
+returns on the device thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from diffstack.config import Settings
+from diffstack.engine import EngineWorker, ServingEngine
+from diffstack.errors import NotReady
+from diffstack.logs import configure_logging
+from diffstack.render import to_jsonable
+from diffstack.types import StackReport
+from diffstack_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc, generation_pb2, generation_pb2_grpc
+from diffstack_server.batching import BatchQueue
+from diffstack_server.encoding import ImageEncoder, encode_threads
+from diffstack_server.interceptors import AdminTokenInterceptor, StatusInterceptor
+from diffstack_server.keys import ApiKeyInterceptor, KeyRing, load_keys
+from diffstack_server.metrics import Metrics
+from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
+from diffstack_server.sizing import BatchSizeChoice, choose_batch_size
+
+log = structlog.get_logger("diffstack.server")
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+DIAGNOSTICS_SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+HEALTH_SERVICES = ("", GENERATION_SERVICE, DIAGNOSTICS_SERVICE)
+"""Health is reported for the whole server ("") and for each diffstack service."""
+
+
+class DiffstackServer:
+    """A gRPC server with its engine worker, queue, health and metrics; made by :func:`create_server`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_server: grpc.aio.Server,
+        runtime: Runtime,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+    ) -> None:
+        self.settings = settings
+        self.grpc_server = grpc_server
+        self.runtime = runtime
+        self.health = health_servicer
+        self.port = port
+        self.metrics_port: int | None = None
+        self.engine_error: BaseException | None = None
+        self.batch_size: BatchSizeChoice | None = None
+        """How the batch size was chosen, once the server is ready."""
+        self.ready = asyncio.Event()
+        """Set once the engine is up (or failed to start: see :attr:`engine_error`)."""
+        self._engine_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def worker(self) -> EngineWorker:
+        return self.runtime.worker
+
+    @property
+    def engine(self) -> ServingEngine | None:
+        return self.runtime.worker.engine
+
+    async def start(self) -> None:
+        """Open the port (health NOT_SERVING) and bring the engine up; returns before it is ready."""
+        server_settings = self.settings.server
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        if server_settings.metrics:
+            token = server_settings.admin_token if server_settings.metrics_require_token else None
+            try:
+                self.metrics_port = self.runtime.metrics.serve_http(
+                    server_settings.metrics_host, server_settings.metrics_port, token=token
+                )
+            except OSError as exc:  # metrics are worth a log line, never the service itself
+                log.error("metrics unavailable", port=server_settings.metrics_port, error=str(exc))
+        log.info("listening", host=server_settings.host, port=self.port, metrics_port=self.metrics_port)
+        self._engine_task = asyncio.get_running_loop().create_task(
+            self._bring_up(), name="diffstack-engine-up"
+        )
+
+    async def _bring_up(self) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.wrap_future(self.worker.start())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # recorded and logged; serve() exits 1, health stays NOT_SERVING
+            self.engine_error = exc
+            log.exception("engine_start_failed")
+            self.ready.set()  # wake the waiters; they check engine_error
+            return
+        engine_s = time.perf_counter() - started
+        log.info("engine_started", seconds=round(engine_s, 2))
+        try:
+            await self._size_batches()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # as fatal as a failed start: the default model cannot run a batch
+            self.engine_error = exc
+            log.exception("batch_sizing_failed")
+            self.ready.set()
+            return
+        engine = self.runtime.started_engine()
+        default = await self.runtime.checkout("")
+        try:
+            log_stack_decisions(default.report)
+        finally:
+            engine.unpin(default)
+        self.runtime.queue.start()
+        if not self._stopping:
+            for service in HEALTH_SERVICES:
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            total_s = time.perf_counter() - started
+            # Where start-up went: the engine (plugins, loading, composing or restoring the stack,
+            # warm-up; each logged on its own above) and the batch sizes (measured and warmed).
+            log.info(
+                "serving",
+                seconds=round(total_s, 2),
+                engine_s=round(engine_s, 2),
+                batches_s=round(total_s - engine_s, 2),
+                stack_restored=default.report.restored,
+            )
+        self.ready.set()
+
+    async def _size_batches(self) -> None:
+        """Choose (measure) the batch size and warm every size the batcher can form, on the device
+        thread, before SERVING; the measured time seeds the queue's deadline estimates."""
+        engine = self.worker.engine
+        if engine is None:
+            return
+        started = time.perf_counter()
+        choice = await asyncio.wrap_future(
+            self.worker.submit(choose_batch_size, engine, self.settings.server)
+        )
+        queue = self.runtime.queue
+        queue.max_batch = choice.size
+        if choice.size in choice.batch_seconds:
+            queue.timing.observe(choice.units_per_image * choice.size, choice.batch_seconds[choice.size])
+        self.batch_size = choice
+        log.info("batches_ready", size=choice.size, seconds=round(time.perf_counter() - started, 2))
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the engine is up (raises what engine start-up raised)."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        if self.engine_error is not None:
+            raise RuntimeError("the engine failed to start") from self.engine_error
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new work, finish queued and running work within ``grace``
+        seconds (default ``server.grace_seconds``), then close the port. Work still queued or running
+        when the grace runs out fails with UNAVAILABLE (retry elsewhere). Never waits for the engine's
+        device thread beyond the grace: see :attr:`engine_stuck`. Safe to call twice."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.server.grace_seconds if grace is None else grace
+        give_up_at = time.monotonic() + grace
+        queue = self.runtime.queue
+        queue.close()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", grace_s=grace, queued=queue.depth, running=queue.in_flight)
+        if self._engine_task is not None and not self._engine_task.done():
+            self._engine_task.cancel()  # the device thread finishes starting on its own; we stop waiting
+        if not await queue.drain(max(0.0, give_up_at - time.monotonic())):
+            log.warning("grace_expired", queued=queue.depth, running=queue.in_flight)
+            queue.abort(NotReady("the server is shutting down; retry on another replica"))
+        await queue.stop(timeout=max(1.0, give_up_at - time.monotonic()))
+        self.worker.stop()
+        # Handlers still encoding or sending their last message get the rest of the grace period.
+        await self.grpc_server.stop(max(0.5, give_up_at - time.monotonic()))
+        self.runtime.metrics.close()
+        self.runtime.encoder.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    @property
+    def engine_stuck(self) -> bool:
+        """After :meth:`stop`: a call on the engine's device thread (a plugin, say) never returned."""
+        return self._stopping and not self.worker.join(timeout=0.5)
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+def log_stack_decisions(report: StackReport) -> None:
+    """Log every decision of the default model's stack at start-up, one line per slot, reasons and
+    measurements included (as Triton logs its model table), so an admin sees why without asking."""
+    log.info(
+        "stack", model=report.model, family=report.family.value, device=report.device, notes=report.notes
+    )
+    for slot in report.slots:
+        candidates = [
+            {key: value for key, value in to_jsonable(candidate).items() if value not in (None, "")}
+            for candidate in slot.candidates
+        ]
+        log.info("stack slot", slot=slot.slot, chosen=slot.chosen, candidates=candidates)
+
+
+def _start_engine(settings: Settings) -> ServingEngine:
+    """Import and start the engine: torch and diffusers load here, in a worker thread, after the port
+    has opened (health NOT_SERVING), so probes get answers from the first second."""
+    from diffstack.engine import Engine
+
+    return Engine.start(settings)
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``server.tls_cert``/``tls_key``; mTLS when ``tls_client_ca`` is set too."""
+    server = settings.server
+    if server.tls_cert is None and server.tls_key is None:
+        if server.tls_client_ca is not None:
+            raise ValueError("server.tls_client_ca needs server.tls_cert and server.tls_key")
+        return None
+    if server.tls_cert is None or server.tls_key is None:
+        raise ValueError("TLS needs both server.tls_cert and server.tls_key")
+    client_ca = server.tls_client_ca.read_bytes() if server.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(server.tls_key.read_bytes(), server.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def create_server(
+    settings: Settings, engine: ServingEngine | None = None
+) -> tuple[DiffstackServer, int]:
+    """Build the server and bind its port (``server.port`` 0 picks a free one); call ``start()`` next.
+
+    Without ``engine`` the server's :class:`~diffstack.engine.EngineWorker` starts
+    :class:`diffstack.engine.Engine` from ``settings`` on its device thread after the port opens; tests
+    and benchmarks may pass an engine that is already started.
+    Call it inside the event loop that will run the server.
+    """
+    server_settings, limits = settings.server, settings.limits
+    if server_settings.metrics_require_token and not server_settings.admin_token:
+        raise ValueError("server.metrics_require_token needs server.admin_token")
+    metrics = Metrics()
+    worker = EngineWorker(settings, engine)
+    queue = BatchQueue(
+        worker,
+        metrics,
+        queue_size=server_settings.queue_size,
+        max_batch=min(server_settings.batch_size or server_settings.max_batch, server_settings.max_batch),
+        batch_wait_ms=server_settings.batch_wait_ms,
+    )
+    encoder = ImageEncoder(encode_threads(server_settings.encode_threads))
+    runtime = Runtime(settings=settings, worker=worker, queue=queue, metrics=metrics, encoder=encoder)
+    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
+    if server_settings.admin_token:
+        interceptors.append(AdminTokenInterceptor(server_settings.admin_token))
+    api_keys = load_keys(settings)
+    if api_keys:
+        interceptors.append(ApiKeyInterceptor(KeyRing(api_keys, metrics.registry)))
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", limits.request_message_bytes),
+        ("grpc.max_send_message_length", limits.response_message_bytes),
+        ("grpc.so_reuseport", 0),  # a busy port is an error, never silently shared
+    ]
+    grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(runtime), grpc_server)
+    diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsServicer(runtime), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    if server_settings.reflection:
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, DIAGNOSTICS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            grpc_server,
+        )
+    address = _bind_address(server_settings.host, server_settings.port)
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return DiffstackServer(settings, grpc_server, runtime, health_servicer, port), port
+
+
+async def serve_async(settings: Settings) -> int:
+    """Run the server until SIGTERM/SIGINT, then drain; returns the process exit status."""
+    server, _ = await create_server(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        log.info("signal", signal=signal.Signals(signum).name, count=signals)
+        if signals == 1:
+            stop.set()
+        else:  # a second signal: stop the work now
+            server.runtime.queue.abort(NotReady("the server is shutting down; retry on another replica"))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    waiting = asyncio.ensure_future(stop.wait())
+    ready = asyncio.ensure_future(server.ready.wait())
+    await asyncio.wait({waiting, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if server.engine_error is None:
+        await waiting
+    waiting.cancel()
+    ready.cancel()
+    await server.stop()
+    status = 1 if server.engine_error is not None else 0
+    if server.engine_stuck:
+        # A plugin never returned on the device thread (it may hold an import lock or the GPU): the
+        # process must end anyway, so it ends here, without the interpreter's orderly shutdown.
+        log.warning("engine_thread_stuck_exiting", status=status)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def serve(settings: Settings, log_level: int = logging.INFO) -> int:
+    """Configure logging, run the server until a signal, drain, and return the exit status."""
+    configure_logging(settings.server.log_format, log_level)
+    return asyncio.run(serve_async(settings))

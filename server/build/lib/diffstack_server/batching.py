@@ -1,0 +1,406 @@
+"""The bounded queue and the dynamic batcher between the RPC handlers and the engine.
+
+Handlers :meth:`~BatchQueue.submit` prepared requests and await their
+:class:`~diffstack_server.tickets.Ticket`. One asyncio task takes the oldest waiting request, gathers
+waiting requests with the same batch key up to ``max_batch`` images (waiting up to ``batch_wait_ms``
+for more to arrive when the batch is not full, like Triton's ``max_queue_delay``), and runs them as
+one ``engine.run`` call on the engine's device thread (:class:`~diffstack.engine.EngineWorker`): one
+pipeline at a time owns the device. A batch that runs out of memory is split in two once and each
+half retried; a half that still does not fit fails with ``OutOfMemory``.
+
+Cancellation and deadlines reach the engine through each job's ``should_stop``, which the engine
+checks after every step: a cancelled request stops at the next step, and a request cancelled while
+still queued never runs. The queue is bounded: a full queue answers :class:`Overloaded` at once
+(RESOURCE_EXHAUSTED) instead of letting latency grow without limit. The bound applies before any work:
+a handler reserves its place first (:meth:`~BatchQueue.reserve`), then validates, tokenizes and (if the policy
+allows) waits for its model to load, then fills the place with its ticket.
+
+The bound counts images, not requests (a request of eight images takes eight places): the work
+waiting is what a client's wait depends on. When a request is filled in, the queue also estimates
+when it would finish from the measured time per unit of work (:class:`BatchTiming`, seeded by the
+batch-size measurement and updated by every batch) and refuses it at once with
+:class:`Overloaded` and a retry hint when its deadline cannot be met, instead of letting it time out
+in the queue. The estimate is optimistic (work ahead plus its own, at the batched rate), so a
+request is refused only when even the best case misses its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from diffstack.errors import Cancelled, DiffstackError, NotReady, OutOfMemory, Overloaded
+
+if TYPE_CHECKING:
+    from diffstack.engine import EngineWorker, GenerationResult
+    from diffstack_server.metrics import Metrics
+    from diffstack_server.tickets import Ticket
+
+log = structlog.get_logger("diffstack.server.batching")
+
+# -------------------------------------------------------------------------------------------------
+# The queue
+# -------------------------------------------------------------------------------------------------
+
+
+def work_units(ticket: Ticket) -> float:
+    """What a request costs the device: steps × pixels × images (the unit of :class:`BatchTiming`)."""
+    request = ticket.request
+    return float(max(1, request.steps) * max(1, request.width * request.height) * ticket.images)
+
+
+@dataclass
+class BatchTiming:
+    """Seconds per unit of work (:func:`work_units`) as batches measure it: a moving average."""
+
+    seconds_per_unit: float | None = None
+    weight: float = 0.3
+    """How much the newest batch counts."""
+
+    def observe(self, units: float, seconds: float) -> None:
+        if units <= 0 or seconds <= 0:
+            return
+        sample = seconds / units
+        previous = self.seconds_per_unit
+        self.seconds_per_unit = sample if previous is None else previous + self.weight * (sample - previous)
+
+    def seconds(self, units: float) -> float | None:
+        """How long ``units`` of work take at the measured rate (None before any measurement)."""
+        return None if self.seconds_per_unit is None else units * self.seconds_per_unit
+
+
+class Reservation:
+    """Places in the queue (one per image), taken before the request's preparation and filled by its
+    ticket."""
+
+    def __init__(self, queue: BatchQueue, images: int) -> None:
+        self._queue: BatchQueue | None = queue
+        self.images = images
+
+    def fill(self, ticket: Ticket) -> Ticket:
+        """Queue ``ticket`` in this place (NotReady if the queue closed meanwhile)."""
+        queue = self._take()
+        if queue is None:
+            raise RuntimeError("a reservation is filled once")
+        return queue._enter(ticket)
+
+    def release(self) -> None:
+        """Give the place back unused (no-op once filled or released)."""
+        self._take()
+
+    def _take(self) -> BatchQueue | None:
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue._reserved -= self.images
+        return queue
+
+
+class BatchQueue:
+    """A FIFO of tickets bounded in images, and the task that runs them in batches on the engine's
+    device thread. ``max_batch`` is the batch size it forms (in images); the server sets it from
+    measurement at start (:mod:`diffstack_server.sizing`)."""
+
+    def __init__(
+        self,
+        worker: EngineWorker,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        max_batch: int,
+        batch_wait_ms: float = 0.0,
+    ) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.queue_size = queue_size
+        self.max_batch = max(1, max_batch)
+        self.batch_wait_s = max(0.0, batch_wait_ms / 1000.0)
+        self._waiting: list[Ticket] = []
+        self._running: list[Ticket] = []
+        self._reserved = 0
+        self.timing = BatchTiming()
+        self._closed = False
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="diffstack-batcher")
+
+    def close(self) -> None:
+        """Refuse new requests; the ones already queued or running still finish."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def drain(self, timeout: float | None) -> bool:
+        """Close, then wait until every queued and running request finished; False on timeout."""
+        self.close()
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def abort(self, error: DiffstackError) -> None:
+        """Fail every queued request with ``error`` and stop the running ones at their next step
+        (with the same error)."""
+        self.close()
+        for ticket in self._waiting:
+            ticket.finish(error)
+        self._waiting.clear()
+        for ticket in self._running:
+            ticket.cancel(error)
+        self._update_idle()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Wait for the batcher task to end (call after :meth:`drain` or :meth:`abort`)."""
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                log.warning("batcher_stop_timeout", running=len(self._running))
+
+    # -- submitting --------------------------------------------------------------------------------
+
+    def reserve(self, images: int = 1) -> Reservation:
+        """Take ``images`` places for a request about to be prepared; raises :class:`Overloaded` when
+        the queue (images waiting plus reserved) would overflow, NotReady when closed. Cheap: call it
+        before any work."""
+        if self._closed:
+            raise NotReady("the server is shutting down; retry on another replica")
+        images = max(1, images)
+        taken = self.waiting_images + self._reserved
+        if taken + images > self.queue_size:
+            raise Overloaded(
+                f"the queue is full ({taken} of {self.queue_size} images waiting); retry later",
+                retry_after_s=self._estimate(self._waiting + self._running),
+            )
+        self._reserved += images
+        return Reservation(self, images)
+
+    def submit(self, ticket: Ticket) -> Ticket:
+        """Queue ``ticket`` (reserve and fill in one step)."""
+        return self.reserve(ticket.images).fill(ticket)
+
+    def _enter(self, ticket: Ticket) -> Ticket:
+        if self._closed:
+            raise NotReady("the server is shutting down; retry on another replica")
+        self._refuse_if_late(ticket)
+        self._waiting.append(ticket)
+        ticket.move_to(len(self._waiting) - 1)
+        self._idle.clear()
+        self._wakeup.set()
+        self._update_gauges()
+        return ticket
+
+    def _refuse_if_late(self, ticket: Ticket) -> None:
+        """Overloaded (with a retry hint) when even the optimistic finish time misses the deadline."""
+        if ticket.deadline is None:
+            return
+        ahead = self._estimate(self._waiting + self._running)
+        own = self.timing.seconds(work_units(ticket))
+        if ahead is None or own is None:
+            return  # nothing measured yet: admit
+        remaining = ticket.deadline - time.monotonic()
+        if ahead + own > remaining:
+            raise Overloaded(
+                f"the deadline cannot be met: about {ahead + own:.2f} s of work is ahead of and in this "
+                f"request, {max(0.0, remaining):.2f} s remain; retry later",
+                retry_after_s=ahead,
+            )
+
+    def _estimate(self, tickets: list[Ticket]) -> float | None:
+        return self.timing.seconds(sum(work_units(t) for t in tickets))
+
+    def withdraw(self, ticket: Ticket, error: DiffstackError | None = None) -> None:
+        """The request's caller went away: drop it from the queue, or stop it at the next step."""
+        ticket.cancel(error)
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+            ticket.finish(ticket.should_stop() or Cancelled("cancelled"))
+            self._announce_positions()
+            self._update_idle()
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def waiting_images(self) -> int:
+        return sum(t.images for t in self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    # -- the batcher task --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            await self._run(batch)
+
+    async def _next_batch(self) -> list[Ticket] | None:
+        while True:
+            self._drop_stopped()
+            if not self._waiting:
+                self._update_idle()
+                if self._closed:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._waiting[0]
+            batch = self._compatible(head)
+            give_up_at = time.monotonic() + self.batch_wait_s
+            while sum(t.images for t in batch) < self.max_batch and not self._closed:
+                remaining = give_up_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+                if head not in self._waiting:
+                    break  # the head was withdrawn while we waited: start over
+                batch = self._compatible(head)
+            if head not in self._waiting:
+                continue
+            for ticket in batch:
+                self._waiting.remove(ticket)
+            self._announce_positions()
+            return batch
+
+    def _compatible(self, head: Ticket) -> list[Ticket]:
+        """The head and the oldest waiting tickets with its batch key, up to ``max_batch`` images."""
+        batch, images = [head], head.images
+        for ticket in self._waiting[1:]:
+            if ticket.key == head.key and images + ticket.images <= self.max_batch:
+                batch.append(ticket)
+                images += ticket.images
+        return batch
+
+    def _drop_stopped(self) -> None:
+        """Finish queued tickets that were cancelled or whose deadline passed, without running them."""
+        keep = []
+        for ticket in self._waiting:
+            reason = ticket.should_stop()
+            if reason is None:
+                keep.append(ticket)
+            else:
+                ticket.finish(reason)
+        if len(keep) != len(self._waiting):
+            self._waiting = keep
+            self._announce_positions()
+
+    def _announce_positions(self) -> None:
+        for position, ticket in enumerate(self._waiting):
+            ticket.move_to(position)
+        self._update_gauges()
+
+    async def _run(self, batch: list[Ticket]) -> None:
+        now = time.monotonic()
+        for ticket in batch:
+            ticket.started_at = now
+            self.metrics.queue_seconds.observe(ticket.queue_seconds)
+        self._running.extend(batch)
+        self._update_gauges()
+        log.info(
+            "batch_start",
+            requests=[t.request_id for t in batch],
+            images=sum(t.images for t in batch),
+            queued=len(self._waiting),
+        )
+        outcomes: list[GenerationResult | BaseException]
+        try:
+            outcomes = await asyncio.wrap_future(self.worker.submit(self._run_in_worker, batch))
+        except asyncio.CancelledError:  # the server is stopping hard: stop the work, fail the batch
+            for ticket in batch:
+                ticket.cancel(NotReady("the server stopped"))
+                ticket.finish(NotReady("the server stopped"))
+            raise
+        except Exception as exc:  # the worker could not take the batch (stopped)
+            outcomes = [exc] * len(batch)
+        finally:
+            for ticket in batch:
+                self._running.remove(ticket)
+            self._update_gauges()
+        for ticket, outcome in zip(batch, outcomes, strict=True):
+            ticket.finish(outcome)
+        self._update_idle()
+
+    # -- the worker thread ---------------------------------------------------------------------------
+
+    def _run_in_worker(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+        """Run the batch on the device thread; on OutOfMemory split it in two once and run each half."""
+        with structlog.contextvars.bound_contextvars(request_ids=[t.request_id for t in batch]):
+            return self._run_or_split(batch)
+
+    def _run_or_split(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+        try:
+            return self._call_engine(batch)
+        except OutOfMemory as first:
+            if len(batch) == 1:
+                return [first]
+            half = len(batch) // 2
+            log.warning("batch_out_of_memory_splitting", requests=len(batch), first_half=half)
+            outcomes: list[GenerationResult | BaseException] = []
+            for part in (batch[:half], batch[half:]):
+                try:
+                    outcomes.extend(self._call_engine(part))
+                except OutOfMemory as again:
+                    outcomes.extend([again] * len(part))
+                except Exception as exc:
+                    outcomes.extend([exc] * len(part))
+            return outcomes
+        except Exception as exc:
+            return [exc] * len(batch)
+
+    def _call_engine(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+        engine = self.worker.engine
+        if engine is None:
+            raise NotReady("the engine is not started")
+        started = time.perf_counter()
+        try:
+            outcomes: list[GenerationResult | BaseException] = list(
+                engine.run([ticket.job() for ticket in batch])
+            )
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.observe_batch(len(batch), sum(t.images for t in batch), seconds)
+        if not any(isinstance(outcome, BaseException) for outcome in outcomes):
+            self.timing.observe(sum(work_units(t) for t in batch), seconds)
+        if len(outcomes) != len(batch):
+            raise RuntimeError(f"engine.run returned {len(outcomes)} outcomes for {len(batch)} jobs")
+        return outcomes
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def _update_idle(self) -> None:
+        if not self._waiting and not self._running:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.in_flight.set(len(self._running))

@@ -1,0 +1,132 @@
+"""Helpers for testing and benchmarking the server with a real engine.
+
+:class:`SpyEngine` wraps an engine to observe and steer it from a test: it records every pipeline
+call, can hold a batch (or a model load) at a gate, can hold each job at its first step until that
+job's stop signal is visible (so "stops within one step" is exact), and can fake an out-of-memory
+batch. It never replaces the engine's work.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from diffstack.engine import GenerationJob, GenerationRequest, GenerationResult, StepEvent
+from diffstack.errors import DiffstackError, OutOfMemory
+from diffstack_server.protocols import ServingEngine
+
+if TYPE_CHECKING:
+    from diffstack.engine.model import LoadedModel
+
+WAIT_S = 30.0
+"""The bound on every wait of a test: a broken server fails the test, it never hangs it."""
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobRecord:
+    """What one job (named by its first seed) went through inside the engine."""
+
+    seeds: tuple[int, ...]
+    steps_total: int
+    callbacks: int = 0
+    stopped_at_callback: int | None = None
+    outcome: GenerationResult | DiffstackError | None = None
+
+
+@dataclass
+class SpyEngine:
+    """An engine, observed and steered: see the module docstring."""
+
+    engine: ServingEngine
+    gate: threading.Event | None = None
+    load_gate: threading.Event | None = None
+    hold_first_step: bool = False
+    oom_above: int | None = None
+    calls: list[list[tuple[int, ...]]] = field(default_factory=list)
+    jobs: dict[int, JobRecord] = field(default_factory=dict)
+    entered: threading.Event = field(default_factory=threading.Event)
+    loading: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def plugins(self) -> Any:
+        return self.engine.plugins
+
+    def resolve(self, name: str) -> str:
+        return self.engine.resolve(name)
+
+    def pin(self, key: str) -> LoadedModel | None:
+        return self.engine.pin(key)
+
+    def load(self, key: str) -> LoadedModel:
+        self.loading.set()
+        if self.load_gate is not None and not self.load_gate.wait(WAIT_S):
+            raise RuntimeError("the test never opened the load gate")
+        return self.engine.load(key)
+
+    def unpin(self, model: LoadedModel) -> None:
+        self.engine.unpin(model)
+
+    def unload(self, key: str) -> bool:
+        return self.engine.unload(key)
+
+    def free_memory(self) -> list[str]:
+        return self.engine.free_memory()
+
+    def models(self) -> Any:
+        return self.engine.models()
+
+    def prepare(self, request: GenerationRequest, model: LoadedModel | None = None) -> GenerationRequest:
+        return self.engine.prepare(request, model)
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        return self.engine.batch_key(request)
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]:
+        with self._lock:
+            self.calls.append([job.request.seeds for job in jobs])
+        self.entered.set()
+        if self.gate is not None and not self.gate.wait(WAIT_S):
+            raise RuntimeError("the test never opened the gate")
+        if self.oom_above is not None and len(jobs) > self.oom_above:
+            raise OutOfMemory(f"fake: a batch of {len(jobs)} does not fit")
+        records = [JobRecord(job.request.seeds, job.request.steps) for job in jobs]
+        for record in records:
+            self.jobs[record.seeds[0]] = record
+        outcomes = self.engine.run([self._observed(job, r) for job, r in zip(jobs, records, strict=True)])
+        for record, outcome in zip(records, outcomes, strict=True):
+            record.outcome = outcome
+        return outcomes
+
+    def _observed(self, job: GenerationJob, record: JobRecord) -> GenerationJob:
+        def should_stop() -> DiffstackError | None:
+            record.callbacks += 1
+            reason = job.should_stop()
+            if reason is not None and record.stopped_at_callback is None:
+                record.stopped_at_callback = record.callbacks
+            return reason
+
+        def on_step(event: StepEvent) -> None:
+            if job.on_step is not None:
+                job.on_step(event)
+            if self.hold_first_step and event.step == 1:
+                # Hold the job until its stop signal is visible, so "stops within one step" is exact.
+                waiter = threading.Event()
+                for _ in range(int(WAIT_S / 0.005)):
+                    if job.should_stop() is not None:
+                        break
+                    waiter.wait(0.005)
+
+        return GenerationJob(request=job.request, on_step=on_step, should_stop=should_stop)
+
+    def served_seeds(self) -> list[int]:
+        """First seeds of the jobs that ended with images, one entry per time served."""
+        return [s for s, r in self.jobs.items() if isinstance(r.outcome, GenerationResult)]
