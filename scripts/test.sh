@@ -9,6 +9,6 @@ if command -v npm >/dev/null && [[ -f clients/node/package-lock.json ]]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy core/src server/src clients/python/src plugins/*/src
+.venv/bin/mypy core/src server/src clients/python/src serve-ray/src plugins/*/src
 .venv/bin/lint-imports
 .venv/bin/python -m pytest "$@"

@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "core/src", ROOT / "server/src", ROOT / "clients/python/src", *ROOT.glob("plugins/*/src")]
+SOURCES = [
+    ROOT / "core/src",
+    ROOT / "server/src",
+    ROOT / "clients/python/src",
+    ROOT / "serve-ray/src",
+    *ROOT.glob("plugins/*/src"),
+]
 
 
 def _packages() -> list[Path]:

@@ -236,6 +236,9 @@ class ServerSettings(_Section):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
+    replicas: int = Field(default=0, ge=0)
+    """0: the single-process server. N: N Ray Serve replicas (one per GPU, else per CPU slot) behind
+    Ray's gRPC proxy on ``port``; needs the ``diffstack-ray`` distribution."""
 
 
 class Settings(BaseSettings):

@@ -147,21 +147,7 @@ class DiffstackServer:
         self.ready.set()
 
     async def _size_batches(self) -> None:
-        """Choose (measure) the batch size and warm every size the batcher can form, on the device
-        thread, before SERVING; the measured time seeds the queue's deadline estimates."""
-        engine = self.worker.engine
-        if engine is None:
-            return
-        started = time.perf_counter()
-        choice = await asyncio.wrap_future(
-            self.worker.submit(choose_batch_size, engine, self.settings.server)
-        )
-        queue = self.runtime.queue
-        queue.max_batch = choice.size
-        if choice.size in choice.batch_seconds:
-            queue.timing.observe(choice.units_per_image * choice.size, choice.batch_seconds[choice.size])
-        self.batch_size = choice
-        log.info("batches_ready", size=choice.size, seconds=round(time.perf_counter() - started, 2))
+        self.batch_size = await size_batches(self.runtime)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the engine is up (raises what engine start-up raised)."""
@@ -207,6 +193,24 @@ class DiffstackServer:
         await self._stopped.wait()
 
 
+async def size_batches(runtime: Runtime) -> BatchSizeChoice | None:
+    """Choose (measure) the batch size and warm every size the batcher can form, on the device
+    thread, before SERVING; the measured time seeds the queue's deadline estimates."""
+    engine = runtime.worker.engine
+    if engine is None:
+        return None
+    started = time.perf_counter()
+    choice = await asyncio.wrap_future(
+        runtime.worker.submit(choose_batch_size, engine, runtime.settings.server)
+    )
+    queue = runtime.queue
+    queue.max_batch = choice.size
+    if choice.size in choice.batch_seconds:
+        queue.timing.observe(choice.units_per_image * choice.size, choice.batch_seconds[choice.size])
+    log.info("batches_ready", size=choice.size, seconds=round(time.perf_counter() - started, 2))
+    return choice
+
+
 def log_stack_decisions(report: StackReport) -> None:
     """Log every decision of the default model's stack at start-up, one line per slot, reasons and
     measurements included (as Triton logs its model table), so an admin sees why without asking."""
@@ -250,6 +254,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def build_runtime(settings: Settings, engine: ServingEngine | None = None) -> Runtime:
+    """What the servicers share (engine worker, queue, metrics, encoder), for any host of them: the
+    grpc.aio server below, or a Ray Serve replica (``diffstack-ray``)."""
+    server_settings = settings.server
+    metrics = Metrics()
+    worker = EngineWorker(settings, engine)
+    queue = BatchQueue(
+        worker,
+        metrics,
+        queue_size=server_settings.queue_size,
+        max_batch=min(server_settings.batch_size or server_settings.max_batch, server_settings.max_batch),
+        batch_wait_ms=server_settings.batch_wait_ms,
+    )
+    encoder = ImageEncoder(encode_threads(server_settings.encode_threads))
+    return Runtime(settings=settings, worker=worker, queue=queue, metrics=metrics, encoder=encoder)
+
+
 async def create_server(
     settings: Settings, engine: ServingEngine | None = None
 ) -> tuple[DiffstackServer, int]:
@@ -263,17 +284,8 @@ async def create_server(
     server_settings, limits = settings.server, settings.limits
     if server_settings.metrics_require_token and not server_settings.admin_token:
         raise ValueError("server.metrics_require_token needs server.admin_token")
-    metrics = Metrics()
-    worker = EngineWorker(settings, engine)
-    queue = BatchQueue(
-        worker,
-        metrics,
-        queue_size=server_settings.queue_size,
-        max_batch=min(server_settings.batch_size or server_settings.max_batch, server_settings.max_batch),
-        batch_wait_ms=server_settings.batch_wait_ms,
-    )
-    encoder = ImageEncoder(encode_threads(server_settings.encode_threads))
-    runtime = Runtime(settings=settings, worker=worker, queue=queue, metrics=metrics, encoder=encoder)
+    runtime = build_runtime(settings, engine)
+    metrics = runtime.metrics
     interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
     if server_settings.admin_token:
         interceptors.append(AdminTokenInterceptor(server_settings.admin_token))

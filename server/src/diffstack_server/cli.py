@@ -35,6 +35,13 @@ SERVE_FLAGS = (
     ),
     SettingFlag("--model", "engine", "default_model", "the default model: a name inside --models-dir"),
     SettingFlag("--log-format", "server", "log_format", "log lines as", choices=("auto", "json", "console")),
+    SettingFlag(
+        "--replicas",
+        "server",
+        "replicas",
+        "N Ray Serve replicas behind one port (diffstack-ray; default 0: one process)",
+        int,
+    ),
 )
 """Every flag of ``serve``: the core's common ones and the server's own."""
 
@@ -69,7 +76,23 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     level = log_level(args)
     quiet_libraries(level)
+    if settings.server.replicas:
+        return _serve_replicas(settings, level)
     return serve(settings, level)
+
+
+def _serve_replicas(settings: Settings, level: int) -> int:
+    from diffstack.logs import configure_logging
+
+    try:
+        from diffstack_ray import run_replicas  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise SystemExit(
+            "--replicas needs the diffstack-ray distribution (pip install -e ./serve-ray)"
+        ) from None
+    configure_logging(settings.server.log_format, level)
+    result: int = run_replicas(settings)
+    return result
 
 
 def module_parser() -> argparse.ArgumentParser:
