@@ -146,7 +146,7 @@ def test_stats_add_up_the_replicas(channel: grpc.Channel) -> None:
     stats = diagnostics_pb2_grpc.DiagnosticsServiceStub(channel).GetStats(
         diagnostics_pb2.GetStatsRequest(), timeout=WAIT_S
     )
-    assert stats.engine["replicas"] >= 1
+    assert stats.engine["replicas"] == 2, "both replicas posted their stats at start"
     assert stats.requests_served >= 1
 
 
