@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,6 +38,8 @@ from diffstack_ray.replica import REPLICA_HEADER  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 WAIT_S = 60.0
+QUEUE = 2
+"""Each replica's queue (images) and Ray's limits on it: small, so a burst meets backpressure."""
 
 
 def _free_port() -> int:
@@ -52,7 +55,14 @@ def port(models_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     settings: Settings = baseline_settings(
         models_dir,
         "tiny-sd1",
-        server={"port": chosen, "batch_size": 2, "warm_batches": False, "batch_wait_ms": 0, "metrics": False},
+        server={
+            "port": chosen,
+            "batch_size": 2,
+            "warm_batches": False,
+            "batch_wait_ms": 0,
+            "metrics": False,
+            "queue_size": QUEUE,
+        },
     )
     ray.init(
         num_cpus=2,
@@ -139,6 +149,25 @@ def test_health_and_reflection(channel: grpc.Channel) -> None:
     assert "diffstack.v1.GenerationService" in names
 
 
+def test_a_burst_beyond_the_queues_is_refused_with_resource_exhausted(channel: grpc.Channel) -> None:
+    generation = generation_pb2_grpc.GenerationServiceStub(channel)
+    calls = 8 * QUEUE * 2
+    start = threading.Barrier(calls)
+
+    def generate(seed: int) -> str:
+        start.wait(WAIT_S)
+        try:
+            generation.Generate(generation_pb2.GenerateRequest(spec=_spec(seed, steps=8)), timeout=WAIT_S)
+        except grpc.RpcError as error:
+            code: Any = error.code()  # type: ignore[attr-defined]
+            return str(code.name)
+        return "OK"
+
+    with ThreadPoolExecutor(calls) as pool:
+        codes = list(pool.map(generate, range(calls)))
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+
+
 def test_stats_add_up_the_replicas(channel: grpc.Channel) -> None:
     generation = generation_pb2_grpc.GenerationServiceStub(channel)
     for seed in range(4):
@@ -170,7 +199,7 @@ def test_killed_replica_is_replaced_and_nothing_is_answered_twice(channel: grpc.
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(generate, range(200, 212)))
     assert sorted(seed for seed, _ in outcomes) == list(range(200, 212)), "each request answered once"
-    assert {code for _, code in outcomes} <= {"OK", "UNAVAILABLE", "INTERNAL"}
+    assert {code for _, code in outcomes} <= {"OK", "UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED"}
     assert any(code == "OK" for _, code in outcomes)
     replaced = _wait_for(lambda: _answering_replicas(generation) - {victim})
     assert len(replaced) == 2, "a new replica took the killed one's place"

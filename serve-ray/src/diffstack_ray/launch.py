@@ -87,10 +87,10 @@ def start_replicas(settings: Settings, replicas: int) -> None:
 
 def run_replicas(settings: Settings) -> int:
     """``diffstack serve --replicas N``: serve until SIGTERM or SIGINT, then shut Serve down."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     start_replicas(settings, settings.server.replicas)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+        signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     log.info("draining")
     serve.shutdown()
