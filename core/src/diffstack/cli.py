@@ -32,6 +32,7 @@ from diffstack.config import Settings, load_settings
 from diffstack.errors import DiffstackError, FieldViolation, InvalidRequest
 from diffstack.hookspecs import HOOK_NAMES
 from diffstack.logs import configure_logging
+from diffstack.profiles import all_profiles, apply_profile, blame_profile, profile_rows, profiles_table
 from diffstack.types import CandidateStatus, StackReport
 
 if TYPE_CHECKING:
@@ -78,6 +79,13 @@ COMMON_FLAGS = (
     SettingFlag("--device", "engine", "device", "cpu, cuda, cuda:1, ... (default: auto)"),
 )
 """Setting flags of every command, the server's included."""
+CLI_FLAGS = (
+    *COMMON_FLAGS,
+    SettingFlag(
+        "--profile", "engine", "profile", "a named profile the requests start from (see: diffstack profiles)"
+    ),
+)
+"""Setting flags of every ``diffstack`` command."""
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, flags: Sequence[SettingFlag]) -> None:
@@ -216,10 +224,18 @@ class _SamplerNames:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstack", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"diffstack {__version__}")
-    add_setting_flags(parser, COMMON_FLAGS)
+    add_setting_flags(parser, CLI_FLAGS)
     add_verbosity_flags(parser)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_generate(commands)
+
+    profiles = commands.add_parser(
+        "profiles",
+        help="list the named profiles and what each sets",
+        description="The built-in profiles and the settings' [profiles.NAME], with what each sets.",
+    )
+    profiles.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    profiles.set_defaults(command=_profiles)
 
     plugins = commands.add_parser(
         "plugins",
@@ -262,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
     quality.add_argument("--guidance", type=_non_negative_float, help="(default: the model's)")
     quality.add_argument("--sampler", choices=_SamplerNames(), metavar="NAME", help="(default: the model's)")
-    quality.add_argument("--schedule", default="auto", help="a schedule name")
+    quality.add_argument("--schedule", help="a schedule name (default: the profile's, else auto)")
     quality.add_argument("--wrapper", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
     quality.add_argument("--batch-size", type=_positive_int, default=16, help="images per pipeline call")
     quality.set_defaults(command=on_device(_quality))
@@ -369,7 +385,7 @@ def _accept_global_flags(parser: argparse.ArgumentParser) -> None:
     """Let ``diffstack COMMAND --config x.toml`` mean what ``diffstack --config x.toml COMMAND`` does."""
     known = parser._option_string_actions  # argparse keeps no public view of a parser's flags
     if "--config" not in known:
-        add_setting_flags(parser, [flag for flag in COMMON_FLAGS if flag.flag not in known])
+        add_setting_flags(parser, [flag for flag in CLI_FLAGS if flag.flag not in known])
     if "--log-level" not in known:
         add_verbosity_flags(parser)
     for action in parser._subparsers._group_actions if parser._subparsers else ():
@@ -443,13 +459,19 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     from diffstack.engine import GenerationJob, GenerationRequest, StepEvent
     from diffstack.preflight import check_before_loading
 
-    request = GenerationRequest(**request_fields(args))
-    check_before_loading(request, settings)
+    explicit = request_fields(args)
+    profile = settings.engine.profile
+    request = GenerationRequest(**apply_profile(explicit, profile, all_profiles(settings.profiles)))
+    try:
+        check_before_loading(request, settings)
+    except InvalidRequest as exc:
+        raise blame_profile(exc, profile, explicit) from None
     engine = _start_engine(settings, request.model)
     try:
         request = engine.prepare(request)
     except InvalidRequest as exc:
-        raise explain_rejections(exc, request, engine.report(request.model)) from None
+        explained = explain_rejections(exc, request, engine.report(request.model))
+        raise blame_profile(explained, profile, explicit) from None
     with tqdm(total=request.steps, unit="step", desc="generating", disable=None, leave=False) as bar:
 
         def advance(event: StepEvent) -> None:
@@ -607,6 +629,12 @@ def _plugins(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _profiles(args: argparse.Namespace, settings: Settings) -> int:
+    known = all_profiles(settings.profiles)
+    print(json.dumps(profile_rows(known), indent=2) if args.json else profiles_table(known))
+    return 0
+
+
 def _plugin_new(args: argparse.Namespace, settings: Settings) -> int:
     from diffstack.template import write_plugin
 
@@ -635,12 +663,15 @@ def _quality(args: argparse.Namespace, settings: Settings) -> int:
 
     from diffstack.synthetic.quality import engine_generator, evaluate, fixed_scenes, markdown_table
 
-    config: dict[str, Any] = {"schedule": args.schedule, "batch_size": args.batch_size}
-    for key in ("steps", "guidance", "sampler"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
+    explicit: dict[str, Any] = {
+        key: getattr(args, key) for key in ("steps", "guidance", "sampler", "schedule")
+    }
+    explicit = {key: value for key, value in explicit.items() if value is not None}
     if args.wrapper:
-        config["wrappers"] = dict(_wrapper(spec) for spec in args.wrapper)
+        explicit["wrappers"] = dict(_wrapper(spec) for spec in args.wrapper)
+    config = apply_profile(explicit, settings.engine.profile, all_profiles(settings.profiles))
+    config.setdefault("schedule", "auto")
+    config["batch_size"] = args.batch_size
     seeds = tuple(int(s) for s in args.seeds.split(","))
     scenes = fixed_scenes(args.scenes)
     label = " ".join(f"{k}={v}" for k, v in config.items() if k != "batch_size") or "defaults"

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from diffstack.profiles import Profile, all_profiles
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -28,6 +30,9 @@ class EngineSettings(_Section):
     """A name inside ``models_dir``, or empty for the embedded default model."""
     device: str = "auto"
     """``auto`` takes CUDA when present, else the CPU."""
+    profile: str = ""
+    """The named profile (:mod:`diffstack.profiles`) whose defaults the command's requests start from;
+    empty for none."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """``auto`` is float16 on CUDA (bfloat16 for FLUX) and float32 on the CPU."""
     threads: int = Field(default=0, ge=0)
@@ -251,6 +256,15 @@ class Settings(BaseSettings):
     compose: ComposeSettings = ComposeSettings()
     limits: Limits = Limits()
     server: ServerSettings = ServerSettings()
+    profiles: dict[str, Profile] = Field(default_factory=dict)
+    """User-defined profiles (``[profiles.NAME]``), besides and over the built-in ones."""
+
+    @model_validator(mode="after")
+    def _profile_is_known(self) -> Settings:
+        known = all_profiles(self.profiles)
+        if self.engine.profile and self.engine.profile not in known:
+            raise ValueError(f"engine.profile {self.engine.profile!r} is not a profile ({', '.join(known)})")
+        return self
 
     @model_validator(mode="after")
     def _start_up_work_fits_the_limits(self) -> Settings:
