@@ -15,6 +15,7 @@ from PIL import Image as PILImage
 
 from diffstack.errors import FieldViolation, InvalidRequest
 from diffstack.option_schema import OptionSpec, option_schema
+from diffstack.profiles import BUILTIN_PROFILES, Profile, apply_profile, blame_profile
 from diffstack_client.v1 import diagnostics_pb2, generation_pb2, types_pb2
 
 if TYPE_CHECKING:
@@ -42,34 +43,49 @@ _WEIGHTS = {"random": diagnostics_pb2.MODEL_WEIGHTS_RANDOM, "trained": diagnosti
 # -------------------------------------------------------------------------------------------------
 
 
-def request_from_spec(spec: types_pb2.GenerationSpec, limits: Limits) -> GenerationRequest:
-    """The engine request a ``GenerationSpec`` asks for (decodes the init image; the engine validates)."""
+def request_from_spec(
+    spec: types_pb2.GenerationSpec, limits: Limits, profiles: Mapping[str, Profile] = BUILTIN_PROFILES
+) -> GenerationRequest:
+    """The engine request a ``GenerationSpec`` asks for (decodes the init image; the engine validates):
+    the fields it sets over its named profile's defaults (an unknown profile is ``spec.profile``)."""
     from diffstack.engine import GenerationRequest  # torch and diffusers load with the engine, not before
 
-    fields: dict[str, Any] = {
-        "prompt": spec.prompt,
+    try:
+        fields = apply_profile(explicit_fields(spec), spec.profile, profiles)
+    except InvalidRequest as error:
+        raise in_spec(error) from None
+    if spec.HasField("init_image"):
+        fields["init_image"] = decode_image(spec.init_image, limits, field=f"{SPEC}.init_image")
+    if spec.HasField("mask"):
+        fields["mask"] = decode_image(spec.mask, limits, field=f"{SPEC}.mask")
+    return GenerationRequest(**fields)
+
+
+def explicit_fields(spec: types_pb2.GenerationSpec) -> dict[str, Any]:
+    """The request fields ``spec`` sets, images aside; unset ones stay out, so a profile's defaults,
+    then the request type's own (auto schedule, one image, ...), apply."""
+    maybe: dict[str, Any] = {
         "negative_prompt": spec.negative_prompt,
         "model": spec.model,
         "width": spec.width,
         "height": spec.height,
         "steps": spec.steps,
         "sampler": spec.sampler,
+        "schedule": spec.schedule,
+        "num_images": spec.num_images,
         "seeds": tuple(spec.seeds),
         "wrappers": {name: _options(w.options) for name, w in spec.wrappers.items()},
     }
-    # Unset fields stay out, so the request type's own defaults apply (auto schedule, one image, ...).
-    if spec.schedule:
-        fields["schedule"] = spec.schedule
-    if spec.num_images:
-        fields["num_images"] = spec.num_images
+    fields = {"prompt": spec.prompt, **{name: value for name, value in maybe.items() if value}}
     for optional in ("guidance", "strength"):
         if spec.HasField(optional):
             fields[optional] = getattr(spec, optional)
-    if spec.HasField("init_image"):
-        fields["init_image"] = decode_image(spec.init_image, limits, field=f"{SPEC}.init_image")
-    if spec.HasField("mask"):
-        fields["mask"] = decode_image(spec.mask, limits, field=f"{SPEC}.mask")
-    return GenerationRequest(**fields)
+    return fields
+
+
+def profile_refusal(error: InvalidRequest, spec: types_pb2.GenerationSpec) -> InvalidRequest:
+    """``error`` with what the engine refused of the spec's profile (not of the spec) on ``profile``."""
+    return blame_profile(error, spec.profile, explicit_fields(spec))
 
 
 def _options(options: Mapping[str, types_pb2.OptionValue]) -> dict[str, Any]:

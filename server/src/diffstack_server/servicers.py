@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from diffstack.errors import DeadlineExceeded, DiffstackError, InvalidRequest, NotReady
+from diffstack.profiles import all_profiles
 from diffstack_client.v1 import (
     diagnostics_pb2,
     diagnostics_pb2_grpc,
@@ -228,11 +229,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, engine: ServingEngine, model: LoadedModel, spec: types_pb2.GenerationSpec
     ) -> tuple[Any, Any]:
         """The prepared request and its batch key, computed once here."""
-        request = convert.request_from_spec(spec, self.runtime.settings.limits)
+        settings = self.runtime.settings
+        if not spec.profile and settings.engine.profile:  # the server's default profile
+            with_default = types_pb2.GenerationSpec()
+            with_default.CopyFrom(spec)
+            with_default.profile = settings.engine.profile
+            spec = with_default
+        request = convert.request_from_spec(spec, settings.limits, all_profiles(settings.profiles))
         try:
             prepared = engine.prepare(request, model)
         except InvalidRequest as error:
-            raise convert.in_spec(error) from None
+            raise convert.in_spec(convert.profile_refusal(error, spec)) from None
         return prepared, engine.batch_key(prepared)
 
     async def encode(

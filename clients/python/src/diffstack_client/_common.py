@@ -55,6 +55,7 @@ class SpecParams(TypedDict, total=False):
     strength: float
     mask: bytes | str | Path | PILImage.Image
     wrappers: Mapping[str, Mapping[str, OptionScalar]]
+    profile: str
 
 
 _SCALAR_FIELDS = (
@@ -68,6 +69,7 @@ _SCALAR_FIELDS = (
     "schedule",
     "num_images",
     "strength",
+    "profile",
 )
 
 

@@ -127,6 +127,7 @@ class GenerationSpec(_message.Message):
     STRENGTH_FIELD_NUMBER: _builtins.int
     WRAPPERS_FIELD_NUMBER: _builtins.int
     MASK_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name as ListModels reports it; empty for the server's default model."""
     prompt: _builtins.str
@@ -149,6 +150,11 @@ class GenerationSpec(_message.Message):
     """The number of images to generate from this prompt; 0 means 1."""
     strength: _builtins.float
     """How far image-to-image moves away from the init image, in (0, 1]; unset means 0.75."""
+    profile: _builtins.str
+    """A named profile (ListPlugins does not list them; `diffstack profiles` does) whose defaults
+    (steps, sampler, schedule, guidance, wrappers) fill what this spec leaves unset; empty for the
+    server's engine.profile. Fields set here win; the server's policy still applies to the rest.
+    """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """One seed per image; missing seeds are drawn by the server and returned with each image."""
@@ -186,10 +192,11 @@ class GenerationSpec(_message.Message):
         strength: _builtins.float | None = ...,
         wrappers: _abc.Mapping[_builtins.str, Global___WrapperOptions] | None = ...,
         mask: Global___Image | None = ...,
+        profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "init_image", b"init_image", "mask", b"mask", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "height", b"height", "init_image", b"init_image", "mask", b"mask", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "sampler", b"sampler", "schedule", b"schedule", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "width", b"width", "wrappers", b"wrappers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "height", b"height", "init_image", b"init_image", "mask", b"mask", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "profile", b"profile", "prompt", b"prompt", "sampler", b"sampler", "schedule", b"schedule", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "width", b"width", "wrappers", b"wrappers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
