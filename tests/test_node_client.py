@@ -268,3 +268,37 @@ def test_node_client_submits_watches_lists_and_cancels_jobs(models_dir: Path) ->
     assert summary["kinds"] == ["queued", "progress", "progress", "result"]
     assert summary["listed"] == [[True, "JOB_STATE_SUCCEEDED"]]
     assert summary["state"] == "JOB_STATE_SUCCEEDED"
+
+
+PROFILE_SCRIPT = """
+import { connect, statusDetails } from "./src/client.js";
+const client = connect(process.argv[1], { timeoutMs: 60000 });
+const { result } = await client.generate({ spec: { prompt: "a red circle", profile: "two", seeds: ["1"] } });
+const refused = await client.generate({ spec: { prompt: "a red circle", profile: "speed" } })
+  .then(() => ({}), (error) => statusDetails(error).violations);
+console.log(JSON.stringify({ images: result.images.length, refused: Object.keys(refused) }));
+client.close();
+"""
+
+
+@pytest.mark.slow
+def test_node_client_names_a_profile_and_sees_a_refused_one() -> None:
+    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
+        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
+    settings = load_settings(
+        server={"port": 0, "metrics_port": 0},
+        plugins={"allow": list(BASELINE_PLUGINS)},  # no AYS, no DeepCache: the speed profile is refused
+        engine={"warmup_steps": 0},
+        profiles={"two": {"steps": 2}},
+    )
+    with BackgroundServer(settings) as server:
+        finished = subprocess.run(
+            ["node", "--input-type=module", "-e", PROFILE_SCRIPT, server.target],
+            cwd=NODE_CLIENT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary == {"images": 1, "refused": ["spec.profile"]}
