@@ -40,7 +40,7 @@ def compose_sigmas(host: PluginHost, model: ModelUnderTest, settings: ComposeSet
         if isinstance(sigmas, Failure):
             slot.fail(trial, sigmas)
             continue
-        problem = _check_sigmas(sigmas)
+        problem = sigmas_problem(sigmas)
         if problem:
             slot.record(trial, CandidateStatus.REJECTED, problem)
             continue
@@ -57,8 +57,9 @@ def compose_sigmas(host: PluginHost, model: ModelUnderTest, settings: ComposeSet
     )
 
 
-def _check_sigmas(sigmas: object, steps: int = SIGMAS_CHECK_STEPS) -> str:
-    """What is wrong with a schedule's sigmas, or "" (None means the scheduler's own: fine)."""
+def sigmas_problem(sigmas: object, steps: int = SIGMAS_CHECK_STEPS) -> str:
+    """What is wrong with a schedule's sigmas for ``steps`` steps, or "" (None means the scheduler's
+    own: fine). Composition checks each offer once; request validation checks it at the request's steps."""
     if sigmas is None:
         return ""
     if not isinstance(sigmas, list | tuple) or not all(isinstance(s, int | float) for s in sigmas):

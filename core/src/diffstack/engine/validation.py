@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from diffstack.compose.sigmas import _check_sigmas
+from diffstack.compose.sigmas import sigmas_problem
 from diffstack.config import Limits
 from diffstack.engine.model import LoadedModel
 from diffstack.engine.requests import AUTO, GenerationRequest
@@ -301,7 +301,7 @@ def _sigmas_problem(model: LoadedModel, schedule: str, sampler: str, steps: int)
         sigmas = model.stack.schedules[schedule].build(steps, scheduler)
     except Exception as exc:  # a plugin's fault, reported as the reason this schedule cannot serve
         return f"it raised {type(exc).__name__}: {shown(str(exc), 200)}"
-    return _check_sigmas(sigmas, steps)
+    return sigmas_problem(sigmas, steps)
 
 
 def _seeds(request: GenerationRequest) -> tuple[int, ...]:
