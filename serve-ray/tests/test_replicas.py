@@ -97,13 +97,22 @@ def _replica(call: Any) -> str:
 
 def test_generate_stream_and_plugins_through_two_replicas(channel: grpc.Channel) -> None:
     generation = generation_pb2_grpc.GenerationServiceStub(channel)
-    answered_by = set()
-    for seed in range(6):
+
+    def generate(seed: int) -> str:
         response, call = generation.Generate.with_call(
             generation_pb2.GenerateRequest(spec=_spec(seed)), timeout=WAIT_S
         )
         assert len(response.result.images) == 1
-        answered_by.add(_replica(call))
+        return _replica(call)
+
+    # Ray routes each call to the less busy of two sampled replicas, so calls made one after another
+    # may all meet the same idle replica: concurrent rounds keep one busy while the next call routes.
+    answered_by: set[str] = set()
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: within the fixture's queues
+        for round_ in range(8):
+            answered_by.update(pool.map(generate, (2 * round_, 2 * round_ + 1)))
+            if len(answered_by) == 2:
+                break
     assert len(answered_by) == 2, "both replicas answer behind the one port"
     events = list(
         generation.GenerateStream(generation_pb2.GenerateStreamRequest(spec=_spec(7)), timeout=WAIT_S)
