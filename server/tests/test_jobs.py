@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
 import grpc
 import pytest
 
-from diffstack_client import DiffstackClient, Finished, Progress, Queued, ServiceError
+from diffstack_client import AsyncDiffstackClient, DiffstackClient, Finished, Progress, Queued, ServiceError
 from diffstack_client.v1 import generation_pb2
 from diffstack_server.testing import WAIT_S, SpyEngine
 
@@ -70,6 +71,39 @@ def test_cancel_job(client: DiffstackClient, spy: SpyEngine) -> None:
     assert isinstance(list(client.watch_job(running))[-1], Finished)
     assert client.cancel_job(running) == "JOB_STATE_SUCCEEDED"  # an ended job keeps its state
     assert 2 not in spy.served_seeds()
+
+
+def test_async_client_jobs(server: Any, spy: SpyEngine) -> None:
+    """The asyncio client's job methods do what the blocking client's do, against the same server."""
+
+    async def main() -> None:
+        async with AsyncDiffstackClient(server.target, timeout=WAIT_S) as client:
+            job_id = await client.submit_job("a cube", steps=2, seed=5, idempotency_key="once")
+            events = [event async for event in client.watch_job(job_id)]
+            assert isinstance(events[0], Queued) and isinstance(events[-1], Finished)
+            assert [e.step for e in events if isinstance(e, Progress)] == [1, 2]
+            assert events[-1].result.images[0].seed == 5
+            assert [event async for event in client.watch_job(job_id, from_now=True)] == []
+            assert await client.submit_job("a cube", steps=2, seed=5, idempotency_key="once") == job_id
+            (info,) = [j for j in await client.list_jobs() if j.job_id == job_id]
+            assert info.state == generation_pb2.JOB_STATE_SUCCEEDED and info.idempotency_key == "once"
+            assert await client.cancel_job(job_id) == "JOB_STATE_SUCCEEDED"
+            spy.gate = threading.Event()
+            running = await client.submit_job("a cube", steps=2, seed=1)
+            assert await asyncio.to_thread(spy.entered.wait, WAIT_S)
+            queued = await client.submit_job("a sphere", steps=3, seed=2)
+            assert await client.cancel_job(queued) == "JOB_STATE_CANCELLED"
+            spy.gate.set()
+            with pytest.raises(ServiceError) as cancelled:
+                [event async for event in client.watch_job(queued)]
+            assert cancelled.value.code is grpc.StatusCode.CANCELLED
+            assert isinstance([event async for event in client.watch_job(running)][-1], Finished)
+            with pytest.raises(ServiceError) as unknown:
+                await client.cancel_job("no-such-job")
+            assert unknown.value.code is grpc.StatusCode.NOT_FOUND
+
+    asyncio.run(main())
+    assert spy.served_seeds().count(5) == 1 and 2 not in spy.served_seeds()
 
 
 def test_list_jobs(client: DiffstackClient, spy: SpyEngine) -> None:

@@ -152,6 +152,24 @@ def output_options(
     return output
 
 
+def job_request(
+    prompt: str,
+    params: SpecParams,
+    idempotency_key: str,
+    previews: bool,
+    image_format: ImageFormatName,
+) -> generation_pb2.SubmitJobRequest:
+    """The ``SubmitJobRequest`` both clients send for ``submit_job``."""
+    return generation_pb2.SubmitJobRequest(
+        request=generation_pb2.GenerateStreamRequest(
+            spec=build_spec(prompt, params),
+            output=output_options(image_format, None, None, False),
+            previews=preview_options(previews, 0, "jpeg"),
+        ),
+        idempotency_key=idempotency_key,
+    )
+
+
 def preview_options(
     enabled: bool, max_side: int, image_format: ImageFormatName
 ) -> generation_pb2.PreviewOptions:

@@ -22,6 +22,7 @@ from diffstack_client._common import (
     SpecParams,
     build_spec,
     event_from_message,
+    job_request,
     metadata_value,
     output_options,
     preview_options,
@@ -90,7 +91,7 @@ class AsyncDiffstackClient:
             raise ServiceError.from_rpc_error(error) from error
         return Generation.from_message(response.result, request_id)
 
-    async def stream(
+    def stream(
         self,
         prompt: str,
         *,
@@ -117,16 +118,51 @@ class AsyncDiffstackClient:
         call = self._generation.GenerateStream(
             request, timeout=self._timeout(timeout), metadata=self._key + _request_metadata(request_id)
         )
-        request_id = ""
+        return _events(call)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    async def submit_job(
+        self,
+        prompt: str,
+        *,
+        idempotency_key: str = "",
+        previews: bool = False,
+        image_format: ImageFormatName = "png",
+        **params: Unpack[SpecParams],
+    ) -> str:
+        """Queue a job that runs whether or not anyone watches; returns its id. Submitting again with
+        the same ``idempotency_key`` returns the same job (it never runs twice)."""
+        request = job_request(prompt, params, idempotency_key, previews, image_format)
+        return str((await self._call(self._generation.SubmitJob, request)).job_id)
+
+    def watch_job(self, job_id: str, *, from_now: bool = False) -> AsyncIterator[Event]:
+        """The job's events from its start (or from now) until it ends, ``Finished`` last; a failed
+        job raises its error. Leaving the loop early leaves the job running."""
+        call = self._generation.WatchJob(
+            generation_pb2.WatchJobRequest(job_id=job_id, from_now=from_now),
+            timeout=self.timeout,
+            metadata=self._key,
+        )
+        return _events(call)
+
+    async def cancel_job(self, job_id: str) -> str:
+        """Cancel the job; returns its state name after the call (e.g. ``JOB_STATE_CANCELLED``)."""
+        request = generation_pb2.CancelJobRequest(job_id=job_id)
+        return generation_pb2.JobState.Name((await self._call(self._generation.CancelJob, request)).state)
+
+    async def list_jobs(self) -> list[generation_pb2.JobInfo]:
+        """This caller's jobs the server still keeps, oldest first, with queue positions."""
+        response = await self._call(self._generation.ListJobs, generation_pb2.ListJobsRequest())
+        return list(response.jobs)
+
+    async def _call(self, method: Any, request: Any) -> Any:
         try:
-            async for message in call:
-                if not request_id:
-                    request_id = metadata_value(await call.initial_metadata(), REQUEST_ID_HEADER)
-                yield event_from_message(message, request_id)
+            return await method(request, timeout=self.timeout, metadata=self._key)
         except grpc.aio.AioRpcError as error:
             raise ServiceError.from_rpc_error(error) from error
-        finally:
-            call.cancel()
+
+    # -- diagnostics ---------------------------------------------------------------------------------
 
     async def plugins(self) -> list[Plugin]:
         response = await self._admin_call(self._diagnostics.ListPlugins, diagnostics_pb2.ListPluginsRequest())
@@ -205,3 +241,19 @@ class AsyncDiffstackClient:
 
 def _request_metadata(request_id: str | None) -> Metadata:
     return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+
+
+async def _events(call: Any) -> AsyncIterator[Event]:
+    """A stream's events; leaving early cancels the call (a generation stops, a job runs on)."""
+    request_id = ""
+    try:
+        async for message in call:
+            if not request_id:
+                request_id = metadata_value(await call.initial_metadata(), REQUEST_ID_HEADER)
+            if isinstance(message, generation_pb2.WatchJobResponse):
+                message = message.event
+            yield event_from_message(message, request_id)
+    except grpc.aio.AioRpcError as error:
+        raise ServiceError.from_rpc_error(error) from error
+    finally:
+        call.cancel()

@@ -21,6 +21,7 @@ from diffstack_client._common import (
     SpecParams,
     build_spec,
     event_from_message,
+    job_request,
     metadata_value,
     output_options,
     preview_options,
@@ -137,14 +138,7 @@ class DiffstackClient:
     ) -> str:
         """Queue a job that runs whether or not anyone watches; returns its id. Submitting again with
         the same ``idempotency_key`` returns the same job (it never runs twice)."""
-        request = generation_pb2.SubmitJobRequest(
-            request=generation_pb2.GenerateStreamRequest(
-                spec=build_spec(prompt, params),
-                output=output_options(image_format, None, None, False),
-                previews=preview_options(previews, 0, "jpeg"),
-            ),
-            idempotency_key=idempotency_key,
-        )
+        request = job_request(prompt, params, idempotency_key, previews, image_format)
         return str(self._call(self._generation.SubmitJob, request).job_id)
 
     def watch_job(self, job_id: str, *, from_now: bool = False) -> Generator[Event, None, None]:
