@@ -231,9 +231,9 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--strength", "0.5"], "strength: --strength needs --init-image"),
         (["-n", "1", "--seed", "1", "--seed", "2"], "seeds: 2 seeds for -n 1 images"),
-        (["--width", "63"], "width: must be a multiple of 8, got 63"),
-        (["--steps", "151"], "steps: must be at most 150, got 151"),
-        (["-n", "9"], "num_images: must be at most 8"),
+        (["--width", "63"], "width: must be a positive multiple of 8, got 63"),
+        (["--steps", "151"], "steps: must be between 1 and 150, got 151"),
+        (["-n", "9"], "num_images: must be between 1 and 8, got 9"),
         (["--schedule", "linear"], "schedule: no installed plugin offers a schedule named 'linear'"),
         (["--wrapper", "nope"], "wrappers: no installed plugin offers a wrapper named 'nope'"),
     ],

@@ -8,9 +8,8 @@ loading, with the model's own facts (its size multiple, its family's samplers, w
 
 from __future__ import annotations
 
-import math
-
 from diffstack.config import Settings
+from diffstack.engine import validation
 from diffstack.engine.families import ADAPTERS
 from diffstack.engine.requests import AUTO, GenerationRequest
 from diffstack.engine.samplers import SAMPLERS
@@ -32,35 +31,33 @@ def installed_offer_names(host: PluginHost, hook: str) -> set[str]:
     return names
 
 
-# Over the complexity bar: one check per field, to be shared with validation when issue 9 splits it.
-def violations_before_loading(  # noqa: C901
+def violations_before_loading(
     request: GenerationRequest, settings: Settings, host: PluginHost
 ) -> list[FieldViolation]:
-    """Every problem ``request`` has that no model is needed to see."""
+    """Every problem ``request`` has that no model is needed to see: validation's own field checks
+    (one wording for the CLI and the server) on the fields the request sets (zero takes a default)."""
     limits = settings.limits
     multiple = min(adapter.size_multiple for adapter in ADAPTERS)  # the model's own is checked later
     violations: list[FieldViolation] = []
-    for field, value in (("width", request.width), ("height", request.height)):
-        if value and value % multiple:
-            violations.append(FieldViolation(field, f"must be a multiple of {multiple}, got {value}"))
-    if request.width and request.height and request.width * request.height > limits.max_pixels:
-        violations.append(
-            FieldViolation(
-                "width", f"{request.width}x{request.height} exceeds the limit of {limits.max_pixels} pixels"
-            )
-        )
-    if request.steps > limits.max_steps:
-        violations.append(FieldViolation("steps", f"must be at most {limits.max_steps}, got {request.steps}"))
-    if request.num_images > limits.max_images:
-        violations.append(
-            FieldViolation("num_images", f"must be at most {limits.max_images}, got {request.num_images}")
-        )
-    if request.guidance is not None and not (math.isfinite(request.guidance) and request.guidance <= 50):
-        violations.append(FieldViolation("guidance", f"must be between 0 and 50, got {request.guidance}"))
-    if request.sampler and request.sampler not in SAMPLERS:
-        violations.append(
-            FieldViolation("sampler", f"unknown sampler {request.sampler!r}; choose one of {list(SAMPLERS)}")
-        )
+    for field, side in (("width", request.width), ("height", request.height)):
+        if side:
+            violations += validation.side_violations(field, side, multiple)
+    if request.width and request.height:
+        violations += validation.pixels_violations(request.width, request.height, limits)
+    if request.steps:
+        violations += validation.steps_violations(request.steps, limits)
+    if request.num_images:
+        violations += validation.images_violations(request.num_images, request.seeds, limits)
+    if request.guidance is not None:
+        violations += validation.guidance_violations(request.guidance)
+    if request.sampler:
+        violations += validation.sampler_violations(request.sampler, SAMPLERS)
+    return violations + _name_violations(request, host)
+
+
+def _name_violations(request: GenerationRequest, host: PluginHost) -> list[FieldViolation]:
+    """Schedule and wrapper names no installed plugin offers (which a model keeps is known later)."""
+    violations: list[FieldViolation] = []
     if request.schedule and request.schedule != AUTO:
         schedules = installed_offer_names(host, "build_sigmas")
         if request.schedule not in schedules:

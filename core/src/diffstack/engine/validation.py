@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import replace
 
 from diffstack.compose.sigmas import sigmas_problem
@@ -60,6 +60,48 @@ def with_defaults(request: GenerationRequest, model: LoadedModel, limits: Limits
 
 
 # -------------------------------------------------------------------------------------------------
+# Field checks that need no model (the CLI's preflight runs these before loading one)
+# -------------------------------------------------------------------------------------------------
+
+
+def side_violations(field: str, value: int, multiple: int) -> Iterator[FieldViolation]:
+    if value <= 0 or value % multiple:
+        yield FieldViolation(field, f"must be a positive multiple of {multiple}, got {value}")
+
+
+def pixels_violations(width: int, height: int, limits: Limits) -> Iterator[FieldViolation]:
+    if width * height > limits.max_pixels:
+        yield FieldViolation("width", f"{width}x{height} exceeds the limit of {limits.max_pixels} pixels")
+
+
+def steps_violations(steps: int, limits: Limits) -> Iterator[FieldViolation]:
+    if not 1 <= steps <= limits.max_steps:
+        yield FieldViolation("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+
+
+def guidance_violations(guidance: float | None) -> Iterator[FieldViolation]:
+    if guidance is None or not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        yield FieldViolation("guidance", f"must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+
+
+def sampler_violations(sampler: str, known: Collection[str], scope: str = "") -> Iterator[FieldViolation]:
+    """``scope`` says whose samplers ``known`` are (" for sd1"), after the sampler's name."""
+    if sampler not in known:
+        yield FieldViolation(
+            "sampler", f"unknown sampler {shown(sampler)}{scope}; choose one of {sorted(known)}"
+        )
+
+
+def images_violations(num_images: int, seeds: Sequence[int], limits: Limits) -> Iterator[FieldViolation]:
+    if not 1 <= num_images <= limits.max_images:
+        yield FieldViolation("num_images", f"must be between 1 and {limits.max_images}, got {num_images}")
+    if len(seeds) > num_images:
+        yield FieldViolation("seeds", f"{len(seeds)} seeds for {num_images} images")
+    if any(not 0 <= seed < 2**63 for seed in seeds):
+        yield FieldViolation("seeds", "seeds must be between 0 and 2^63 - 1")
+
+
+# -------------------------------------------------------------------------------------------------
 # One check per field
 # -------------------------------------------------------------------------------------------------
 
@@ -100,48 +142,29 @@ def _check_prompt(field: str, text: str, model: LoadedModel, limits: Limits) -> 
 
 def _check_size(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
     multiple = model.adapter.size_multiple
-    for field, value in (("width", request.width), ("height", request.height)):
-        if value <= 0 or value % multiple:
-            yield FieldViolation(field, f"must be a positive multiple of {multiple}, got {value}")
-    if request.width * request.height > limits.max_pixels:
-        yield FieldViolation(
-            "width", f"{request.width}x{request.height} exceeds the limit of {limits.max_pixels} pixels"
-        )
+    yield from side_violations("width", request.width, multiple)
+    yield from side_violations("height", request.height, multiple)
+    yield from pixels_violations(request.width, request.height, limits)
 
 
 def _check_steps(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
-    if not 1 <= request.steps <= limits.max_steps:
-        yield FieldViolation("steps", f"must be between 1 and {limits.max_steps}, got {request.steps}")
+    yield from steps_violations(request.steps, limits)
 
 
 def _check_guidance(
     request: GenerationRequest, model: LoadedModel, limits: Limits
 ) -> Iterator[FieldViolation]:
-    guidance = request.guidance
-    if guidance is None or not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
-        yield FieldViolation("guidance", f"must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+    yield from guidance_violations(request.guidance)
 
 
 def _check_sampler(
     request: GenerationRequest, model: LoadedModel, limits: Limits
 ) -> Iterator[FieldViolation]:
-    if request.sampler not in model.adapter.samplers:
-        yield FieldViolation(
-            "sampler",
-            f"unknown sampler {shown(request.sampler)} for {model.info.family.value}; "
-            f"choose one of {sorted(model.adapter.samplers)}",
-        )
+    yield from sampler_violations(request.sampler, model.adapter.samplers, f" for {model.info.family.value}")
 
 
 def _check_images(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
-    if not 1 <= request.num_images <= limits.max_images:
-        yield FieldViolation(
-            "num_images", f"must be between 1 and {limits.max_images}, got {request.num_images}"
-        )
-    if len(request.seeds) > request.num_images:
-        yield FieldViolation("seeds", f"{len(request.seeds)} seeds for {request.num_images} images")
-    if any(not 0 <= seed < 2**63 for seed in request.seeds):
-        yield FieldViolation("seeds", "seeds must be between 0 and 2^63 - 1")
+    yield from images_violations(request.num_images, request.seeds, limits)
 
 
 def _check_strength(
