@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -26,36 +27,30 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.slow
-def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path: Path) -> None:
+def node_summary(script_or_args: str | list[str], *args: str) -> dict[str, Any]:
+    """Run a Node script (an ES module's source, or ``node`` arguments) in clients/node against a
+    server; it must succeed and print its summary as JSON on its last line, which is returned."""
     if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
         pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
+    command = (
+        script_or_args if isinstance(script_or_args, list) else ["--input-type=module", "-e", script_or_args]
+    )
+    finished = subprocess.run(
+        ["node", *command, *args], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    summary: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
+    return summary
+
+
+@pytest.mark.slow
+def test_node_client_generates_streams_lists_and_sees_invalid_argument(tmp_path: Path) -> None:
     settings = load_settings(server={"port": 0, "metrics_port": 0}, plugins={"allow": list(BASELINE_PLUGINS)})
     with BackgroundServer(settings) as server:
-        finished = subprocess.run(
-            [
-                "node",
-                "src/demo.js",
-                "--target",
-                server.target,
-                "--out",
-                str(tmp_path),
-                "--steps",
-                "3",
-                "--format",
-                "webp",
-                "--quality",
-                "80",
-                "--effort",
-                "0",
-            ],
-            cwd=NODE_CLIENT,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        summary = node_summary(
+            ["src/demo.js", "--target", server.target, "--out", str(tmp_path), "--steps", "3"],
+            *("--format", "webp", "--quality", "80", "--effort", "0"),
         )
-    assert finished.returncode == 0, finished.stdout + finished.stderr
-    summary = json.loads(finished.stdout.strip().splitlines()[-1])
     assert summary["ok"] is True
     assert set(BASELINE_PLUGINS) <= set(summary["plugins"])
     assert summary["progress"] == [1, 2, 3]
@@ -109,8 +104,6 @@ client.close();
 
 @pytest.mark.slow
 def test_node_client_inpaints_with_a_mask_and_sees_a_bad_one_refused(tmp_path: Path) -> None:
-    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
-        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     Image.new("L", (32, 64), 255).save(tmp_path / "small.png")
@@ -120,15 +113,7 @@ def test_node_client_inpaints_with_a_mask_and_sees_a_bad_one_refused(tmp_path: P
         engine={"warmup_steps": 0},
     )
     with BackgroundServer(settings) as server:
-        finished = subprocess.run(
-            ["node", "--input-type=module", "-e", INPAINT_SCRIPT, server.target, str(tmp_path)],
-            cwd=NODE_CLIENT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert finished.returncode == 0, finished.stdout + finished.stderr
-    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+        summary = node_summary(INPAINT_SCRIPT, server.target, str(tmp_path))
     assert summary == {"width": 64, "refused": ["spec.mask"]}
 
 
@@ -161,8 +146,6 @@ stranger.close();
 
 @pytest.mark.slow
 def test_node_client_manages_models_and_lists_wrapper_option_schemas(models_dir: Path) -> None:
-    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
-        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
     settings = baseline_settings(
         models_dir,
         "tiny-sd1",
@@ -171,15 +154,7 @@ def test_node_client_manages_models_and_lists_wrapper_option_schemas(models_dir:
         plugins={"allow": [*BASELINE_PLUGINS, "deepcache"]},
     )
     with BackgroundServer(settings) as server:
-        finished = subprocess.run(
-            ["node", "--input-type=module", "-e", LIFECYCLE_SCRIPT, server.target, "s3cret"],
-            cwd=NODE_CLIENT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert finished.returncode == 0, finished.stdout + finished.stderr
-    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+        summary = node_summary(LIFECYCLE_SCRIPT, server.target, "s3cret")
     assert summary["loaded"] == "tiny-sd2" and summary["loadedNow"] is True and summary["host"] > 0
     assert summary["statsModels"] == ["tiny-sd1", "tiny-sd2"]
     assert summary["refused"] == 7  # PERMISSION_DENIED
@@ -208,8 +183,6 @@ anonymous.close();
 
 @pytest.mark.slow
 def test_node_client_sends_its_api_key(models_dir: Path) -> None:
-    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
-        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
     key = "node-secret-key-0123456789"
     settings = baseline_settings(
         models_dir,
@@ -218,15 +191,7 @@ def test_node_client_sends_its_api_key(models_dir: Path) -> None:
         engine={"warmup_steps": 0},
     )
     with BackgroundServer(settings) as server:
-        finished = subprocess.run(
-            ["node", "--input-type=module", "-e", KEYS_SCRIPT, server.target, key],
-            cwd=NODE_CLIENT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert finished.returncode == 0, finished.stdout + finished.stderr
-    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+        summary = node_summary(KEYS_SCRIPT, server.target, key)
     assert summary == {"images": 1, "streamed": 1, "refused": 16}  # 16: UNAUTHENTICATED
 
 
@@ -249,21 +214,11 @@ client.close();
 
 @pytest.mark.slow
 def test_node_client_submits_watches_lists_and_cancels_jobs(models_dir: Path) -> None:
-    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
-        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
     settings = baseline_settings(
         models_dir, "tiny-sd1", server={"port": 0, "metrics_port": 0}, engine={"warmup_steps": 0}
     )
     with BackgroundServer(settings) as server:
-        finished = subprocess.run(
-            ["node", "--input-type=module", "-e", JOBS_SCRIPT, server.target],
-            cwd=NODE_CLIENT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert finished.returncode == 0, finished.stdout + finished.stderr
-    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+        summary = node_summary(JOBS_SCRIPT, server.target)
     assert summary["same"] is True and summary["created"] is False
     assert summary["kinds"] == ["queued", "progress", "progress", "result"]
     assert summary["listed"] == [[True, "JOB_STATE_SUCCEEDED"]]
@@ -283,8 +238,6 @@ client.close();
 
 @pytest.mark.slow
 def test_node_client_names_a_profile_and_sees_a_refused_one() -> None:
-    if not (NODE_CLIENT / "node_modules/@grpc/grpc-js").is_dir():
-        pytest.fail("the Node client's packages are missing: run `npm ci --prefix clients/node` first")
     settings = load_settings(
         server={"port": 0, "metrics_port": 0},
         plugins={"allow": list(BASELINE_PLUGINS)},  # no AYS, no DeepCache: the speed profile is refused
@@ -292,13 +245,5 @@ def test_node_client_names_a_profile_and_sees_a_refused_one() -> None:
         profiles={"two": {"steps": 2}},
     )
     with BackgroundServer(settings) as server:
-        finished = subprocess.run(
-            ["node", "--input-type=module", "-e", PROFILE_SCRIPT, server.target],
-            cwd=NODE_CLIENT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert finished.returncode == 0, finished.stdout + finished.stderr
-    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+        summary = node_summary(PROFILE_SCRIPT, server.target)
     assert summary == {"images": 1, "refused": ["spec.profile"]}
