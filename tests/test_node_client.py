@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from diffstack.config import load_settings
+from diffstack.engine import Engine
 from diffstack.testing import BASELINE_PLUGINS, baseline_settings
 from diffstack_server import BackgroundServer
+from diffstack_server.testing import ReferenceRecorder, Seen
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_CLIENT = ROOT / "clients/node"
@@ -247,3 +249,39 @@ def test_node_client_names_a_profile_and_sees_a_refused_one() -> None:
     with BackgroundServer(settings) as server:
         summary = node_summary(PROFILE_SCRIPT, server.target)
     assert summary == {"images": 1, "refused": ["spec.profile"]}
+
+
+IMAGE_OPTION_SCRIPT = """
+import { connect, imageFile, statusDetails } from "./src/client.js";
+const [target, dir] = process.argv.slice(1);
+const client = connect(target, { timeoutMs: 60000 });
+const plugins = (await client.listPlugins()).plugins;
+const image = plugins.find((p) => p.name === "reference").wrappers[0].options.find((o) => o.name === "image");
+const spec = (picture) => ({
+  prompt: "a cube", steps: 1, seeds: ["1"],
+  wrappers: {
+    reference: { options: { image: { image_value: imageFile(picture) }, weight: { double_value: 0.75 } } },
+  },
+});
+const { result } = await client.generate({ spec: spec(`${dir}/green.png`) });
+const refused = await client.generate({ spec: spec(`${dir}/junk.bin`) })
+  .then(() => ({}), (error) => statusDetails(error).violations);
+const images = result.images.length;
+console.log(JSON.stringify({ type: image.type, images, refused: Object.keys(refused) }));
+client.close();
+"""
+
+
+@pytest.mark.slow
+def test_node_client_sends_a_picture_as_a_wrapper_option(models_dir: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (20, 12), (10, 240, 10)).save(tmp_path / "green.png")
+    (tmp_path / "junk.bin").write_bytes(b"not a picture")
+    recorder = ReferenceRecorder()
+    settings = baseline_settings(
+        models_dir, "tiny-sd1", server={"port": 0, "metrics_port": 0}, engine={"warmup_steps": 0}
+    )
+    engine = Engine.start(settings, recorder.host_with(settings))
+    with BackgroundServer(settings, engine) as server:
+        summary = node_summary(IMAGE_OPTION_SCRIPT, server.target, str(tmp_path))
+    assert summary == {"type": "OPTION_TYPE_IMAGE", "images": 1, "refused": ["spec.wrappers.reference.image"]}
+    assert recorder.seen == [Seen((20, 12), (10, 240, 10), 0.75)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from annotated_types import Ge, Gt, Interval, Le, Lt
+from PIL import Image as PILImage
 
 __all__ = ["OptionSpec", "OptionType", "option_schema"]
 
@@ -31,9 +32,16 @@ class OptionType(enum.StrEnum):
     INT = "int"
     FLOAT = "float"
     STRING = "string"
+    IMAGE = "image"
 
 
-_TYPES = {bool: OptionType.BOOL, int: OptionType.INT, float: OptionType.FLOAT, str: OptionType.STRING}
+_TYPES = {
+    bool: OptionType.BOOL,
+    int: OptionType.INT,
+    float: OptionType.FLOAT,
+    str: OptionType.STRING,
+    PILImage.Image: OptionType.IMAGE,
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ def _spec(name: str, hint: Any, default: Any, description: str) -> OptionSpec:
         hint, *extra = typing.get_args(hint)
         metadata = tuple(extra)
     if hint not in _TYPES:
-        raise TypeError(f"option {name!r}: type {hint!r} has no schema (bool, int, float or str)")
+        raise TypeError(f"option {name!r}: type {hint!r} has no schema (bool, int, float, str or PIL.Image.Image)")
     spec = OptionSpec(
         name=name,
         type=_TYPES[hint],

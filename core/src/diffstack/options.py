@@ -77,7 +77,8 @@ def _build_validator(schema: type) -> type[BaseModel]:
         for f in dataclasses.fields(schema)
         if f.init
     }
-    config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # Arbitrary types: an image option (``PIL.Image.Image``) is checked with isinstance.
+    config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
     model: type[BaseModel] = create_model(f"{schema.__name__}Options", __config__=config, **fields)
     return model
 

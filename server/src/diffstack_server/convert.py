@@ -54,6 +54,8 @@ def request_from_spec(
         fields = apply_profile(explicit_fields(spec), spec.profile, profiles)
     except InvalidRequest as error:
         raise in_spec(error) from None
+    if "wrappers" in fields:
+        fields["wrappers"] = _decoded_options(fields["wrappers"], limits)
     if spec.HasField("init_image"):
         fields["init_image"] = decode_image(spec.init_image, limits, field=f"{SPEC}.init_image")
     if spec.HasField("mask"):
@@ -89,12 +91,27 @@ def profile_refusal(error: InvalidRequest, spec: types_pb2.GenerationSpec) -> In
 
 
 def _options(options: Mapping[str, types_pb2.OptionValue]) -> dict[str, Any]:
+    """Option values as sent; a picture stays an ``Image`` message (:func:`_decoded_options`)."""
     values: dict[str, Any] = {}
     for key, value in options.items():
         kind = value.WhichOneof("kind")
         if kind is not None:
             values[key] = getattr(value, kind)
     return values
+
+
+def _decoded_options(wrappers: Mapping[str, Mapping[str, Any]], limits: Limits) -> dict[str, dict[str, Any]]:
+    """``wrappers`` with every picture option decoded and checked as ``init_image`` is (format, pixel
+    limit before decoding, damaged data), a problem named ``spec.wrappers.<wrapper>.<option>``."""
+    return {
+        name: {
+            key: decode_image(value, limits, field=f"{SPEC}.wrappers.{name}.{key}")
+            if isinstance(value, types_pb2.Image)
+            else value
+            for key, value in options.items()
+        }
+        for name, options in wrappers.items()
+    }
 
 
 def in_spec(error: InvalidRequest) -> InvalidRequest:

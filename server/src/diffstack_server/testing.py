@@ -4,17 +4,28 @@
 call, can hold a batch (or a model load) at a gate, can hold each job at its first step until that
 job's stop signal is visible (so "stops within one step" is exact), and can fake an out-of-memory
 batch. It never replaces the engine's work.
+
+:class:`ReferenceRecorder` is a plugin whose ``reference`` wrapper takes an image option and records
+what each generation handed it, so a test of any client sees what arrived through the wire.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+from PIL import Image as PILImage
+from PIL import ImageStat
+
+from diffstack import Availability, DenoiserWrapper, DenoiserWrapperOffer, ModelInfo, hookimpl, parse_options
+from diffstack.config import Settings
 from diffstack.engine import GenerationJob, GenerationRequest, GenerationResult, StepEvent
 from diffstack.errors import DiffstackError, OutOfMemory
+from diffstack.options import Interval
+from diffstack.plugins import PluginHost, load_plugins
+from diffstack.types import PluginRecord, PluginStatus
 from diffstack_server.protocols import ServingEngine
 
 if TYPE_CHECKING:
@@ -130,3 +141,68 @@ class SpyEngine:
     def served_seeds(self) -> list[int]:
         """First seeds of the jobs that ended with images, one entry per time served."""
         return [s for s, r in self.jobs.items() if isinstance(r.outcome, GenerationResult)]
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """The options of :class:`ReferenceRecorder`'s wrapper."""
+
+    image: PILImage.Image | None = None
+    """The reference picture."""
+    weight: Annotated[float, Interval(ge=0, le=1)] = 0.5
+    """How much it counts."""
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What one application of the ``reference`` wrapper was given: the picture's size, its mean
+    colour (rounded per channel) and the weight."""
+
+    size: tuple[int, int]
+    mean: tuple[int, ...]
+    weight: float
+
+
+@dataclass
+class ReferenceRecorder:
+    """A plugin offering the ``reference`` wrapper, which takes an image option and records it."""
+
+    seen: list[Seen] = field(default_factory=list)
+
+    def host_with(self, settings: Settings) -> PluginHost:
+        """The plugins ``settings`` admit, and this one as ``reference``."""
+        host = load_plugins(settings.plugins)
+        host.register(self, PluginRecord("reference", "", "", "", (), PluginStatus.LOADED))
+        return host
+
+    @hookimpl
+    def wrap_denoiser(self, model: ModelInfo) -> list[DenoiserWrapperOffer]:
+        return [
+            DenoiserWrapperOffer(
+                name="reference",
+                description="records its reference picture (a test plugin)",
+                probe=lambda _model: Availability.yes(),
+                apply=self._apply,
+                options=ReferenceOptions,
+            )
+        ]
+
+    def _apply(self, denoiser: Any, options: Mapping[str, Any]) -> DenoiserWrapper:
+        parsed = parse_options(ReferenceOptions, options)
+        if parsed.image is not None:
+            mean = tuple(round(channel) for channel in ImageStat.Stat(parsed.image).mean)
+            self.seen.append(Seen(parsed.image.size, mean, parsed.weight))
+        return _Detached()
+
+
+class _Detached:
+    """A wrapper that attaches nothing (the recorder only reads its options)."""
+
+    def reset_state(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass

@@ -6,7 +6,7 @@ import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -35,6 +35,9 @@ _FORMAT_NAMES = {value: name for name, value in _FORMATS.items()}
 _SUFFIXES = {"png": ".png", "webp": ".webp", "jpeg": ".jpg", "raw_rgb": ".png"}
 
 OptionScalar = int | float | bool | str
+# A wrapper option's value: a scalar, or for an image option a picture (encoded bytes, a file's path
+# as a ``Path``, or a PIL image; a ``str`` is always a string option).
+OptionInput: TypeAlias = "OptionScalar | bytes | Path | PILImage.Image"
 
 
 class SpecParams(TypedDict, total=False):
@@ -54,7 +57,7 @@ class SpecParams(TypedDict, total=False):
     init_image: bytes | str | Path | PILImage.Image
     strength: float
     mask: bytes | str | Path | PILImage.Image
-    wrappers: Mapping[str, Mapping[str, OptionScalar]]
+    wrappers: Mapping[str, Mapping[str, OptionInput]]
     profile: str
 
 
@@ -117,14 +120,16 @@ def outpaint(
     return padded, mask
 
 
-def _option(value: OptionScalar) -> types_pb2.OptionValue:
+def _option(value: OptionInput) -> types_pb2.OptionValue:
     if isinstance(value, bool):
         return types_pb2.OptionValue(bool_value=value)
     if isinstance(value, int):
         return types_pb2.OptionValue(int_value=value)
     if isinstance(value, float):
         return types_pb2.OptionValue(double_value=value)
-    return types_pb2.OptionValue(string_value=str(value))
+    if isinstance(value, str):
+        return types_pb2.OptionValue(string_value=value)
+    return types_pb2.OptionValue(image_value=_image_message(value))
 
 
 def _image_message(image: Any) -> types_pb2.Image:

@@ -52,6 +52,7 @@ class OptionType(enum.StrEnum):
     INT = "int"
     FLOAT = "float"
     STRING = "string"
+    IMAGE = "image"
 
 
 OptionDefault = bool | int | float | str | None

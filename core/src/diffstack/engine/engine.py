@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import structlog
 import torch
+from PIL import Image as PILImage
 
 from diffstack.config import Settings, cpu_threads
 from diffstack.engine.loading import (
@@ -331,7 +333,10 @@ class Engine:
     def batch_key(request: GenerationRequest) -> Hashable:
         """Prepared requests with equal keys can share one pipeline call."""
         wrappers = tuple(
-            sorted((name, tuple(sorted(opts.items()))) for name, opts in request.wrappers.items())
+            sorted(
+                (name, tuple(sorted((key, _hashable(value)) for key, value in opts.items())))
+                for name, opts in request.wrappers.items()
+            )
         )
         return (
             request.model,
@@ -371,6 +376,15 @@ class Engine:
             stats["gpu_memory_allocated_bytes"] = float(torch.cuda.memory_allocated())
             stats["gpu_memory_reserved_bytes"] = float(torch.cuda.memory_reserved())
         return stats
+
+
+def _hashable(option: object) -> Hashable:
+    """An option value as a batch key part: a picture (an image option) by its mode, size and pixels,
+    so requests with equal pictures still share a pipeline call."""
+    if isinstance(option, PILImage.Image):
+        digest = hashlib.blake2b(option.tobytes(), digest_size=16).digest()
+        return ("image", option.mode, option.size, digest)
+    return option
 
 
 def _model_memory(model: LoadedModel) -> ModelMemory:

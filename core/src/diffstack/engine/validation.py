@@ -8,6 +8,8 @@ import secrets
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import replace
 
+from PIL import Image as PILImage
+
 from diffstack.compose.sigmas import sigmas_problem
 from diffstack.config import Limits
 from diffstack.engine.model import LoadedModel
@@ -225,6 +227,15 @@ def _check_wrappers(
             continue
         if offer.options is None:
             continue
+        oversized = [key for key, value in options.items() if _too_many_pixels(value, limits)]
+        for key in oversized:
+            width, height = options[key].size
+            yield FieldViolation(
+                f"wrappers.{name}.{key}",
+                f"{width}x{height} is more than the limit of {limits.max_pixels} pixels",
+            )
+        if oversized:
+            continue
         try:
             parsed: object = parse_options(offer.options, {**model.info.plugin_options(name), **options})
         except OptionsError as exc:
@@ -234,6 +245,12 @@ def _check_wrappers(
         for problem in problems:
             field = f"wrappers.{name}.{problem.option}" if problem.option else f"wrappers.{name}"
             yield FieldViolation(field, problem.message)
+
+
+def _too_many_pixels(value: object, limits: Limits) -> bool:
+    """An image option over the pixel limit (the server refuses one while decoding it; a caller of
+    the engine in Python hands over decoded pictures, checked here)."""
+    return isinstance(value, PILImage.Image) and value.width * value.height > limits.max_pixels
 
 
 def _latent_problems(

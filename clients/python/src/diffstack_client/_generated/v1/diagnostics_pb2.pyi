@@ -68,6 +68,8 @@ class _OptionTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OptionType
     """A real number: OptionValue.double_value (or int_value)."""
     OPTION_TYPE_STRING: _OptionType.ValueType  # 4
     """A string: OptionValue.string_value."""
+    OPTION_TYPE_IMAGE: _OptionType.ValueType  # 5
+    """A picture: OptionValue.image_value (never has a default or bounds)."""
 
 class OptionType(_OptionType, metaclass=_OptionTypeEnumTypeWrapper):
     """OptionType is the kind of value an option takes."""
@@ -82,6 +84,8 @@ OPTION_TYPE_FLOAT: OptionType.ValueType  # 3
 """A real number: OptionValue.double_value (or int_value)."""
 OPTION_TYPE_STRING: OptionType.ValueType  # 4
 """A string: OptionValue.string_value."""
+OPTION_TYPE_IMAGE: OptionType.ValueType  # 5
+"""A picture: OptionValue.image_value (never has a default or bounds)."""
 Global___OptionType: _TypeAlias = OptionType  # noqa: Y015
 
 class _CandidateStatus:

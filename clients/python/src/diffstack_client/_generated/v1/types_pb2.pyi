@@ -256,7 +256,7 @@ Global___WrapperOptions: _TypeAlias = WrapperOptions  # noqa: Y015
 
 @_typing.final
 class OptionValue(_message.Message):
-    """OptionValue is one scalar option value."""
+    """OptionValue is one option value: a scalar, or a picture."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -264,6 +264,7 @@ class OptionValue(_message.Message):
     DOUBLE_VALUE_FIELD_NUMBER: _builtins.int
     BOOL_VALUE_FIELD_NUMBER: _builtins.int
     STRING_VALUE_FIELD_NUMBER: _builtins.int
+    IMAGE_VALUE_FIELD_NUMBER: _builtins.int
     int_value: _builtins.int
     """A whole number."""
     double_value: _builtins.float
@@ -272,6 +273,13 @@ class OptionValue(_message.Message):
     """A flag."""
     string_value: _builtins.str
     """A string."""
+    @_builtins.property
+    def image_value(self) -> Global___Image:
+        """A picture (an option of type OPTION_TYPE_IMAGE: a reference image, a control map): PNG, JPEG,
+        WebP or raw RGB, checked like init_image (format, the pixel limit, damaged data) and refused on
+        spec.wrappers.<wrapper>.<option>.
+        """
+
     def __init__(
         self,
         *,
@@ -279,12 +287,13 @@ class OptionValue(_message.Message):
         double_value: _builtins.float = ...,
         bool_value: _builtins.bool = ...,
         string_value: _builtins.str = ...,
+        image_value: Global___Image | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "image_value", b"image_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "image_value", b"image_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["int_value", "double_value", "bool_value", "string_value"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["int_value", "double_value", "bool_value", "string_value", "image_value"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
