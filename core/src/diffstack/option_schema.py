@@ -85,7 +85,9 @@ def _spec(name: str, hint: Any, default: Any, description: str) -> OptionSpec:
         hint, *extra = typing.get_args(hint)
         metadata = tuple(extra)
     if hint not in _TYPES:
-        raise TypeError(f"option {name!r}: type {hint!r} has no schema (bool, int, float, str or PIL.Image.Image)")
+        raise TypeError(
+            f"option {name!r}: type {hint!r} has no schema (bool, int, float, str or PIL.Image.Image)"
+        )
     spec = OptionSpec(
         name=name,
         type=_TYPES[hint],
