@@ -19,7 +19,7 @@ from diffstack.config import load_settings
 from diffstack.engine import Engine
 from diffstack.testing import BASELINE_PLUGINS, baseline_settings
 from diffstack_server import BackgroundServer
-from diffstack_server.testing import ReferenceRecorder, Seen
+from diffstack_server.testing import ReferenceRecorder, Seen, make_certificate
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_CLIENT = ROOT / "clients/node"
@@ -285,3 +285,42 @@ def test_node_client_sends_a_picture_as_a_wrapper_option(models_dir: Path, tmp_p
         summary = node_summary(IMAGE_OPTION_SCRIPT, server.target, str(tmp_path))
     assert summary == {"type": "OPTION_TYPE_IMAGE", "images": 1, "refused": ["spec.wrappers.reference.image"]}
     assert recorder.seen == [Seen((20, 12), (10, 240, 10), 0.75)]
+
+
+MTLS_SCRIPT = """
+import { readFileSync } from "node:fs";
+import { connect, grpc } from "./src/client.js";
+const [target, dir] = process.argv.slice(1);
+const read = (file) => readFileSync(`${dir}/${file}`);
+const as = (name) => connect(target, {
+  credentials: grpc.credentials.createSsl(read("test-ca.pem"), read(`${name}.key`), read(`${name}.pem`)),
+});
+const spec = { prompt: "a cube", steps: 1, width: 64, height: 64 };
+const alice = as("alice");
+const stranger = as("mallory");
+const made = await alice.generate({ spec });
+const refused = await stranger.generate({ spec }).then(() => "OK", (error) => error.code);
+console.log(JSON.stringify({ images: made.result.images.length, refused }));
+alice.close();
+stranger.close();
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_node_client_is_a_caller_by_its_client_certificate(models_dir: Path, tmp_path: Path) -> None:
+    ca = make_certificate(tmp_path, "test-ca")
+    server_key, server_cert = make_certificate(tmp_path, "server", ca)
+    make_certificate(tmp_path, "alice", ca, "DNS:alice.example")
+    make_certificate(tmp_path, "mallory", ca, "DNS:mallory.example")
+    tls = {"tls_cert": server_cert, "tls_key": server_key, "tls_client_ca": ca[1]}
+    callers = [{"label": "alice", "tls_identity": "alice.example"}]
+    settings = baseline_settings(
+        models_dir,
+        "tiny-sd1",
+        server={"port": 0, "metrics_port": 0, **tls, "api_keys": callers},
+        engine={"warmup_steps": 0},
+    )
+    with BackgroundServer(settings) as server:
+        summary = node_summary(MTLS_SCRIPT, server.target, str(tmp_path))
+    assert summary == {"images": 1, "refused": 16}  # 16: UNAUTHENTICATED

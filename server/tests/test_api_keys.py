@@ -4,6 +4,8 @@ labels on the metrics, secrets never in logs or metrics."""
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import threading
 import urllib.request
 from pathlib import Path
@@ -13,9 +15,9 @@ import grpc
 import pytest
 
 from diffstack.config import load_settings
-from diffstack_client import DiffstackClient, ServiceError
+from diffstack_client import DiffstackClient, Finished, ServiceError, tls_credentials
 from diffstack_server.keys import load_keys
-from diffstack_server.testing import WAIT_S, SpyEngine
+from diffstack_server.testing import WAIT_S, SpyEngine, make_certificate
 
 SECRET_A = "a-secret-key-0123456789"
 SECRET_B = "b-secret-key-0123456789"
@@ -104,3 +106,67 @@ def test_keys_come_from_a_file_and_the_environment(tmp_path: Path, monkeypatch: 
     keys_file.write_text(f'[[keys]]\nlabel = "env"\nkey = "{SECRET_A}"\n')
     with pytest.raises(ValueError, match="label of its own"):
         load_keys(settings)
+
+
+# -------------------------------------------------------------------------------------------------
+# mTLS identities as callers
+# -------------------------------------------------------------------------------------------------
+
+
+def _metric(server: Any, label: str, outcome: str) -> str:
+    port = server.server.metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = re.search(rf'diffstack_key_calls_total{{key="{label}",outcome="{outcome}"}} (\S+)', text)
+    return found.group(1) if found else "absent"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_a_client_certificate_is_a_caller_with_its_limits_and_label(
+    start_server: Any, spy: SpyEngine, tmp_path: Path
+) -> None:
+    ca = make_certificate(tmp_path, "test-ca")
+    server_key, server_cert = make_certificate(tmp_path, "server", ca)
+    people = {
+        "alice": make_certificate(tmp_path, "alice", ca, "DNS:alice.example"),
+        "carol": make_certificate(tmp_path, "carol", ca, "URI:spiffe://diffstack/carol"),
+        "mallory": make_certificate(tmp_path, "mallory", ca, "DNS:mallory.example"),
+    }
+    callers = [
+        {"label": "alice", "tls_identity": "alice", "rate_per_minute": 1.0, "burst": 2},  # subject CN
+        {"label": "carol", "tls_identity": "spiffe://diffstack/carol"},  # a SAN URI
+        {"label": "team-b", "key": SECRET_B},
+    ]
+    tls = {"tls_cert": server_cert, "tls_key": server_key, "tls_client_ca": ca[1]}
+    server = start_server(spy, server={**tls, "api_keys": callers, "metrics_port": 0})
+
+    def client(name: str, api_key: str | None = None) -> DiffstackClient:
+        key, cert = people[name]
+        credentials = tls_credentials(ca=ca[1], cert=cert, key=key)
+        return DiffstackClient(server.target, timeout=WAIT_S, credentials=credentials, api_key=api_key)
+
+    with client("alice") as alice:
+        assert alice.generate("a cube", steps=1).images and alice.generate("a cube", steps=1).images
+        limited = _refusal(alice)
+        assert limited.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "'alice'" in limited.message
+        assert limited.retry_after_s is not None and limited.retry_after_s > 0
+    with client("carol") as carol:
+        job_id = carol.submit_job("a cube", steps=1, seed=3)
+        assert isinstance(list(carol.watch_job(job_id))[-1], Finished)
+    with client("mallory") as mallory:
+        refused = _refusal(mallory)
+        assert refused.code is grpc.StatusCode.UNAUTHENTICATED and "'mallory'" in refused.message
+    with client("mallory", api_key=SECRET_B) as keyed:  # a key sent wins over the certificate
+        assert keyed.generate("a cube", steps=1).images
+        assert job_id not in [job.job_id for job in keyed.list_jobs()]  # jobs stay with their caller
+    assert (_metric(server, "alice", "admitted"), _metric(server, "alice", "rate_limited")) == ("2.0", "1.0")
+    assert _metric(server, "carol", "admitted") == "2.0"  # SubmitJob and WatchJob
+    assert _metric(server, "team-b", "admitted") == "2.0"
+    assert _metric(server, "", "unauthenticated") == "1.0"
+
+
+def test_a_tls_identity_needs_client_certificates_verified() -> None:
+    callers = [{"label": "alice", "tls_identity": "alice"}]
+    with pytest.raises(ValueError, match="tls_client_ca"):
+        load_keys(load_settings(server={"api_keys": callers}))
+    with pytest.raises(ValueError, match="a key, a tls_identity or both"):
+        load_settings(server={"api_keys": [{"label": "nobody"}]})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from diffstack.errors import (
 from diffstack_client import DiffstackClient, ServiceError, tls_credentials
 from diffstack_client.v1 import generation_pb2, generation_pb2_grpc, types_pb2
 from diffstack_server.interceptors import status_for
+from diffstack_server.testing import make_certificate
 
 
 def png_bytes(size: tuple[int, int]) -> bytes:
@@ -183,57 +183,11 @@ def test_admin_token_guards_diagnostics_only(start_server: Any, spy: Any) -> Non
         assert admin.stats().requests_served == 1
 
 
-def _make_certificate(folder: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
-    """A key and certificate for 127.0.0.1; self-signed (a CA) or signed by ``ca``."""
-    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
-    subject = ["-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1"]
-    if ca is None:
-        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-        subprocess.run([*command, "-keyout", key, "-out", cert, *subject], check=True, capture_output=True)
-    else:
-        request = folder / f"{name}.csr"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-new",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                key,
-                "-out",
-                request,
-                *subject,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        sign: list[str | Path] = [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            request,
-            "-CA",
-            ca[1],
-            "-CAkey",
-            ca[0],
-            "-CAcreateserial",
-        ]
-        subprocess.run(
-            [*sign, "-days", "2", "-out", cert, "-copy_extensions", "copy"],
-            check=True,
-            capture_output=True,
-        )
-    return key, cert
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
 def test_tls_and_mutual_tls(start_server: Any, spy: Any, tmp_path: Path) -> None:
-    ca_key, ca_cert = _make_certificate(tmp_path, "test-ca")
-    server_key, server_cert = _make_certificate(tmp_path, "server", (ca_key, ca_cert))
-    client_key, client_cert = _make_certificate(tmp_path, "client", (ca_key, ca_cert))
+    ca_key, ca_cert = make_certificate(tmp_path, "test-ca")
+    server_key, server_cert = make_certificate(tmp_path, "server", (ca_key, ca_cert))
+    client_key, client_cert = make_certificate(tmp_path, "client", (ca_key, ca_cert))
 
     tls = start_server(spy, server={"tls_cert": server_cert, "tls_key": server_key})
     with DiffstackClient(tls.target, timeout=30, credentials=tls_credentials(ca=ca_cert)) as client:

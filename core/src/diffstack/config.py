@@ -168,12 +168,16 @@ class Limits(_Section):
 
 
 class ApiKey(_Section):
-    """One caller's key for the generation service, with its own limits (see ``server.api_keys``)."""
+    """One caller of the generation service, known by a key or by its client certificate (or both),
+    with its own limits (see ``server.api_keys``)."""
 
     label: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Names the caller in metrics and logs; the key itself is never shown."""
-    key: SecretStr = Field(min_length=16)
+    key: SecretStr | None = Field(default=None, min_length=16)
     """The secret the caller sends as ``authorization: Bearer <key>``."""
+    tls_identity: str | None = Field(default=None, min_length=1, max_length=256)
+    """With mTLS (``server.tls_client_ca``): the client certificate identity that names this caller,
+    its subject CN or one of its subject alternative names (DNS name, URI, e-mail, IP)."""
     max_concurrent: int | None = Field(default=None, ge=1)
     """Generation calls this key may have open at once; None: no limit of its own."""
     rate_per_minute: float | None = Field(default=None, gt=0)
@@ -182,6 +186,12 @@ class ApiKey(_Section):
     """Calls the rate limit lets through at once before it spaces them out."""
     models: list[str] | None = None
     """The models this key may use (the default model is ``""``); None: every model."""
+
+    @model_validator(mode="after")
+    def _known_somehow(self) -> ApiKey:
+        if self.key is None and self.tls_identity is None:
+            raise ValueError(f"caller {self.label!r} needs a key, a tls_identity or both")
+        return self
 
 
 class ServerSettings(_Section):

@@ -1,9 +1,13 @@
 """API keys for the generation service: who may generate, how many calls at once, how often.
 
-Off unless ``server.api_keys`` or ``server.api_keys_file`` names keys. Then every GenerationService
-call needs ``authorization: Bearer <key>`` metadata:
+Off unless ``server.api_keys`` or ``server.api_keys_file`` names callers. Then every GenerationService
+call needs a caller: ``authorization: Bearer <key>`` metadata, or, when the server verifies client
+certificates (``server.tls_client_ca``), a certificate whose identity (subject CN or a subject
+alternative name) is a caller's ``tls_identity``. A key sent wins over the certificate (one machine
+certificate may carry calls of several key holders); either way the caller has the same limits and
+metrics label:
 
-- no key, or one the server does not know: UNAUTHENTICATED;
+- no caller, or a key or certificate identity the server does not know: UNAUTHENTICATED;
 - a key whose ``models`` list does not name the requested model: PERMISSION_DENIED;
 - a key over its ``rate_per_minute`` (a token bucket holding ``burst`` calls) or its
   ``max_concurrent`` open calls: RESOURCE_EXHAUSTED, with a ``RetryInfo`` hint for the rate.
@@ -43,7 +47,8 @@ current_caller: ContextVar[str] = ContextVar("diffstack_caller", default="")
 
 
 def load_keys(settings: Settings) -> tuple[ApiKey, ...]:
-    """``server.api_keys`` and the ``[[keys]]`` of ``server.api_keys_file``; labels must be unique."""
+    """``server.api_keys`` and the ``[[keys]]`` of ``server.api_keys_file``; labels and certificate
+    identities must be unique, and an identity needs the server to verify client certificates."""
     keys = list(settings.server.api_keys)
     path = settings.server.api_keys_file
     if path is not None:
@@ -52,6 +57,14 @@ def load_keys(settings: Settings) -> tuple[ApiKey, ...]:
     labels = [key.label for key in keys]
     if len(set(labels)) != len(labels):
         raise ValueError("server.api_keys: every key needs a label of its own")
+    identities = [key.tls_identity for key in keys if key.tls_identity is not None]
+    if len(set(identities)) != len(identities):
+        raise ValueError("server.api_keys: every tls_identity may name one caller only")
+    if identities and settings.server.tls_client_ca is None:
+        raise ValueError(
+            "server.api_keys: a tls_identity needs server.tls_client_ca (the server verifies client "
+            "certificates only then)"
+        )
     return tuple(keys)
 
 
@@ -60,7 +73,7 @@ class _KeyState:
     """One key's open calls and rate bucket."""
 
     key: ApiKey
-    secret: bytes
+    secret: bytes | None
     in_flight: int = 0
     tokens: float = 0.0
     refilled_at: float = field(default_factory=time.monotonic)
@@ -73,7 +86,12 @@ class KeyRing:
     """The known keys and their live limits; :meth:`admit` and :meth:`release` bracket each call."""
 
     def __init__(self, keys: tuple[ApiKey, ...], registry: CollectorRegistry) -> None:
-        self._states = [_KeyState(key, key.key.get_secret_value().encode()) for key in keys]
+        self._states = [
+            _KeyState(key, key.key.get_secret_value().encode() if key.key is not None else None)
+            for key in keys
+        ]
+        self._by_identity = {key.tls_identity: state for key, state in zip(keys, self._states, strict=True)}
+        self._by_identity.pop(None, None)
         self._lock = threading.Lock()
         self.calls = Counter(
             "diffstack_key_calls",
@@ -85,19 +103,18 @@ class KeyRing:
             "diffstack_key_in_flight", "Open generation calls by API key label.", ["key"], registry=registry
         )
 
-    def identify(self, given: bytes) -> _KeyState:
-        """The state of the key ``given`` matches, compared against every key in constant time."""
+    def identify(self, given: bytes, identities: tuple[str, ...] = ()) -> _KeyState:
+        """The caller whose key ``given`` matches (compared against every key in constant time); with
+        no key given, the caller named by one of the verified client certificate's ``identities``."""
         found = None
         for state in self._states:
-            if hmac.compare_digest(given, state.secret):
+            if state.secret is not None and hmac.compare_digest(given, state.secret):
                 found = state
+        if not given:
+            found = next((self._by_identity[i] for i in identities if i in self._by_identity), None)
         if found is None:
             self.calls.labels("", "unauthenticated").inc()
-            raise Unauthenticated(
-                "this server needs an API key for generation: send 'authorization: Bearer <key>'"
-                if not given
-                else "the API key is not one this server knows"
-            )
+            raise Unauthenticated(_who_is_missing(given, identities))
         return found
 
     def admit(self, state: _KeyState, model: str | None) -> None:
@@ -135,6 +152,28 @@ class KeyRing:
         self.in_flight.labels(state.key.label).dec()
 
 
+def _who_is_missing(given: bytes, identities: tuple[str, ...]) -> str:
+    if given:
+        return "the API key is not one this server knows"
+    if identities:
+        shown = ", ".join(repr(identity[:64]) for identity in identities[:4])
+        return (
+            f"no caller of this server has the client certificate identity {shown}, and no API key was sent"
+        )
+    return "this server needs an API key for generation: send 'authorization: Bearer <key>'"
+
+
+def certificate_identities(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, ...]:
+    """The verified client certificate's subject CN and subject alternative names (none without mTLS:
+    gRPC puts x509 peer properties in the auth context only for a certificate it verified)."""
+    auth = context.auth_context() or {}
+    names: list[str] = []
+    for prop in ("x509_common_name", "x509_subject_alternative_name"):
+        for value in auth.get(prop, ()):
+            names.append(value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+    return tuple(dict.fromkeys(names))
+
+
 def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     given = dict(context.invocation_metadata() or ()).get("authorization", "")
     raw = given.encode() if isinstance(given, str) else bytes(given)
@@ -164,7 +203,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return rewrap(handler, self._unary, self._streaming)
 
     def _admitted(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _KeyState:
-        state = self.ring.identify(_bearer(context))
+        state = self.ring.identify(_bearer(context), certificate_identities(context))
         self.ring.admit(state, _model_of(request))
         structlog.contextvars.bind_contextvars(key=state.key.label)
         current_caller.set(state.key.label)

@@ -11,9 +11,11 @@ what each generation handed it, so a test of any client sees what arrived throug
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from PIL import Image as PILImage
@@ -206,3 +208,56 @@ class _Detached:
 
     def remove(self) -> None:
         pass
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def make_certificate(
+    folder: Path, name: str, ca: tuple[Path, Path] | None = None, alt_names: str = "IP:127.0.0.1"
+) -> tuple[Path, Path]:
+    """A key and certificate with subject CN ``name`` and the subject alternative names
+    ``alt_names`` (openssl's syntax); self-signed (a CA) or signed by ``ca`` (its key and certificate).
+    Needs the ``openssl`` command."""
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subject = ["-subj", f"/CN={name}", "-addext", f"subjectAltName={alt_names}"]
+    if ca is None:
+        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        subprocess.run([*command, "-keyout", key, "-out", cert, *subject], check=True, capture_output=True)
+    else:
+        request = folder / f"{name}.csr"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                request,
+                *subject,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        sign: list[str | Path] = [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            request,
+            "-CA",
+            ca[1],
+            "-CAkey",
+            ca[0],
+            "-CAcreateserial",
+        ]
+        subprocess.run(
+            [*sign, "-days", "2", "-out", cert, "-copy_extensions", "copy"],
+            check=True,
+            capture_output=True,
+        )
+    return key, cert
