@@ -84,6 +84,8 @@ def head_dim_in(shape: AttentionShape, head_dims: Collection[int], kernel: str) 
 
 
 def _capability_range(minimum: Capability | None, maximum: Capability | None) -> str:
+    if minimum is not None and minimum == maximum:
+        return f" with compute capability {_dotted(minimum)}"
     if minimum is not None and maximum is not None:
         return f" with compute capability {_dotted(minimum)}-{_dotted(maximum)}"
     if minimum is not None:

@@ -1,64 +1,21 @@
-"""The kernel wrapper against fake ``sageattention`` modules with the real signatures (CPU).
+"""The kernel wrapper against the fake ``sageattention`` modules of conftest.py (CPU).
 
-Each fake computes exact attention on whatever it is handed, so the wrapper's padding, slicing and
+The fakes compute exact attention on whatever they are handed, so the wrapper's padding, slicing and
 scale are right exactly when its output equals SDPA on the unpadded inputs.
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
 import pytest
 import torch
-import torch.nn.functional as F
 from packaging.version import Version
 
+from diffstack.types import DenoiserKind, Family, ModelInfo
 from diffstack_sage import support
+from diffstack_sage.config import KERNELS
 from diffstack_sage.kernel import sage_attention
 
 HEAD_DIMS = (40, 64, 80, 96, 128)
-
-
-def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
-
-
-def fake_v1(calls: list[dict[str, Any]]) -> types.ModuleType:
-    """sageattention 1.0.6's ``sageattn`` signature and input rules, exact arithmetic."""
-
-    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, smooth_k=True, **kwargs):
-        head_dim = q.size(-1)
-        assert head_dim in [64, 96, 128], "headdim should be in [64, 96, 128]."
-        assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-        assert tensor_layout == "HND" and not is_causal
-        calls.append({"head_dim": head_dim, "sm_scale": sm_scale, "smooth_k": smooth_k})
-        if smooth_k:
-            k -= k.mean(dim=2, keepdim=True)  # what 1.0.6 really does: in place
-        scale = sm_scale if sm_scale is not None else head_dim**-0.5
-        return exact(q, k, v, scale).to(q.dtype)
-
-    module = types.ModuleType("sageattention")
-    module.sageattn = sageattn  # type: ignore[attr-defined]
-    return module
-
-
-def fake_v2(calls: list[dict[str, Any]]) -> types.ModuleType:
-    """sageattention 2.x's auto-dispatch ``sageattn`` signature and input rules, exact arithmetic."""
-
-    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False, **kwargs):
-        assert q.dtype in (torch.float16, torch.bfloat16), "Input tensors must be in dtype of fp16 or bf16"
-        head_dim = q.size(-1)
-        if head_dim > 128:
-            raise ValueError(f"Unsupported head_dim: {head_dim}")
-        calls.append({"head_dim": head_dim, "sm_scale": sm_scale, **kwargs})
-        scale = sm_scale if sm_scale is not None else head_dim**-0.5
-        return exact(q, k, v, scale).to(q.dtype)
-
-    module = types.ModuleType("sageattention")
-    module.sageattn = sageattn  # type: ignore[attr-defined]
-    return module
 
 
 def qkv(head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,10 +25,9 @@ def qkv(head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_v1_pads_to_64_96_128_keeps_the_scale_and_leaves_inputs_alone(
-    head_dim: int, monkeypatch: pytest.MonkeyPatch
+    head_dim: int, fake_sage, exact
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setitem(sys.modules, "sageattention", fake_v1(calls))
+    calls = fake_sage("1.0.6")
     attention = sage_attention(Version("1.0.6"))
     q, k, v = qkv(head_dim, torch.float16)
     key_before = k.clone()
@@ -87,13 +43,13 @@ def test_v1_pads_to_64_96_128_keeps_the_scale_and_leaves_inputs_alone(
     assert call["smooth_k"] is False
 
 
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_v2_pads_to_64_128_and_runs_float32_callers_in_half(
-    head_dim: int, monkeypatch: pytest.MonkeyPatch
+def test_v2_calls_the_chosen_kernel_padded_to_64_or_128_and_runs_float32_in_half(
+    head_dim: int, kernel: str, fake_sage, exact
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setitem(sys.modules, "sageattention", fake_v2(calls))
-    attention = sage_attention(Version("2.2.0"))
+    calls = fake_sage("2.2.0")
+    attention = sage_attention(Version("2.2.0"), kernel)
     q, k, v = qkv(head_dim, torch.float32)
 
     out = attention(q, k, v)
@@ -102,21 +58,38 @@ def test_v2_pads_to_64_128_and_runs_float32_callers_in_half(
     reference = exact(q.half(), k.half(), v.half(), head_dim**-0.5)
     torch.testing.assert_close(out.double(), reference, atol=2e-3, rtol=2e-3)
     [call] = calls
+    assert call["function"] == KERNELS[kernel].function
     assert call["head_dim"] == (64 if head_dim <= 64 else 128)
     assert call["sm_scale"] == pytest.approx(head_dim**-0.5)
+    assert call.get("smooth_k", True) is True  # 2.x smooths K out of place: its default stays on
 
 
-def test_build_through_the_offer_uses_the_installed_generation(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setitem(sys.modules, "sageattention", fake_v1(calls))
+def test_v1_has_only_sageattn(fake_sage) -> None:
+    fake_sage("1.0.6")
+    with pytest.raises(ValueError, match=r"has only sageattn; kernel 'fp8_sm90' needs 2\.x"):
+        sage_attention(Version("1.0.6"), "fp8_sm90")
+
+
+def test_build_through_the_offer_uses_the_installed_generation_and_the_option(
+    fake_sage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = ModelInfo(
+        "m", Family.SD1, DenoiserKind.UNET, "cuda", torch.float16, options={"sage": {"kernel": "fp16_triton"}}
+    )
+    calls = fake_sage("2.2.0")
+    monkeypatch.setattr(support, "installed_version", lambda: Version("2.2.0"))
+    support.build(model)(*qkv(80, torch.float16))
+    assert calls[0]["function"] == "sageattn_qk_int8_pv_fp16_triton"
+
+    calls = fake_sage("1.0.6")
     monkeypatch.setattr(support, "installed_version", lambda: Version("1.0.6"))
-    attention = support.build(None)  # type: ignore[arg-type]  (build does not read the model)
-    attention(*qkv(80, torch.float16))
+    plain = ModelInfo("m", Family.SD1, DenoiserKind.UNET, "cuda", torch.float16)
+    support.build(plain)(*qkv(80, torch.float16))
     assert calls[0]["head_dim"] == 96
 
 
-def test_a_head_dim_over_128_is_refused_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "sageattention", fake_v1([]))
+def test_a_head_dim_over_128_is_refused_loudly(fake_sage) -> None:
+    fake_sage("1.0.6")
     attention = sage_attention(Version("1.0.6"))
     with pytest.raises(ValueError, match="up to 128, got 160"):
         attention(*qkv(160, torch.float16))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,6 +86,35 @@ def test_probe_reports_an_install_that_does_not_import(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "spas_sage_attn", None)
     answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
     assert "is installed but does not import" in answer.reason
+
+
+def fake_build(kernels: tuple[str, ...]) -> types.ModuleType:
+    """``spas_sage_attn`` whose compiled ``_qattn`` (reached as ``core.qattn``) has ``kernels``."""
+    qattn = types.ModuleType("spas_sage_attn._qattn")
+    for name in kernels:
+        setattr(qattn, name, lambda *args: None)
+    core = types.ModuleType("spas_sage_attn.core")
+    core.qattn = qattn  # type: ignore[attr-defined]
+    package = types.ModuleType("spas_sage_attn")
+    package.core = core  # type: ignore[attr-defined]
+    return package
+
+
+@pytest.mark.parametrize(("capability", "ok"), [((9, 0), True), ((8, 9), False), ((8, 0), False)])
+def test_probe_checks_the_build_has_the_gpus_kernel(monkeypatch: pytest.MonkeyPatch, capability, ok) -> None:
+    """An sm90-only build (bench/build_kernels.sh) serves Hopper and says no elsewhere, naming why."""
+    pretend_installed(monkeypatch, True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    package = fake_build((support.KERNEL_FOR[(9, 0)],))
+    monkeypatch.setitem(sys.modules, "spas_sage_attn", package)
+    monkeypatch.setitem(sys.modules, "spas_sage_attn.core", package.core)  # type: ignore[attr-defined]
+    answer = offer_for(model_on("cuda")).probe(model_on("cuda"))
+    assert answer.ok is ok
+    if not ok:
+        assert answer.reason.startswith(
+            f"spas_sage_attn (unknown version) was built without the kernel for compute capability "
+            f"{capability[0]}.{capability[1]} (qk_int8_sv_"
+        )
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from diffstack import AttentionOffer, ModelInfo, hookimpl
-from diffstack_sage.support import build, diffusers_backend, probe, supports
+from diffstack import AttentionOffer, ModelInfo, OptionsError, hookimpl
+from diffstack_sage.support import build, config_of, diffusers_backend, probe, supports
 
 
 @hookimpl
 def select_attention(model: ModelInfo) -> list[AttentionOffer]:
+    try:
+        backend = diffusers_backend(config_of(model))
+    except OptionsError:
+        backend = None  # the probe says what is wrong with the options
     return [
         AttentionOffer(
             name="sage",
@@ -17,6 +21,6 @@ def select_attention(model: ModelInfo) -> list[AttentionOffer]:
             probe=probe,
             build=build,
             supports=supports,
-            diffusers_backend=diffusers_backend(),
+            diffusers_backend=backend,
         )
     ]

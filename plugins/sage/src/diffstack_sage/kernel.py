@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from packaging.version import Version
 
 from diffstack import AttentionFn
+from diffstack_sage.config import KERNELS
 
 HEAD_DIMS_V1 = (64, 96, 128)
 """sageattention 1.x (Triton) asserts one of these."""
@@ -23,13 +24,18 @@ HEAD_DIMS_V2 = (64, 128)
 HALF = (torch.float16, torch.bfloat16)
 
 
-def sage_attention(version: Version) -> AttentionFn:
-    """The installed SageAttention as an SDPA-layout kernel."""
-    from sageattention import sageattn
+def sage_attention(version: Version, kernel: str = "auto") -> AttentionFn:
+    """The installed SageAttention as an SDPA-layout kernel: ``sageattn`` (``auto``) or the 2.x kernel
+    that ``kernel`` names (see :data:`diffstack_sage.config.KERNELS`)."""
+    import sageattention
 
     if version.major >= 2:
-        return padded_attention(sageattn, HEAD_DIMS_V2, smooth_key_here=False)
-    return padded_attention(sageattn, HEAD_DIMS_V1, smooth_key_here=True)
+        function = getattr(sageattention, KERNELS[kernel].function)
+        # 2.x smooths K out of place (it hands K's mean to its quantizer), so its default stays on.
+        return padded_attention(function, HEAD_DIMS_V2, smooth_key_here=False)
+    if kernel != "auto":
+        raise ValueError(f"sageattention {version} has only sageattn; kernel {kernel!r} needs 2.x")
+    return padded_attention(sageattention.sageattn, HEAD_DIMS_V1, smooth_key_here=True)
 
 
 def padded_attention(
