@@ -48,6 +48,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         values = [row[unit] for row in rows if row.get("variant", "").startswith(prefix) and unit in row]
         if values:
             found[key] = round(values[0], 4)
+    for stage in results.get("stages", {}).values():  # stages that name their own keys (attn-shapes)
+        found.update(stage.get("headline") or {})
     return found
 
 
@@ -215,7 +217,7 @@ def render(results: dict[str, Any]) -> str:
         elif name.startswith("load-"):
             lines += load_table(name, stage)
         else:
-            lines += [f"### {name} — {stage.get('status')}", ""]
+            lines += [f"### {name} — {stage.get('status')}", "", *stage.get("table", []), ""]
     lines += target_table(results)
     return "\n".join(lines)
 

@@ -11,6 +11,9 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
     serve-sd15-eager                  the same with the torch_compile plugin turned off (eager stack)
     load-sd15                         latency under load: open-loop 5-40 req/s, closed-loop 8/32/64 clients
     threads-sd15                      the compiled stack composed in one thread, run from another
+    attn-shapes                       attention kernels per SD1.5/SDXL/FLUX shape (SDPA, SageAttention
+                                      1.0.6 and 2, SpargeAttn per sparsity) and the step with each;
+                                      installs --kernel-wheels (bench/build_kernels.sh's output)
     ceilings                          the card's dense matmul rate (what the step times are measured against)
 
 On the GPU machine see ``bench/gpu.sh``, which installs the carried wheels and the repo's packages
@@ -41,6 +44,7 @@ STAGE_MINIMUM = {
     "serve-sd15-eager": 60,
     "load-sd15": 500,
     "threads-sd15": 100,
+    "attn-shapes": 60,
 }
 """Seconds a stage needs at least (its essential parts) before it is started at all."""
 
@@ -65,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="", help="default: cuda when present (cpu for --smoke)")
     parser.add_argument(
+        "--kernel-wheels",
+        type=Path,
+        help="attn-shapes: folder of built SageAttention 2 / SpargeAttn wheels (default .gpu-state/wheels)",
+    )
+    parser.add_argument(
         "--parts",
         default="",
         help="step stages: run only these parts (comma-separated; build/eager always); "
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)  # counts imports too: they are part of the run's time
     import torch
 
+    from bench.attn_shapes import attn_shapes_stage
     from bench.e2e import e2e_stage
     from bench.load import load_stage
     from bench.measure import matmul_ceiling
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 body = load_stage(run, args.smoke_compile)
             elif kind == "threads" and key == "sd15":
                 body = thread_stage(run, key, args.smoke_compile)
+            elif name == "attn-shapes":
+                body = attn_shapes_stage(run, args.kernel_wheels)
             else:
                 run.results["stages"][name] = {"status": "failed", "error": f"unknown stage {name!r}"}
                 continue

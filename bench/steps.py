@@ -26,6 +26,7 @@ ESTIMATES: dict[str, dict[str, float]] = {
     "analysis": {"sd15": 6, "sdxl": 8, "flux": 10},
     "noise_floor": {"sd15": 5, "sdxl": 8, "flux": 0},
     "attention_offers": {"sd15": 25, "sdxl": 25, "flux": 10},
+    "attention_composed": {"sd15": 25, "sdxl": 25, "flux": 15},
     "wrappers": {"sd15": 6, "sdxl": 10, "flux": 15},
     "keep_plain_copy": {"sd15": 2, "sdxl": 3, "flux": 0},
     "by_hand_compile": {"sd15": 70, "sdxl": 100, "flux": 130},
@@ -210,6 +211,9 @@ class StepBench:
                     notes=availability.reason,
                 )
                 continue
+            if transformer and offer.diffusers_backend:
+                self._backend_step(offer.name, offer.diffusers_backend, entry)
+                continue
             kernel = offer.build(self.info)
             if transformer:
                 entry.update(self._kernel_only(offer.name, kernel))
@@ -234,6 +238,70 @@ class StepBench:
                 drift=measure.drift(output, self.reference),
                 notes=f"{len(plan)}/{len(self.shapes)} attention modules ({len(served)} shapes); rest SDPA",
             )
+
+    def _backend_step(self, name: str, backend: str, entry: dict[str, Any]) -> None:
+        """A transformer's offer through its diffusers attention backend: the whole step with it."""
+        entry["diffusers_backend"] = backend
+        self.denoiser.set_attention_backend(backend)
+        try:
+            output = measure.first_output(self.denoiser, self.inputs)
+            timing = measure.timed(self.call(self.denoiser), self.device, self.repeats)
+        finally:
+            self.denoiser.reset_attention_backend()
+        assert self.reference is not None
+        self.row(
+            f"{name} attention alone",
+            "offer",
+            timing,
+            drift=measure.drift(output, self.reference),
+            notes=f"diffusers attention backend {backend!r} on every attention call",
+        )
+
+    def attention_composed(self, record: dict[str, Any]) -> None:
+        """Composition's attention slot alone: every offer checked against float32 SDPA and timed per
+        shape by the host, the winners installed, and the step timed with them (rest of the stack off)."""
+        import dataclasses
+
+        from diffstack.attention import install_attention
+        from diffstack.compose.attention import compose_attention
+        from diffstack.compose.slots import ModelUnderTest
+
+        settings = self.settings()
+        model = ModelUnderTest(
+            info=self.info,
+            denoiser=self.denoiser,
+            denoiser_inputs=self.inputs,
+            module_shapes=self.shapes,
+            base_encoder=None,  # type: ignore[arg-type]  (the attention slot encodes no prompt)
+            scheduler=None,
+            measure=True,
+        )
+        decision = compose_attention(self.host, model, settings.compose)
+        record["report"] = dataclasses.asdict(decision.report)
+        record["notes"] = list(decision.notes)
+        record["backend"] = decision.backend
+        original = dict(self.denoiser.attn_processors)
+        try:
+            if decision.backend is not None:
+                self.denoiser.set_attention_backend(decision.backend)
+            else:
+                install_attention(self.denoiser, decision.plan)
+            output = measure.first_output(self.denoiser, self.inputs)
+            timing = measure.timed(self.call(self.denoiser), self.device, self.repeats)
+        finally:
+            if decision.backend is not None:
+                self.denoiser.reset_attention_backend()
+            else:
+                self.denoiser.set_attn_processor(original)
+        assert self.reference is not None
+        chosen = decision.report.chosen
+        self.row(
+            "composition's attention choice alone",
+            "stack",
+            timing,
+            drift=measure.drift(output, self.reference),
+            notes="; ".join(chosen) if chosen else "SDPA everywhere",
+        )
 
     def _kernel_only(self, name: str, kernel: Any) -> dict[str, Any]:
         """A transformer's attention offer without a diffusers backend: its kernel vs SDPA, alone."""
@@ -592,6 +660,8 @@ def step_stage(run: Run, key: str, smoke_compile: bool = False, only: set[str] |
         if key != "flux":
             part("noise_floor", bench.noise_floor, reserve=reserve)
         part("attention_offers", bench.attention_offers, reserve=reserve)
+        if only and "attention_composed" in only:
+            part("attention_composed", bench.attention_composed)
         part("wrappers", bench.wrappers, reserve=reserve)
         if bench.compile_ok:
             if key != "flux":
