@@ -334,3 +334,20 @@ def test_engine_commands_run_on_the_engine_workers_device_thread() -> None:
 
     assert cli.on_device(command)(argparse.Namespace(), Settings()) == 7
     assert seen == ["diffstack-engine"] and threading.current_thread().name != "diffstack-engine"
+
+
+def test_a_wrapper_option_at_a_file_is_its_picture(tmp_path: Path) -> None:
+    Image.new("RGB", (6, 4), (9, 99, 199)).save(tmp_path / "ref.png")
+    (tmp_path / "junk.png").write_bytes(b"not a picture")
+    args = cli.build_parser().parse_args(
+        ["generate", "x", "--wrapper", f"reference:image=@{tmp_path / 'ref.png'},weight=0.5"]
+    )
+    options = cli.request_fields(args)["wrappers"]["reference"]
+    assert options["weight"] == 0.5 and options["image"].size == (6, 4)
+    assert options["image"].getpixel((0, 0)) == (9, 99, 199)
+    args = cli.build_parser().parse_args(
+        ["generate", "x", "--wrapper", f"reference:image=@{tmp_path / 'junk.png'}"]
+    )
+    with pytest.raises(cli.InvalidRequest) as error:
+        cli.request_fields(args)
+    assert [v.field for v in error.value.violations] == ["wrappers.reference.image"]

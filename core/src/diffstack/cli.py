@@ -376,7 +376,8 @@ def _add_generate(commands: Subcommands) -> None:
         "--wrapper",
         action="append",
         metavar="NAME[:KEY=VALUE,...]",
-        help="enable a denoiser wrapper, e.g. deepcache:interval=3 (diffstack plugins --hook wrap_denoiser)",
+        help="enable a denoiser wrapper, e.g. deepcache:interval=3; KEY=@FILE passes a picture to an image "
+        "option (diffstack plugins --hook wrap_denoiser)",
     )
     generate.set_defaults(command=on_device(_generate))
 
@@ -597,11 +598,15 @@ def _open_image(path: Path, field: str = "init_image") -> Image.Image:
 
 
 def _wrapper(spec: str) -> tuple[str, dict[str, Any]]:
-    """``deepcache:interval=3,branch=0`` → ("deepcache", {"interval": 3, "branch": 0})."""
+    """``deepcache:interval=3,branch=0`` → ("deepcache", {"interval": 3, "branch": 0}); a value
+    ``@FILE`` (as curl spells a file) is the picture in FILE, for an image option."""
     name, _, options = spec.partition(":")
     parsed: dict[str, Any] = {}
     for pair in filter(None, options.split(",")):
         key, _, value = pair.partition("=")
+        if value.startswith("@"):
+            parsed[key] = _open_image(Path(value[1:]), f"wrappers.{name}.{key}")
+            continue
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
