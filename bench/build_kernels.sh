@@ -102,6 +102,25 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   export PATH=$TOOLS/bin:$PATH PYTHONPATH=$TOOLS${PYTHONPATH:+:$PYTHONPATH}
   command -v ninja >/dev/null && echo "ninja $(ninja --version)"
 fi
+# Both link their kernels with -lcuda, which needs an unversioned libcuda.so; a driver mounted into a
+# container often brings only libcuda.so.1, and a pip-assembled toolkit has no stubs/ folder.
+libcuda_dir=""
+for dir in $(ldconfig -p 2>/dev/null | awk '/libcuda\.so(\.1)? / {print $NF}' | xargs -r -n1 dirname) \
+  /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 \
+  "$CUDA_HOME/lib64/stubs" "$CUDA_HOME/targets/x86_64-linux/lib/stubs"; do
+  if [[ -e $dir/libcuda.so ]]; then libcuda_dir=$dir; break; fi
+  if [[ -e $dir/libcuda.so.1 ]]; then
+    mkdir -p "$WORK/libcuda" && ln -sf "$dir/libcuda.so.1" "$WORK/libcuda/libcuda.so"
+    libcuda_dir=$WORK/libcuda
+    break
+  fi
+done
+if [[ -n $libcuda_dir ]]; then
+  export LIBRARY_PATH=$libcuda_dir${LIBRARY_PATH:+:$LIBRARY_PATH}
+  echo "libcuda for -lcuda: $libcuda_dir ($(readlink -f "$libcuda_dir/libcuda.so"))"
+else
+  echo "warning: no libcuda.so or libcuda.so.1 found: linking with -lcuda will fail"
+fi
 # SpargeAttn imports einops at run time: bring its wheel along with the built ones.
 cp "$SRC"/wheels/einops-*.whl "$WHEELS"/ 2>/dev/null || echo "note: no einops wheel in $SRC/wheels"
 
