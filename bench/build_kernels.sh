@@ -121,6 +121,17 @@ if [[ -n $libcuda_dir ]]; then
 else
   echo "warning: no libcuda.so or libcuda.so.1 found: linking with -lcuda will fail"
 fi
+# SpargeAttn passes `-Xcompiler -include,cassert` to nvcc; with nvcc 13.0 and GCC 12 that makes the
+# host pass re-include <cassert> into already-preprocessed code ("redefinition of std::__terminate()"
+# in every file). Its sources include <cassert> themselves, so where a one-line probe fails, drop it.
+DROP_INCLUDE_CASSERT=0
+mkdir -p "$WORK/probe"
+printf '#include <cstdio>\n__global__ void k() {}\nint main() { k<<<1, 1>>>(); return 0; }\n' >"$WORK/probe/p.cu"
+if ! "$CUDA_HOME/bin/nvcc" -std=c++17 -gencode arch=compute_90a,code=sm_90a -Xcompiler -include,cassert \
+  -c "$WORK/probe/p.cu" -o "$WORK/probe/p.o" >"$WORK/probe/log" 2>&1; then
+  DROP_INCLUDE_CASSERT=1
+  echo "nvcc -Xcompiler -include,cassert fails here ($(grep -m1 error "$WORK/probe/log")): SpargeAttn builds without it"
+fi
 # SpargeAttn imports einops at run time: bring its wheel along with the built ones.
 cp "$SRC"/wheels/einops-*.whl "$WHEELS"/ 2>/dev/null || echo "note: no einops wheel in $SRC/wheels"
 
@@ -173,6 +184,18 @@ build_one() {
   rm -rf "$tree" && cp -r "$SRC/$name" "$tree" || return 90
   if [[ $KERNELS_FULL != 1 ]]; then
     trim_sources "$tree" "$name" || return 91
+  fi
+  if [[ $name == SpargeAttn && $DROP_INCLUDE_CASSERT == 1 ]]; then
+    "$PY" - "$tree/setup.py" <<'DROP' || return 92
+import pathlib, sys
+setup = pathlib.Path(sys.argv[1])
+text = setup.read_text()
+flag = '"-Xcompiler", "-include,cassert",'
+if text.count(flag) != 1:
+    sys.exit(f"FAIL: expected one {flag} in {setup}")
+setup.write_text(text.replace(flag, "# diffstack: -include,cassert dropped (see build_kernels.sh)"))
+print("SpargeAttn: -Xcompiler -include,cassert dropped")
+DROP
   fi
   local cmd=(timeout -k 15 "$TIMEOUT_S" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$jobs" EXT_PARALLEL=4
     "$PY" -m pip wheel --no-deps --no-build-isolation --no-index -v -w "$WHEELS" "$tree")
