@@ -121,6 +121,29 @@ if [[ -n $libcuda_dir ]]; then
 else
   echo "warning: no libcuda.so or libcuda.so.1 found: linking with -lcuda will fail"
 fi
+# Both _fused extensions include torch's ATen/cuda/CUDAContext.h, which needs the math libraries'
+# headers (cusparse.h, cublas_v2.h, cublasLt.h, cusolverDn.h). A toolkit without them (one assembled
+# from nvcc's pip packages) can borrow those of the nvidia-* wheels torch itself depends on.
+if [[ ! -f $CUDA_HOME/include/cusparse.h ]]; then
+  nv_includes=$("$PY" -c '
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit
+found = [d for root in nvidia.__path__ for d in sorted(glob.glob(os.path.join(root, "*", "include")))]
+print(":".join(d for d in found if glob.glob(os.path.join(d, "cu*.h"))))
+' 2>/dev/null)
+  has_cusparse=0
+  IFS=: read -ra nv_dirs <<<"$nv_includes"
+  for dir in "${nv_dirs[@]}"; do [[ -f $dir/cusparse.h ]] && has_cusparse=1; done
+  if [[ $has_cusparse == 1 ]]; then
+    export CPATH=$nv_includes${CPATH:+:$CPATH}
+    echo "math library headers from torch's nvidia wheels (CPATH): $nv_includes"
+  else
+    echo "warning: no cusparse.h in $CUDA_HOME/include nor in the nvidia wheels: the _fused extensions will not compile"
+  fi
+fi
 # SpargeAttn passes `-Xcompiler -include,cassert` to nvcc; with nvcc 13.0 and GCC 12 that makes the
 # host pass re-include <cassert> into already-preprocessed code ("redefinition of std::__terminate()"
 # in every file). Its sources include <cassert> themselves, so where a one-line probe fails, drop it.
