@@ -189,11 +189,8 @@ class StepBench:
 
     def attention_offers(self, record: dict[str, Any]) -> None:
         """Every attention offer except the SDPA baseline, alone on the eager denoiser."""
-        from diffstack.attention import install_attention
-
         sources, failures = self.host.collect("select_attention", model=self.info)
         record["hook_failures"] = [{"plugin": f.plugin, "error": f.error} for f in failures]
-        transformer = self.info.denoiser_kind.value == "transformer"
         for source in sources:
             offer = source.offer
             if offer.name == "sdpa":
@@ -211,33 +208,43 @@ class StepBench:
                     notes=availability.reason,
                 )
                 continue
-            if transformer and offer.diffusers_backend:
-                self._backend_step(offer.name, offer.diffusers_backend, entry)
-                continue
-            kernel = offer.build(self.info)
-            if transformer:
-                entry.update(self._kernel_only(offer.name, kernel))
-                continue
-            plan = {
-                name: (offer.name, kernel) for name, shape in self.shapes.items() if offer.supports(shape).ok
-            }
-            served = sorted({self.shapes[name].key for name in plan})
-            entry["served_shapes"] = served
-            original = dict(self.denoiser.attn_processors)
-            try:
-                install_attention(self.denoiser, plan)
-                output = measure.first_output(self.denoiser, self.inputs)
-                timing = measure.timed(self.call(self.denoiser), self.device, self.repeats)
-            finally:
-                self.denoiser.set_attn_processor(original)
-            assert self.reference is not None
-            self.row(
-                f"{offer.name} attention alone",
-                "offer",
-                timing,
-                drift=measure.drift(output, self.reference),
-                notes=f"{len(plan)}/{len(self.shapes)} attention modules ({len(served)} shapes); rest SDPA",
-            )
+            try:  # one offer that fails (a kernel raising mid-step) must not cost the others' rows
+                self._offer_alone(offer, entry)
+            except Exception as exc:
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                self.row(
+                    f"{offer.name} attention alone", "offer", None, status="failed", notes=entry["error"]
+                )
+
+    def _offer_alone(self, offer: Any, entry: dict[str, Any]) -> None:
+        from diffstack.attention import install_attention
+
+        transformer = self.info.denoiser_kind.value == "transformer"
+        if transformer and offer.diffusers_backend:
+            self._backend_step(offer.name, offer.diffusers_backend, entry)
+            return
+        kernel = offer.build(self.info)
+        if transformer:
+            entry.update(self._kernel_only(offer.name, kernel))
+            return
+        plan = {name: (offer.name, kernel) for name, shape in self.shapes.items() if offer.supports(shape).ok}
+        served = sorted({self.shapes[name].key for name in plan})
+        entry["served_shapes"] = served
+        original = dict(self.denoiser.attn_processors)
+        try:
+            install_attention(self.denoiser, plan)
+            output = measure.first_output(self.denoiser, self.inputs)
+            timing = measure.timed(self.call(self.denoiser), self.device, self.repeats)
+        finally:
+            self.denoiser.set_attn_processor(original)
+        assert self.reference is not None
+        self.row(
+            f"{offer.name} attention alone",
+            "offer",
+            timing,
+            drift=measure.drift(output, self.reference),
+            notes=f"{len(plan)}/{len(self.shapes)} attention modules ({len(served)} shapes); rest SDPA",
+        )
 
     def _backend_step(self, name: str, backend: str, entry: dict[str, Any]) -> None:
         """A transformer's offer through its diffusers attention backend: the whole step with it."""
