@@ -30,7 +30,8 @@ if [[ $# -ne 2 ]]; then
 fi
 SRC=$(realpath "$1") || exit 2
 WHEELS=$(realpath -m "$2")
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}") || { echo "FAIL: ${PYTHON:-python3} not found" >&2; exit 2; }
+PY=$(realpath -s "$PY")  # the builds run from their source folders
 TIMEOUT_S=${BUILD_TIMEOUT_S:-420}
 SAGE_JOBS=${SAGE_JOBS:-10}
 SPARGE_JOBS=${SPARGE_JOBS:-14}
