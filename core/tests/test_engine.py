@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,6 +71,19 @@ def test_an_image_is_the_same_alone_or_in_a_batch(engine: Engine) -> None:
     in_batch = results[1]
     assert isinstance(in_batch, GenerationResult)
     assert np.abs(pixels(alone) - pixels(in_batch)).max() <= 1
+
+
+def test_a_launched_batch_is_collected_on_another_thread_as_run_gives_it(engine: Engine) -> None:
+    """The serving split: launch on the device thread, collect elsewhere, same pictures as ``run``."""
+    requests = [engine.prepare(GenerationRequest("a red circle", steps=3, seeds=(s,))) for s in (21, 22)]
+    launched = engine.launch([GenerationJob(r) for r in requests])
+    with ThreadPoolExecutor(1) as other:
+        collected = launched.retry(other.submit(launched.collect).result())
+    ran = engine.run([GenerationJob(r) for r in requests])
+    for got, expected in zip(collected, ran, strict=True):
+        assert isinstance(got, GenerationResult) and isinstance(expected, GenerationResult)
+        assert got.images[0].seed == expected.images[0].seed
+        assert np.array_equal(pixels(got), pixels(expected))
 
 
 def test_num_images_continues_seeds_from_the_last_given(engine: Engine) -> None:

@@ -33,6 +33,12 @@ class FakeEngine:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.step_gate: threading.Event | None = None
+        self.step_permits: threading.Semaphore | None = None
+        """When set, every step takes one permit (a test lets steps through one by one)."""
+        self.steps_run: dict[str, int] = {}
+        self.collect_gate: threading.Event | None = None
+        """When set, a launched batch's images reach the host only once the gate opens."""
+        self.collected: list[list[str]] = []
         self.started = threading.Event()
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
@@ -46,6 +52,10 @@ class FakeEngine:
         for step in range(1, total + 1):
             if self.step_gate is not None:
                 assert self.step_gate.wait(WAIT_S)
+            if self.step_permits is not None:
+                assert self.step_permits.acquire(timeout=WAIT_S)
+            for job in jobs:
+                self.steps_run[job.request.prompt] = step
             for index, job in enumerate(jobs):
                 if index not in stopped and (reason := job.should_stop()) is not None:
                     stopped[index] = reason
@@ -58,6 +68,25 @@ class FakeEngine:
             stopped.get(i) or GenerationResult((GeneratedImage(image, job.request.seeds[0]),), "fake", {}, {})
             for i, job in enumerate(jobs)
         ]
+
+    def launch(self, jobs: Sequence[GenerationJob]) -> FakeLaunched:
+        return FakeLaunched(self, [job.request.prompt for job in jobs], self.run(jobs))
+
+
+class FakeLaunched:
+    """A batch whose denoising is done; its collection waits for the engine's ``collect_gate``."""
+
+    def __init__(self, engine: FakeEngine, prompts: list[str], outcomes: list[Any]) -> None:
+        self.engine, self.prompts, self.outcomes = engine, prompts, outcomes
+
+    def collect(self) -> list[Any]:
+        if self.engine.collect_gate is not None:
+            assert self.engine.collect_gate.wait(WAIT_S)
+        self.engine.collected.append(self.prompts)
+        return list(self.outcomes)
+
+    def retry(self, outcomes: list[Any]) -> list[Any]:
+        return outcomes
 
 
 def hosting(engine: FakeEngine) -> EngineWorker:
@@ -208,3 +237,104 @@ def test_batch_timing_is_a_moving_average_of_seconds_per_unit() -> None:
     timing.observe(100, 2.0)
     timing.observe(0, 5.0)  # ignored: no work
     assert timing.seconds(100) == pytest.approx(1.3)
+
+
+async def until(condition: Any) -> None:
+    """Poll ``condition`` (cheap, in-process state) until true; the test's WAIT_S bounds it."""
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+def test_the_next_batch_is_launched_while_the_previous_is_still_being_collected() -> None:
+    async def main() -> FakeEngine:
+        engine = FakeEngine()
+        engine.collect_gate = threading.Event()
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=10, max_batch=1)
+        first, second, third = ticket("a"), ticket("b"), ticket("c")
+        for t in (first, second, third):
+            queue.submit(t)
+        queue.start()
+        # "a" is launched and waits for its images; "b" is launched meanwhile (the overlap); "c"
+        # waits until "a" is collected: only one batch is collected while the next one runs.
+        await until(lambda: engine.calls == [["a"], ["b"]])
+        await asyncio.sleep(0.05)
+        assert engine.calls == [["a"], ["b"]] and not first.future.done()
+        assert queue.in_flight == 2
+        engine.collect_gate.set()
+        results = await asyncio.gather(first.future, second.future, third.future)
+        assert [r.images[0].seed for r in results] == [1, 1, 1]  # each its own (seed = len(prompt))
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return engine
+
+    engine = run(main())
+    assert engine.calls == [["a"], ["b"], ["c"]]
+    assert engine.collected == [["a"], ["b"], ["c"]]  # delivered in launch order
+
+
+def test_overlapped_batches_lose_and_duplicate_nothing() -> None:
+    async def main() -> tuple[list[Ticket], list[Any], FakeEngine]:
+        engine = FakeEngine()
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=100, max_batch=3)
+        tickets = [ticket("p" * (i + 1), steps=1 + i % 2) for i in range(40)]
+        queue.start()
+        for t in tickets:  # arrivals spread over the run, so batches form while others are collected
+            queue.submit(t)
+            await asyncio.sleep(0)
+        results = await asyncio.gather(*(t.future for t in tickets))
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return tickets, results, engine
+
+    tickets, results, engine = run(main())
+    assert [r.images[0].seed for r in results] == [t.request.seeds[0] for t in tickets]
+    launched = [prompt for call in engine.calls for prompt in call]
+    assert sorted(launched) == sorted(t.request.prompt for t in tickets)  # each exactly once
+    assert engine.collected == engine.calls
+
+
+def test_a_request_cancelled_while_the_previous_batch_is_collected_stops_at_its_next_step() -> None:
+    async def main() -> tuple[Any, Any, FakeEngine]:
+        engine = FakeEngine()
+        engine.collect_gate = threading.Event()
+        engine.step_permits = threading.Semaphore(1)  # the one step of "a"
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=10, max_batch=1)
+        done, cancelled = ticket("a", steps=1), ticket("b", steps=50)
+        queue.submit(done)
+        queue.submit(cancelled)
+        queue.start()
+        await until(lambda: len(engine.calls) == 2)  # "a" waits to be collected, "b" is denoising
+        queue.withdraw(cancelled)
+        engine.step_permits.release()  # "b" takes its first step and sees the cancellation
+        engine.step_permits.release()  # (one spare: a step past the first would be a failure)
+        engine.collect_gate.set()
+        outcomes = await asyncio.gather(done.future, cancelled.future, return_exceptions=True)
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return outcomes[0], outcomes[1], engine
+
+    first, stopped, engine = run(main())
+    assert isinstance(first, GenerationResult)
+    assert isinstance(stopped, Cancelled)
+    assert engine.steps_run["b"] == 1
+
+
+def test_a_queued_request_cancelled_during_an_overlap_never_runs() -> None:
+    async def main() -> FakeEngine:
+        engine = FakeEngine()
+        engine.collect_gate = threading.Event()
+        queue = BatchQueue(hosting(engine), Metrics(), queue_size=10, max_batch=1)
+        tickets = [ticket("a"), ticket("b"), ticket("c")]
+        for t in tickets:
+            queue.submit(t)
+        queue.start()
+        await until(lambda: len(engine.calls) == 2)  # "c" waits: "a" is still being collected
+        queue.withdraw(tickets[2])
+        engine.collect_gate.set()
+        await asyncio.gather(tickets[0].future, tickets[1].future)
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        assert isinstance(tickets[2].future.exception(), Cancelled)
+        return engine
+
+    assert run(main()).calls == [["a"], ["b"]]

@@ -3,10 +3,23 @@
 Handlers :meth:`~BatchQueue.submit` prepared requests and await their
 :class:`~diffstack_server.tickets.Ticket`. One asyncio task takes the oldest waiting request, gathers
 waiting requests with the same batch key up to ``max_batch`` images (waiting up to ``batch_wait_ms``
-for more to arrive when the batch is not full, like Triton's ``max_queue_delay``), and runs them as
-one ``engine.run`` call on the engine's device thread (:class:`~diffstack.engine.EngineWorker`): one
-pipeline at a time owns the device. A batch that runs out of memory is split in two once and each
+for more to arrive when the batch is not full, like Triton's ``max_queue_delay``), and launches them
+as one ``engine.launch`` call on the engine's device thread (:class:`~diffstack.engine.EngineWorker`):
+one pipeline at a time owns the device. A batch that runs out of memory is split in two once and each
 half retried; a half that still does not fit fails with ``OutOfMemory``.
+
+Batches overlap: ``engine.launch`` returns once the batch is denoised and decoded and its pixels'
+copy to the host is queued (:class:`~diffstack.engine.run.PendingBatch`); a delivery task then
+waits for the copy on a collector thread, checks the images, and finishes the tickets (whose handlers
+encode on the encoder pool), while the batcher forms the next batch and launches it at once. On a GPU
+the device work stays in one stream, in order (decode N, then denoise N+1: both are compute-bound at
+the batch sizes served, so a second stream would only share the same SMs, and the CUDA graphs of
+the compiled stack are recorded and replayed on the device thread's stream); what overlaps is
+everything the host does between two batches: waiting for the copy, the finiteness check, making
+pictures, encoding and sending them, and the next batch's forming, prompt encoding and kernel launches.
+At most :data:`MAX_COLLECTING` batch is being collected while the next is formed; batches are
+delivered in launch order. A cancelled request still stops at its next step while its batch
+denoises; once denoised it is delivered (to nobody, if its caller left).
 
 Cancellation and deadlines reach the engine through each job's ``should_stop``, which the engine
 checks after every step: a cancelled request stops at the next step, and a request cancelled while
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,11 +50,15 @@ import structlog
 from diffstack.errors import Cancelled, DiffstackError, NotReady, OutOfMemory, Overloaded
 
 if TYPE_CHECKING:
-    from diffstack.engine import EngineWorker, GenerationResult
+    from diffstack.engine import EngineWorker, GenerationResult, LaunchedBatch, ServingEngine
     from diffstack_server.metrics import Metrics
     from diffstack_server.tickets import Ticket
 
 log = structlog.get_logger("diffstack.server.batching")
+
+MAX_COLLECTING = 1
+"""Launched batches still being collected when the next one is formed: one, so batch N's images
+travel to the host, are checked and delivered while batch N+1 denoises, and no more pile up."""
 
 # -------------------------------------------------------------------------------------------------
 # The queue
@@ -127,6 +145,10 @@ class BatchQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._last_collected = 0.0
+        self._collector = ThreadPoolExecutor(1, thread_name_prefix="diffstack-collect")
+        """Waits for launched batches' images, in launch order, off the loop and the device thread."""
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -157,6 +179,16 @@ class BatchQueue:
             return False
         return True
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for nothing to be queued or running; whether it was."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def abort(self, error: DiffstackError) -> None:
         """Fail every queued request with ``error`` and stop the running ones at their next step
         (with the same error)."""
@@ -175,6 +207,7 @@ class BatchQueue:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except TimeoutError:
                 log.warning("batcher_stop_timeout", running=len(self._running))
+        self._collector.shutdown(wait=False)
 
     # -- submitting --------------------------------------------------------------------------------
 
@@ -252,11 +285,23 @@ class BatchQueue:
     # -- the batcher task --------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            await self._run(batch)
+        try:
+            while True:
+                await self._settle(MAX_COLLECTING)
+                batch = await self._next_batch()
+                if batch is None:
+                    break
+                await self._launch(batch)
+            await self._settle(0)
+        except asyncio.CancelledError:  # the server is stopping hard: batches being collected fail too
+            for task in list(self._deliveries):
+                task.cancel()
+            raise
+
+    async def _settle(self, at_most: int) -> None:
+        """Wait until at most ``at_most`` launched batches are still being collected."""
+        while len(self._deliveries) > at_most:
+            await asyncio.wait(list(self._deliveries), return_when=asyncio.FIRST_COMPLETED)
 
     async def _next_batch(self) -> list[Ticket] | None:
         while True:
@@ -317,7 +362,9 @@ class BatchQueue:
             ticket.move_to(position)
         self._update_gauges()
 
-    async def _run(self, batch: list[Ticket]) -> None:
+    async def _launch(self, batch: list[Ticket]) -> None:
+        """Launch ``batch`` on the device thread, then hand it to a task that collects and delivers
+        it, so the loop can form and launch the next batch meanwhile."""
         now = time.monotonic()
         for ticket in batch:
             ticket.started_at = now
@@ -330,68 +377,117 @@ class BatchQueue:
             images=sum(t.images for t in batch),
             queued=len(self._waiting),
         )
-        outcomes: list[GenerationResult | BaseException]
+        began = time.perf_counter()
+        launched: LaunchedBatch | list[GenerationResult | BaseException]
         try:
-            outcomes = await asyncio.wrap_future(self.worker.submit(self._run_in_worker, batch))
+            launched = await asyncio.wrap_future(self.worker.submit(self._launch_in_worker, batch))
         except asyncio.CancelledError:  # the server is stopping hard: stop the work, fail the batch
-            for ticket in batch:
-                ticket.cancel(NotReady("the server stopped"))
-                ticket.finish(NotReady("the server stopped"))
+            self._fail(batch, NotReady("the server stopped"))
             raise
         except Exception as exc:  # the worker could not take the batch (stopped)
+            launched = [exc] * len(batch)
+        task = asyncio.get_running_loop().create_task(self._deliver(batch, launched, began))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(
+        self,
+        batch: list[Ticket],
+        launched: LaunchedBatch | list[GenerationResult | BaseException],
+        began: float,
+    ) -> None:
+        """Collect a launched batch's images off the device thread (rerunning on the device thread
+        what needs the reference stack), then finish its tickets, in launch order."""
+        outcomes: list[GenerationResult | BaseException]
+        try:
+            if isinstance(launched, list):
+                outcomes = launched
+            else:
+                collected = await asyncio.get_running_loop().run_in_executor(
+                    self._collector, launched.collect
+                )
+                if any(outcome is None for outcome in collected):
+                    retried = self.worker.submit(self._retry_in_worker, batch, launched, collected)
+                    final: list[GenerationResult | DiffstackError] = await asyncio.wrap_future(retried)
+                    outcomes = list(final)
+                else:
+                    outcomes = [outcome for outcome in collected if outcome is not None]
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"the engine returned {len(outcomes)} outcomes for {len(batch)} jobs")
+        except asyncio.CancelledError:
+            self._fail(batch, NotReady("the server stopped"))
+            raise
+        except Exception as exc:
             outcomes = [exc] * len(batch)
-        finally:
-            for ticket in batch:
-                self._running.remove(ticket)
-            self._update_gauges()
+        self._observe(batch, outcomes, began)
+        for ticket in batch:
+            self._running.remove(ticket)
+        self._update_gauges()
         for ticket, outcome in zip(batch, outcomes, strict=True):
             ticket.finish(outcome)
         self._update_idle()
 
+    def _fail(self, batch: list[Ticket], error: DiffstackError) -> None:
+        for ticket in batch:
+            ticket.cancel(error)
+            ticket.finish(error)
+            if ticket in self._running:
+                self._running.remove(ticket)
+        self._update_gauges()
+
+    def _observe(
+        self, batch: list[Ticket], outcomes: list[GenerationResult | BaseException], began: float
+    ) -> None:
+        """Record the batch's device time: from its launch, or from the previous batch's collection
+        if that ended later (the two overlap), to its own collection."""
+        done = time.perf_counter()
+        seconds = max(1e-9, done - max(began, self._last_collected))
+        self._last_collected = done
+        self.metrics.observe_batch(len(batch), sum(t.images for t in batch), seconds)
+        if not any(isinstance(outcome, BaseException) for outcome in outcomes):
+            self.timing.observe(sum(work_units(t) for t in batch), seconds)
+
     # -- the worker thread ---------------------------------------------------------------------------
 
-    def _run_in_worker(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
-        """Run the batch on the device thread; on OutOfMemory split it in two once and run each half."""
+    def _launch_in_worker(
+        self, batch: list[Ticket]
+    ) -> LaunchedBatch | list[GenerationResult | BaseException]:
+        """Launch the batch on the device thread; on OutOfMemory split it in two once and run each
+        half to the end (outcomes known at once: the rare path need not overlap)."""
         with structlog.contextvars.bound_contextvars(request_ids=[t.request_id for t in batch]):
-            return self._run_or_split(batch)
+            engine = self._engine()
+            try:
+                return engine.launch([ticket.job() for ticket in batch])
+            except OutOfMemory as first:
+                if len(batch) == 1:
+                    return [first]
+                half = len(batch) // 2
+                log.warning("batch_out_of_memory_splitting", requests=len(batch), first_half=half)
+                outcomes: list[GenerationResult | BaseException] = []
+                for part in (batch[:half], batch[half:]):
+                    try:
+                        launched = engine.launch([ticket.job() for ticket in part])
+                        outcomes.extend(launched.retry(launched.collect()))
+                    except Exception as exc:
+                        outcomes.extend([exc] * len(part))
+                return outcomes
+            except Exception as exc:
+                return [exc] * len(batch)
 
-    def _run_or_split(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
-        try:
-            return self._call_engine(batch)
-        except OutOfMemory as first:
-            if len(batch) == 1:
-                return [first]
-            half = len(batch) // 2
-            log.warning("batch_out_of_memory_splitting", requests=len(batch), first_half=half)
-            outcomes: list[GenerationResult | BaseException] = []
-            for part in (batch[:half], batch[half:]):
-                try:
-                    outcomes.extend(self._call_engine(part))
-                except OutOfMemory as again:
-                    outcomes.extend([again] * len(part))
-                except Exception as exc:
-                    outcomes.extend([exc] * len(part))
-            return outcomes
-        except Exception as exc:
-            return [exc] * len(batch)
+    def _retry_in_worker(
+        self,
+        batch: list[Ticket],
+        launched: LaunchedBatch,
+        collected: list[GenerationResult | DiffstackError | None],
+    ) -> list[GenerationResult | DiffstackError]:
+        with structlog.contextvars.bound_contextvars(request_ids=[t.request_id for t in batch]):
+            return launched.retry(collected)
 
-    def _call_engine(self, batch: list[Ticket]) -> list[GenerationResult | BaseException]:
+    def _engine(self) -> ServingEngine:
         engine = self.worker.engine
         if engine is None:
             raise NotReady("the engine is not started")
-        started = time.perf_counter()
-        try:
-            outcomes: list[GenerationResult | BaseException] = list(
-                engine.run([ticket.job() for ticket in batch])
-            )
-        finally:
-            seconds = time.perf_counter() - started
-            self.metrics.observe_batch(len(batch), sum(t.images for t in batch), seconds)
-        if not any(isinstance(outcome, BaseException) for outcome in outcomes):
-            self.timing.observe(sum(work_units(t) for t in batch), seconds)
-        if len(outcomes) != len(batch):
-            raise RuntimeError(f"engine.run returned {len(outcomes)} outcomes for {len(batch)} jobs")
-        return outcomes
+        return engine
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 

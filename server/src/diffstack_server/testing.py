@@ -23,7 +23,7 @@ from PIL import ImageStat
 
 from diffstack import Availability, DenoiserWrapper, DenoiserWrapperOffer, ModelInfo, hookimpl, parse_options
 from diffstack.config import Settings
-from diffstack.engine import GenerationJob, GenerationRequest, GenerationResult, StepEvent
+from diffstack.engine import GenerationJob, GenerationRequest, GenerationResult, LaunchedBatch, StepEvent
 from diffstack.errors import DiffstackError, OutOfMemory
 from diffstack.options import Interval
 from diffstack.plugins import PluginHost, load_plugins
@@ -104,6 +104,10 @@ class SpyEngine:
         return self.engine.stats()
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]:
+        launched = self.launch(jobs)
+        return launched.retry(launched.collect())
+
+    def launch(self, jobs: Sequence[GenerationJob]) -> LaunchedBatch:
         with self._lock:
             self.calls.append([job.request.seeds for job in jobs])
         self.entered.set()
@@ -114,10 +118,8 @@ class SpyEngine:
         records = [JobRecord(job.request.seeds, job.request.steps) for job in jobs]
         for record in records:
             self.jobs[record.seeds[0]] = record
-        outcomes = self.engine.run([self._observed(job, r) for job, r in zip(jobs, records, strict=True)])
-        for record, outcome in zip(records, outcomes, strict=True):
-            record.outcome = outcome
-        return outcomes
+        launched = self.engine.launch([self._observed(job, r) for job, r in zip(jobs, records, strict=True)])
+        return _Recorded(launched, records)
 
     def _observed(self, job: GenerationJob, record: JobRecord) -> GenerationJob:
         def should_stop() -> DiffstackError | None:
@@ -261,3 +263,25 @@ def make_certificate(
             capture_output=True,
         )
     return key, cert
+
+
+@dataclass
+class _Recorded:
+    """A launched batch that notes each job's final outcome in its :class:`JobRecord`."""
+
+    launched: LaunchedBatch
+    records: list[JobRecord]
+
+    def collect(self) -> list[GenerationResult | DiffstackError | None]:
+        outcomes = self.launched.collect()
+        for record, outcome in zip(self.records, outcomes, strict=True):
+            record.outcome = outcome
+        return outcomes
+
+    def retry(
+        self, outcomes: list[GenerationResult | DiffstackError | None]
+    ) -> list[GenerationResult | DiffstackError]:
+        final = self.launched.retry(outcomes)
+        for record, outcome in zip(self.records, final, strict=True):
+            record.outcome = outcome
+        return final

@@ -16,7 +16,7 @@ from diffstack.engine.requests import (
     ModelListing,
     StepEvent,
 )
-from diffstack.engine.worker import EngineWorker, ServingEngine
+from diffstack.engine.worker import EngineWorker, LaunchedBatch, ServingEngine
 
 if TYPE_CHECKING:
     from diffstack.engine.engine import Engine
@@ -28,6 +28,7 @@ __all__ = [
     "GenerationJob",
     "GenerationRequest",
     "GenerationResult",
+    "LaunchedBatch",
     "ModelListing",
     "ServingEngine",
     "StepEvent",

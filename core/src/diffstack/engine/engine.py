@@ -14,6 +14,7 @@ import functools
 import gc
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
@@ -41,7 +42,7 @@ from diffstack.engine.requests import (
     ModelListing,
     ModelMemory,
 )
-from diffstack.engine.run import run_batch
+from diffstack.engine.run import PendingBatch, launch_batch, run_batch
 from diffstack.engine.validation import prepare_request
 from diffstack.errors import DiffstackError, FieldViolation, InvalidRequest, ModelError, Overloaded
 from diffstack.plugins import PluginHost, load_plugins
@@ -68,10 +69,14 @@ class Engine:
         """Guards the three tables above; held for lookups only, never while a model loads."""
         self._load_lock = threading.Lock()
         """Serialises loads; a request for a loaded model never takes it."""
+        self.plugins_s = 0.0
+        """Seconds :meth:`start` took to load the plugins (their imports included)."""
 
     @classmethod
     def start(cls, settings: Settings, host: PluginHost | None = None) -> Engine:
+        started = time.perf_counter()
         engine = cls(settings, host if host is not None else load_plugins(settings.plugins))
+        engine.plugins_s = time.perf_counter() - started
         engine.model("")
         for name in settings.engine.preload:
             engine.model(name)
@@ -165,8 +170,10 @@ class Engine:
             model = load_model(key, path, self.host, self.settings)
         except ModelError as error:
             raise ModelError(f"model {key!r} cannot be loaded: {without_dirs(str(error), path)}") from error
+        warming = time.perf_counter()
         self._warm_up(model)
-        log.info("model_loaded", model=key, loaded=len(self._models) + 1)
+        model.startup["warmup_s"] = time.perf_counter() - warming
+        log.info("model_loaded", model=key, loaded=len(self._models) + 1, **_rounded(model.startup))
         return model
 
     def _make_room(self, key: str, *, models: int | None, budget: int | None = None, must_load: bool) -> None:
@@ -355,10 +362,18 @@ class Engine:
     def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]:
         """Run prepared jobs that share one batch key as one pipeline call (blocking; the caller
         computed the key, so it is not computed again here)."""
+        return run_batch(self._model_of(jobs), jobs)
+
+    def launch(self, jobs: Sequence[GenerationJob]) -> PendingBatch:
+        """As :meth:`run`, but return once the images' copy to the host is queued: collect them on
+        any thread (:meth:`PendingBatch.collect`) while this thread launches the next batch."""
+        return launch_batch(self._model_of(jobs), jobs)
+
+    def _model_of(self, jobs: Sequence[GenerationJob]) -> LoadedModel:
         key = jobs[0].request.model
         with self._lock:
             model = self._models.get(key)
-        return run_batch(model if model is not None else self._loaded(key), jobs)
+        return model if model is not None else self._loaded(key)
 
     def stats(self) -> dict[str, float]:
         """Counters from the stacks' components (the prompt cache, say), loaded models, GPU memory."""
@@ -385,6 +400,10 @@ def _hashable(option: object) -> Hashable:
         digest = hashlib.blake2b(option.tobytes(), digest_size=16).digest()
         return ("image", option.mode, option.size, digest)
     return option
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 2) for name, value in seconds.items()}
 
 
 def _model_memory(model: LoadedModel) -> ModelMemory:

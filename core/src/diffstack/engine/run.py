@@ -3,13 +3,21 @@
 Each image gets its own ``torch.Generator``, so an image with seed S is the same picture whether it
 ran alone or inside a batch. Progress and cancellation go through ``callback_on_step_end``.
 
+A batch runs in two halves so that a server can overlap them: :func:`launch_batch`, on the device
+thread, encodes the prompts, denoises, decodes and converts the pixels to 8 bits on the device, and
+queues their copy into pinned host memory behind a CUDA event; :meth:`PendingBatch.collect`, on any
+thread, waits for that event and turns the pixels into pictures. So the device thread is free to
+launch the next batch while this one's pixels travel, are checked and become images (and are
+encoded and sent by the server). :func:`run_batch` does both in a row.
+
 Never an answer of garbage: every image is checked for NaN/inf before it is returned. When the
 composed stack raises or gives a non-finite image, the jobs concerned run once more on the reference
 stack (SDPA attention, the eager denoiser, no wrappers, the scheduler's own sigmas, the pipeline's own
-encoder), whose summary then travels with the images. When the reference stack gives NaN as well, the
-model itself is at fault (an fp16 VAE overflowing, say): the job fails with :class:`ModelError`
-(FAILED_PRECONDITION), never OK. The stack summary of every answer says what actually ran, run-time
-fallbacks included.
+encoder), whose summary then travels with the images (a non-finite image is found only when the
+batch is collected: :meth:`PendingBatch.retry` reruns those jobs, on the device thread). When the
+reference stack gives NaN as well, the model itself is at fault (an fp16 VAE overflowing, say): the
+job fails with :class:`ModelError` (FAILED_PRECONDITION), never OK. The stack summary of every answer
+says what actually ran, run-time fallbacks included.
 """
 
 from __future__ import annotations
@@ -17,13 +25,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import structlog
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from diffstack.attention import KernelAttnProcessor, KernelChain, sdpa
@@ -56,27 +63,110 @@ class _Ran:
 
 
 def run_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> list[Outcome]:
-    """Run ``jobs`` (one batch key) as one pipeline call; see the module docstring for fallbacks."""
+    """Run ``jobs`` (one batch key) as one pipeline call and wait for its images; see the module
+    docstring for fallbacks."""
+    pending = launch_batch(model, jobs)
+    return pending.retry(pending.collect())
+
+
+def launch_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> PendingBatch:
+    """Denoise and decode ``jobs`` (one batch key) on the device thread; returns once the pixels'
+    copy to the host is queued, before it is done. A composed stack that raises is replaced by the
+    reference stack here; one that gives a non-finite image, by :meth:`PendingBatch.retry`."""
     with model.lock:
         try:
-            outcomes = _attempt(model, jobs, reference=False)
+            return PendingBatch(model, jobs, _launch(model, jobs, reference=False), reference=False)
         except DiffstackError:
             raise
         except Exception as exc:  # the composed stack broke at run time: the reference stack serves
             log.warning(
                 "composed stack failed; retrying on the reference stack", error=str(exc), exc_info=True
             )
-            outcomes = [None] * len(jobs)
             reason = f"the composed stack raised {type(exc).__name__}"
-        else:
-            reason = "the composed stack gave a non-finite image"
+            launched = _launch(model, jobs, reference=True, fallback=reason)
+            return PendingBatch(model, jobs, launched, reference=True)
+
+
+class PendingBatch:
+    """A launched batch: :meth:`collect` its outcomes on any thread, then :meth:`retry` on the
+    device thread whatever came back non-finite (a no-op when nothing did)."""
+
+    def __init__(
+        self, model: LoadedModel | None, jobs: Sequence[GenerationJob], launched: _Launched, reference: bool
+    ) -> None:
+        self.model = model
+        self.jobs = jobs
+        self._launched = launched
+        self._reference = reference
+
+    @classmethod
+    def done(cls, outcomes: Sequence[Outcome]) -> PendingBatch:
+        """A batch whose outcomes are known already (engines that run synchronously, tests)."""
+        return cls(None, (), _Launched(list(outcomes)), reference=True)
+
+    def collect(self) -> list[Outcome | None]:
+        """Wait for the images and check them; None marks a job whose images were not all finite on
+        the composed stack (to :meth:`retry`)."""
+        outcomes = self._launched.collect()
+        if self._reference and self.model is not None:
+            return [o if o is not None else _non_finite(self.model) for o in outcomes]
+        return outcomes
+
+    def retry(self, outcomes: list[Outcome | None]) -> list[Outcome]:
+        """``outcomes`` with every None rerun on the reference stack (on the device thread)."""
         retry = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        if retry:
+        if retry and self.model is not None:
+            reason = "the composed stack gave a non-finite image"
             log.warning("retrying on the reference stack", reason=reason, jobs=len(retry))
-            again = _attempt(model, [jobs[i] for i in retry], reference=True, fallback=reason)
-            for index, outcome in zip(retry, again, strict=True):
+            model = self.model
+            with model.lock:
+                again = _launch(model, [self.jobs[i] for i in retry], reference=True, fallback=reason)
+            for index, outcome in zip(retry, again.collect(), strict=True):
                 outcomes[index] = outcome if outcome is not None else _non_finite(model)
-    return [outcome for outcome in outcomes if outcome is not None]
+        return [outcome for outcome in outcomes if outcome is not None]
+
+
+@dataclass
+class _Launched:
+    """One pipeline call's results on their way to the host (``outcomes`` when known already)."""
+
+    outcomes: list[Outcome | None] | None = None
+    model: LoadedModel | None = None
+    jobs: Sequence[GenerationJob] = ()
+    pixels: torch.Tensor | None = None
+    """Every image, 8-bit HWC, in host memory (pinned on CUDA) once ``ready`` has passed."""
+    finite: torch.Tensor | None = None
+    """Per image: whether all its values were finite (on the host, as ``pixels``)."""
+    ready: Any = None
+    """The CUDA event after the copies (None on a CPU: the copy is done already)."""
+    stopped: dict[int, DiffstackError] = field(default_factory=dict)
+    summary: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    reference: bool = False
+    started: float = 0.0
+    encoded: float = 0.0
+
+    def collect(self) -> list[Outcome | None]:
+        if self.outcomes is not None:
+            return list(self.outcomes)
+        assert self.model is not None and self.pixels is not None and self.finite is not None
+        if self.ready is not None:
+            self.ready.synchronize()
+        finished = time.perf_counter()
+        timings = {
+            "encode_s": self.encoded - self.started,
+            "pipeline_s": finished - self.encoded,
+            "total_s": finished - self.started,
+        }
+        return _split(
+            self.model,
+            self.jobs,
+            self.pixels.numpy(),
+            self.finite.numpy(),
+            self.stopped,
+            timings,
+            self.summary,
+            self.reference,
+        )
 
 
 def _non_finite(model: LoadedModel) -> ModelError:
@@ -87,10 +177,10 @@ def _non_finite(model: LoadedModel) -> ModelError:
     )
 
 
-def _attempt(
+def _launch(
     model: LoadedModel, jobs: Sequence[GenerationJob], reference: bool, fallback: str = ""
-) -> list[Outcome | None]:
-    """One pipeline call; a job whose images are not all finite comes back as None."""
+) -> _Launched:
+    """One pipeline call, up to the queued copy of its pixels to the host."""
     request = jobs[0].request
     stopped: dict[int, DiffstackError] = {}
     started = time.perf_counter()
@@ -114,21 +204,48 @@ def _attempt(
             "guidance_scale": request.guidance,
             "generator": [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.seeds],
             "callback_on_step_end": _step_callback(model, jobs, stopped),
-            "output_type": "np",
+            "output_type": "pt",
         }
         wrappers = {} if reference else request.wrappers
         with _denoiser_stack(model, pipeline, wrappers, reference) as wrappers_ran:
-            pixels = pipeline(**arguments).images
+            images = pipeline(**arguments).images
+            pixels, finite, ready = _to_host(images)
     except _EveryJobStopped:
-        return [stopped[i] for i in range(len(jobs))]
+        return _Launched([stopped[i] for i in range(len(jobs))])
     except torch.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         images_asked = sum(job.request.num_images for job in jobs)
         raise OutOfMemory(f"GPU out of memory for a batch of {images_asked} images") from exc
-    finished = time.perf_counter()
-    timings = {"encode_s": encoded - started, "pipeline_s": finished - encoded, "total_s": finished - started}
-    ran = _Ran(schedule_ran, wrappers_ran, reference, fallback)
-    return _split(model, jobs, np.asarray(pixels), stopped, timings, ran)
+    summary = _stack_summary(model, _Ran(schedule_ran, wrappers_ran, reference, fallback))
+    return _Launched(
+        model=model,
+        jobs=jobs,
+        pixels=pixels,
+        finite=finite,
+        ready=ready,
+        stopped=stopped,
+        summary=summary,
+        reference=reference,
+        started=started,
+        encoded=encoded,
+    )
+
+
+def _to_host(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The pipeline's [0, 1] NCHW images as 8-bit NHWC pixels (rounded as diffusers' ``numpy_to_pil``
+    rounds) and a per-image finiteness flag, copied to pinned host memory without waiting; and the
+    CUDA event that marks the copy done (None on a CPU)."""
+    finite = torch.isfinite(images).flatten(1).all(1)
+    pixels = (images.permute(0, 2, 3, 1).float() * 255).round().clamp(0, 255).to(torch.uint8)
+    if images.device.type != "cuda":
+        return pixels, finite, None
+    host_pixels = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+    host_pixels.copy_(pixels, non_blocking=True)
+    host_finite.copy_(finite, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host_pixels, host_finite, ready
 
 
 def _encode(model: LoadedModel, jobs: Sequence[GenerationJob], reference: bool) -> dict[str, torch.Tensor]:
@@ -298,26 +415,25 @@ def _split(
     model: LoadedModel,
     jobs: Sequence[GenerationJob],
     pixels: np.ndarray,
+    finite: np.ndarray,
     stopped: dict[int, DiffstackError],
     timings: dict[str, float],
-    ran: _Ran,
+    summary: dict[str, tuple[str, ...]],
+    reference: bool,
 ) -> list[Outcome | None]:
     """Per job: its error, its result, or None when one of its images is not finite."""
     outcomes: list[Outcome | None] = []
-    summary = _stack_summary(model, ran)
     for index, (job, (start, count)) in enumerate(zip(jobs, _image_offsets(jobs), strict=True)):
         if index in stopped:
             outcomes.append(stopped[index])
             continue
-        own = pixels[start : start + count]
-        if not np.isfinite(own).all():
-            log.warning(
-                "non-finite image", model=model.name, seeds=job.request.seeds, reference=ran.reference
-            )
+        if not finite[start : start + count].all():
+            log.warning("non-finite image", model=model.name, seeds=job.request.seeds, reference=reference)
             outcomes.append(None)
             continue
-        pictures = VaeImageProcessor.numpy_to_pil(own)
-        generated = tuple(GeneratedImage(pictures[i], job.request.seeds[i]) for i in range(count))
+        generated = tuple(
+            GeneratedImage(Image.fromarray(pixels[start + i]), job.request.seeds[i]) for i in range(count)
+        )
         outcomes.append(GenerationResult(generated, model.name, summary, timings))
     return outcomes
 

@@ -39,6 +39,20 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
+class LaunchedBatch(Protocol):
+    """A batch launched on the device thread (:class:`diffstack.engine.run.PendingBatch`)."""
+
+    def collect(self) -> list[GenerationResult | DiffstackError | None]:
+        """Wait for its images (any thread); None marks a job to :meth:`retry`."""
+        ...
+
+    def retry(
+        self, outcomes: list[GenerationResult | DiffstackError | None]
+    ) -> list[GenerationResult | DiffstackError]:
+        """Rerun the None jobs on the reference stack (device thread); every job's outcome."""
+        ...
+
+
 class ServingEngine(Protocol):
     """The engine as its hosts use it; :class:`diffstack.engine.Engine` satisfies it."""
 
@@ -64,6 +78,8 @@ class ServingEngine(Protocol):
     def batch_key(self, request: GenerationRequest) -> Hashable: ...
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]: ...
+
+    def launch(self, jobs: Sequence[GenerationJob]) -> LaunchedBatch: ...
 
     def stats(self) -> dict[str, float]: ...
 
