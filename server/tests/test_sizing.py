@@ -1,12 +1,21 @@
-"""The batch size: measured on the tiny model, stopped by memory, gain and budget, every size warmed."""
+"""The batch size: measured on the tiny model, stopped by memory, gain and budget; a fixed size on a
+CPU unless asked to measure; kept beside the stack decision and restored; every size warmed, after
+SERVING by default."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from diffstack.config import ServerSettings
-from diffstack_server.sizing import candidate_sizes, choose_batch_size
-from diffstack_server.testing import SpyEngine
+from diffstack_client import DiffstackClient
+from diffstack_server.sizing import BatchSizeChoice, candidate_sizes, choose_batch_size
+from diffstack_server.testing import WAIT_S, SpyEngine
 
 
 def sizes_run(spy: SpyEngine) -> list[int]:
@@ -14,7 +23,17 @@ def sizes_run(spy: SpyEngine) -> list[int]:
 
 
 def settings(**fields: Any) -> ServerSettings:
-    return ServerSettings(batch_measure_steps=1, **{"warm_batches": True, **fields})
+    defaults = {"warm_batches": True, "warm_before_serving": True, "measure_batch_on_cpu": True}
+    return ServerSettings(batch_measure_steps=1, **{**defaults, **fields})
+
+
+@pytest.fixture
+def kept_key(engine: Any) -> Iterator[dict[str, str]]:
+    """The default model's stack decision marked as kept (on a CPU it is not measured, so not kept)."""
+    model = engine.model("")
+    model.decision_key = {"card": "test card", "torch": "1"}
+    yield model.decision_key
+    model.decision_key = None
 
 
 def test_candidates_double_up_to_the_cap() -> None:
@@ -69,12 +88,94 @@ def test_a_configured_size_is_not_measured_but_warmed(engine: Any) -> None:
     spy.calls.clear()
     assert choose_batch_size(spy, settings(batch_size=32, max_batch=2, warm_batches=False)).size == 2
     assert spy.calls == []
-    assert choose_batch_size(spy, settings(batch_size=2, warm_batches=None)).warmed == []  # a CPU: no graphs
+    assert choose_batch_size(spy, settings(batch_size=2, warm_batches=None)).pending == []  # a CPU: no graphs
     assert spy.calls == []
 
 
+def test_a_cpu_takes_the_fixed_size_without_measuring(engine: Any) -> None:
+    spy = SpyEngine(engine)
+    choice = choose_batch_size(spy, ServerSettings(cpu_batch_size=3, max_batch=16))
+    assert (choice.size, choice.measured, choice.pending) == (3, False, [])
+    assert "cpu_batch_size" in choice.reason
+    assert spy.calls == []
+    assert choice.ready_size == 3
+
+
+def test_a_measured_size_is_kept_and_restored_without_running_a_batch(
+    engine: Any, kept_key: dict[str, str], tmp_path: Path
+) -> None:
+    spy = SpyEngine(engine)
+    first = choose_batch_size(
+        spy, settings(max_batch=4), clock=lambda: float(len(spy.calls)), decisions_dir=tmp_path
+    )
+    assert first.size == 4 and not first.restored
+    saved = json.loads((tmp_path / f"{engine.model('').name}.batch.json").read_text())
+    assert saved["key"]["card"] == "test card" and saved["size"] == 4
+    spy.calls.clear()
+    again = choose_batch_size(spy, settings(max_batch=4, warm_before_serving=False), decisions_dir=tmp_path)
+    assert again.restored and again.size == 4 and again.batch_seconds == first.batch_seconds
+    assert spy.calls == []  # nothing measured; every size left to warm after SERVING
+    assert again.pending == [1, 2, 3, 4] and again.ready_size == 1
+
+
+def test_a_changed_key_or_sizing_setting_measures_again(
+    engine: Any, kept_key: dict[str, str], tmp_path: Path
+) -> None:
+    spy = SpyEngine(engine)
+    choose_batch_size(spy, settings(max_batch=2), decisions_dir=tmp_path)
+    spy.calls.clear()
+    kept_key["torch"] = "2"
+    assert not choose_batch_size(spy, settings(max_batch=2), decisions_dir=tmp_path).restored
+    assert spy.calls  # measured again
+    spy.calls.clear()
+    assert not choose_batch_size(spy, settings(max_batch=1), decisions_dir=tmp_path).restored
+    assert spy.calls
+
+
+def test_a_corrupt_kept_size_is_set_aside_with_a_warning_and_measured_again(
+    engine: Any, kept_key: dict[str, str], tmp_path: Path, caplog: Any
+) -> None:
+    spy = SpyEngine(engine)
+    choose_batch_size(spy, settings(max_batch=2), decisions_dir=tmp_path)
+    path = tmp_path / f"{engine.model('').name}.batch.json"
+    path.write_text("{not json")
+    spy.calls.clear()
+    choice = choose_batch_size(spy, settings(max_batch=2), decisions_dir=tmp_path)
+    assert not choice.restored and spy.calls
+    assert path.with_suffix(".corrupt").exists()
+    assert json.loads(path.read_text())["size"] == choice.size  # written afresh, nothing lost
+
+
+def test_ready_size_grows_only_over_warmed_sizes() -> None:
+    choice = BatchSizeChoice(4, measured=True, reason="", pending=[1, 3, 4], warmed=[2])
+    assert choice.ready_size == 1
+    choice.pending = [3, 4]
+    assert choice.ready_size == 2
+    choice.pending = []
+    assert choice.ready_size == 4
+
+
+def test_pending_sizes_are_warmed_after_serving_then_formed(start_server: Any, spy: SpyEngine) -> None:
+    server = start_server(
+        spy, server={"batch_size": 3, "max_batch": 8, "batch_measure_steps": 1, "warm_batches": True}
+    )
+    queue, choice = server.server.runtime.queue, server.server.batch_size
+    deadline = time.monotonic() + WAIT_S
+    while queue.max_batch < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert queue.max_batch == 3 and choice.pending == []
+    assert sizes_run(spy)[:3] == [1, 2, 3]  # smallest first, each once
+    with DiffstackClient(server.target, timeout=WAIT_S) as client:
+        stats = dict(client.stats().engine)
+    assert stats["startup_to_serving_s"] > 0 and "startup_imports_s" in stats
+    assert stats["batch_size"] == 3.0
+
+
 def test_the_server_forms_the_measured_size(start_server: Any, spy: SpyEngine) -> None:
-    server = start_server(spy, server={"batch_size": 0, "max_batch": 2, "batch_measure_steps": 1})
+    server = start_server(
+        spy,
+        server={"batch_size": 0, "max_batch": 2, "batch_measure_steps": 1, "measure_batch_on_cpu": True},
+    )
     choice = server.server.batch_size
     assert choice is not None and choice.measured and 1 <= choice.size <= 2
     assert server.server.runtime.queue.max_batch == choice.size

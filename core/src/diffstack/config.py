@@ -218,8 +218,15 @@ class ServerSettings(_Section):
     max_batch: int = Field(default=16, ge=1)
     """The largest batch, in images, the batcher may form: the cap on the measured size."""
     batch_size: int = Field(default=0, ge=0)
-    """0 measures the batch size at start (the largest that still improves images/s on this device,
-    within memory); a number fixes it (capped by ``max_batch``)."""
+    """0 measures the batch size at start on CUDA (the largest that still improves images/s on this
+    device, within memory; kept beside the stack decision, so a restart does not measure again) and
+    takes ``cpu_batch_size`` on a CPU; a number fixes it (capped by ``max_batch``)."""
+    cpu_batch_size: int = Field(default=4, ge=1)
+    """The batch size on a CPU when ``batch_size`` is 0: measuring there takes up to
+    ``batch_measure_budget_s`` of start-up for little gain (a CPU's images/s barely grows with the
+    batch), so a fixed size is used unless ``measure_batch_on_cpu`` asks to measure."""
+    measure_batch_on_cpu: bool = False
+    """Measure the batch size on a CPU too (``batch_size`` 0)."""
     batch_measure_steps: int = Field(default=4, ge=1)
     """Steps of each timed batch while measuring, and of each warm-up batch."""
     batch_measure_budget_s: float = Field(default=60.0, gt=0)
@@ -227,8 +234,13 @@ class ServerSettings(_Section):
     batch_min_gain: float = Field(default=0.05, ge=0)
     """A larger batch is kept only if its images/s beats the best smaller one by this fraction."""
     warm_batches: bool | None = None
-    """Run every batch size the batcher can form once before SERVING, so none records CUDA graphs
-    while serving. ``None``: when the default model runs on CUDA (a CPU has no graphs to record)."""
+    """Run every batch size the batcher can form once before the batcher forms it, so no client's
+    batch records CUDA graphs. ``None``: when the default model runs on CUDA (a CPU has no graphs to
+    record). Sizes the measurement did not run are warmed after SERVING, on the device thread
+    between client batches (see ``warm_before_serving``); until a size and every smaller one are
+    warmed, the batcher forms batches only up to the largest warmed size."""
+    warm_before_serving: bool = False
+    """Warm every batch size before reporting SERVING instead (slower start, full batches at once)."""
     batch_wait_ms: int = 5
     encode_threads: int = Field(default=0, ge=0)
     """Threads encoding result images (PNG, WebP and JPEG encoders release the GIL, so they run in

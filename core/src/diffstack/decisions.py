@@ -124,44 +124,69 @@ class Decision:
 
 
 class DecisionStore:
-    """One JSON file per model in ``directory``: ``{"key": ..., "decided_at": ..., "report": ...}``."""
+    """One JSON file per model in ``directory``: ``{"key": ..., "decided_at": ..., "report": ...}``;
+    and beside it any decision derived from the stack (the server's batch size, say), under the same
+    key plus what that decision also depends on (:meth:`load_extra`, :meth:`save_extra`)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory.expanduser()
 
-    def path_for(self, model: str) -> Path:
+    def path_for(self, model: str, kind: str = "") -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", model) or "default"
-        return self.directory / f"{safe}.json"
+        return self.directory / f"{safe}{'.' + kind if kind else ''}.json"
 
     def load(self, model: str, key: Mapping[str, str]) -> Decision | None:
         """The saved decision for ``model`` if its key equals ``key``; None (logged) otherwise."""
-        path = self.path_for(model)
+        saved = self._read(self.path_for(model), model, key)
+        if saved is None:
+            return None
+        try:
+            return Decision(_report_from(saved["report"]), float(saved["decided_at"]))
+        except Exception as exc:
+            self._set_aside(self.path_for(model), exc)
+            return None
+
+    def save(self, model: str, key: Mapping[str, str], decision: Decision) -> Path:
+        """Write atomically (a crash mid-write leaves the old file or none, never half of one)."""
+        payload = {"decided_at": decision.decided_at, "report": _to_json(decision.report)}
+        return self._write(self.path_for(model), key, payload)
+
+    def load_extra(self, model: str, kind: str, key: Mapping[str, str]) -> dict[str, Any] | None:
+        """The ``kind`` decision saved for ``model`` under ``key`` (its JSON object, less the key);
+        None when there is none, its key differs (logged) or it is unreadable (set aside, logged)."""
+        return self._read(self.path_for(model, kind), model, key)
+
+    def save_extra(self, model: str, kind: str, key: Mapping[str, str], payload: Mapping[str, Any]) -> Path:
+        """Keep a ``kind`` decision for ``model`` under ``key`` (atomically, as :meth:`save`)."""
+        return self._write(self.path_for(model, kind), key, payload)
+
+    def _read(self, path: Path, model: str, key: Mapping[str, str]) -> dict[str, Any] | None:
         if not path.is_file():
             return None
         try:
             saved = json.loads(path.read_text())
-            saved_key = {str(k): str(v) for k, v in saved["key"].items()}
-            decision = Decision(_report_from(saved["report"]), float(saved["decided_at"]))
+            saved_key = {str(k): str(v) for k, v in saved.pop("key").items()}
         except Exception as exc:
-            aside = path.with_suffix(".corrupt")
-            os.replace(path, aside)
-            log.warning("decision_file_unreadable", path=str(path), moved_to=str(aside), error=str(exc)[:200])
+            self._set_aside(path, exc)
             return None
         if saved_key != dict(key):
             changed = sorted(k for k in set(saved_key) | set(key) if saved_key.get(k) != key.get(k))
-            log.info("decision_key_changed", model=model, changed=changed)
+            log.info("decision_key_changed", model=model, file=path.name, changed=changed)
             return None
-        return decision
+        return dict(saved)
 
-    def save(self, model: str, key: Mapping[str, str], decision: Decision) -> Path:
-        """Write atomically (a crash mid-write leaves the old file or none, never half of one)."""
+    def _write(self, path: Path, key: Mapping[str, str], payload: Mapping[str, Any]) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path_for(model)
-        payload = {"key": dict(key), "decided_at": decision.decided_at, "report": _to_json(decision.report)}
         with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp", delete=False) as file:
-            json.dump(payload, file, indent=1)
+            json.dump({"key": dict(key), **payload}, file, indent=1)
         os.replace(file.name, path)
         return path
+
+    @staticmethod
+    def _set_aside(path: Path, exc: Exception) -> None:
+        aside = path.with_suffix(".corrupt")
+        os.replace(path, aside)
+        log.warning("decision_file_unreadable", path=str(path), moved_to=str(aside), error=str(exc)[:200])
 
 
 def _to_json(report: StackReport) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from diffstack_server.interceptors import AdminTokenInterceptor, StatusIntercept
 from diffstack_server.keys import ApiKeyInterceptor, KeyRing, load_keys
 from diffstack_server.metrics import Metrics
 from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
-from diffstack_server.sizing import BatchSizeChoice, choose_batch_size
+from diffstack_server.sizing import BatchSizeChoice, choose_batch_size, warm_next
 
 log = structlog.get_logger("diffstack.server")
 
@@ -72,6 +72,7 @@ class DiffstackServer:
         self.ready = asyncio.Event()
         """Set once the engine is up (or failed to start: see :attr:`engine_error`)."""
         self._engine_task: asyncio.Task[None] | None = None
+        self._warm_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
 
@@ -128,6 +129,7 @@ class DiffstackServer:
         default = await self.runtime.checkout("")
         try:
             log_stack_decisions(default.report)
+            model_startup, restored = dict(default.startup), default.report.restored
         finally:
             engine.unpin(default)
         self.runtime.queue.start()
@@ -135,15 +137,16 @@ class DiffstackServer:
             for service in HEALTH_SERVICES:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
             total_s = time.perf_counter() - started
-            # Where start-up went: the engine (plugins, loading, composing or restoring the stack,
-            # warm-up; each logged on its own above) and the batch sizes (measured and warmed).
-            log.info(
-                "serving",
-                seconds=round(total_s, 2),
-                engine_s=round(engine_s, 2),
-                batches_s=round(total_s - engine_s, 2),
-                stack_restored=default.report.restored,
+            self.runtime.startup.update(
+                startup_summary(engine, model_startup, engine_s, self.batch_size, total_s)
             )
+            # Where start-up went, in one line (each phase is also logged on its own above).
+            log.info("startup", stack_restored=restored, **_rounded(self.runtime.startup))
+            log.info("serving", seconds=round(total_s, 2), stack_restored=restored)
+            if self.batch_size is not None and self.batch_size.pending:
+                self._warm_task = asyncio.get_running_loop().create_task(
+                    warm_pending(self.runtime, self.batch_size), name="diffstack-warm-batches"
+                )
         self.ready.set()
 
     async def _size_batches(self) -> None:
@@ -170,8 +173,9 @@ class DiffstackServer:
         queue.close()
         await self.health.enter_graceful_shutdown()
         log.info("draining", grace_s=grace, queued=queue.depth, running=queue.in_flight)
-        if self._engine_task is not None and not self._engine_task.done():
-            self._engine_task.cancel()  # the device thread finishes starting on its own; we stop waiting
+        for task in (self._engine_task, self._warm_task):
+            if task is not None and not task.done():
+                task.cancel()  # the device thread finishes its call on its own; we stop waiting
         if not await queue.drain(max(0.0, give_up_at - time.monotonic())):
             log.warning("grace_expired", queued=queue.depth, running=queue.in_flight)
             queue.abort(NotReady("the server is shutting down; retry on another replica"))
@@ -194,21 +198,86 @@ class DiffstackServer:
 
 
 async def size_batches(runtime: Runtime) -> BatchSizeChoice | None:
-    """Choose (measure) the batch size and warm every size the batcher can form, on the device
-    thread, before SERVING; the measured time seeds the queue's deadline estimates."""
+    """Choose (restore or measure) the batch size on the device thread before SERVING; the batcher
+    forms batches up to the largest size already warmed (:func:`warm_pending` raises it), and the
+    measured time seeds the queue's deadline estimates."""
     engine = runtime.worker.engine
     if engine is None:
         return None
     started = time.perf_counter()
     choice = await asyncio.wrap_future(
-        runtime.worker.submit(choose_batch_size, engine, runtime.settings.server)
+        runtime.worker.submit(
+            choose_batch_size,
+            engine,
+            runtime.settings.server,
+            decisions_dir=runtime.settings.compose.decisions_dir,
+        )
     )
     queue = runtime.queue
-    queue.max_batch = choice.size
+    queue.max_batch = choice.ready_size
     if choice.size in choice.batch_seconds:
         queue.timing.observe(choice.units_per_image * choice.size, choice.batch_seconds[choice.size])
-    log.info("batches_ready", size=choice.size, seconds=round(time.perf_counter() - started, 2))
+    log.info("batches_ready", size=queue.max_batch, seconds=round(time.perf_counter() - started, 2))
     return choice
+
+
+WARM_IDLE_WAIT_S = 1.0
+"""How long a pending warm-up waits for a pause in client batches before it runs anyway."""
+
+
+async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
+    """After SERVING: warm the sizes still pending, smallest first, each as one call on the device
+    thread in a pause between client batches (or after :data:`WARM_IDLE_WAIT_S`), and let the batcher
+    form each size once it and every smaller one are warmed. A failed warm-up keeps the size reached
+    (logged): serving goes on with smaller batches."""
+    queue, engine, settings = runtime.queue, runtime.started_engine(), runtime.settings.server
+    started = time.perf_counter()
+    while choice.pending and not queue.closed:
+        await queue.wait_idle(WARM_IDLE_WAIT_S)
+        size = choice.pending[0]
+        try:
+            ready = await asyncio.wrap_future(runtime.worker.submit(warm_next, engine, choice, settings))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch_warm_up_failed", size=size, serving_up_to=queue.max_batch)
+            return
+        queue.max_batch = ready
+    graphs = {f"graphs_{size}_s": seconds for size, seconds in sorted(choice.warm_s.items())}
+    runtime.startup.update(batch_warm_after_serving_s=time.perf_counter() - started, **graphs)
+    log.info(
+        "batches_warmed",
+        size=queue.max_batch,
+        seconds=round(time.perf_counter() - started, 2),
+        per_size={size: round(s, 2) for size, s in choice.warm_s.items()},
+    )
+
+
+def startup_summary(
+    engine: ServingEngine,
+    model: dict[str, float],
+    engine_s: float,
+    choice: BatchSizeChoice | None,
+    total_s: float,
+) -> dict[str, float]:
+    """Seconds by phase of start-up: imports (torch, diffusers), plugins, the default model's
+    loading, composing (measuring or restoring its stack; a cold compile is in it), warm-up (its first
+    pipeline calls: compiling from cache and recording CUDA graphs), the batch size's measurement, and
+    the sizes warmed before SERVING."""
+    plugins = float(getattr(engine, "plugins_s", 0.0))
+    known = plugins + sum(model.values())
+    summary = {"imports_s": max(0.0, engine_s - known), "plugins_s": plugins, **model}
+    if choice is not None:
+        summary["batch_measure_s"] = choice.measure_s
+        summary["batch_size"] = float(choice.size)
+        summary["batch_size_restored"] = float(choice.restored)
+        summary.update({f"graphs_{size}_s": s for size, s in sorted(choice.warm_s.items())})
+    summary["to_serving_s"] = total_s
+    return summary
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 2) for name, value in values.items()}
 
 
 def log_stack_decisions(report: StackReport) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -56,6 +56,8 @@ class Runtime:
     queue: BatchQueue
     metrics: Metrics
     encoder: ImageEncoder
+    startup: dict[str, float] = field(default_factory=dict)
+    """Where start-up time went, in seconds by phase (the ``startup`` log line; GetStats ``startup_*``)."""
 
     @property
     def draining(self) -> bool:
@@ -349,7 +351,11 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
             uptime_s=metrics.uptime_s,
             gpu_memory_allocated_bytes=None if allocated is None else int(allocated),
             gpu_memory_reserved_bytes=None if reserved is None else int(reserved),
-            engine={k: float(v) for k, v in engine_stats.items()},
+            engine={
+                **{k: float(v) for k, v in engine_stats.items()},
+                **{f"startup_{k}": v for k, v in self.runtime.startup.items()},
+                "batch_size": float(queue.max_batch),
+            },
             loaded_models=[]
             if engine is None
             else [convert.model_message(m) for m in engine.models() if m.loaded],

@@ -7,25 +7,36 @@ prompts and seeds, so the batches look like mixed client traffic) at 1, 2, 4, â€
 size by ``server.batch_min_gain``. Each size runs once untimed first (that run records the CUDA graphs
 of compiled stacks and settles allocator and cache state), then once timed. A size that runs out of
 memory ends the search: the size before it is the largest that fits. The search also stops when the
-next size would overrun ``server.batch_measure_budget_s`` (on a CPU this bound, with the small step
-count, keeps start-up short).
+next size would overrun ``server.batch_measure_budget_s``.
 
-Afterwards, on CUDA (``server.warm_batches``), every size from 1 to the chosen one that the search
-did not run is run once, so no client's batch records graphs after SERVING (a batch can be any
-number of images up to the size; torch_compile's dynamic batch dimension means one compile serves
-them all, each size records its own graphs). With ``server.batch_size`` set, nothing is measured:
-that size (capped by ``max_batch``) is used and warmed the same way.
+Only CUDA is measured: on a CPU the search would cost up to the budget of start-up for a choice that
+hardly matters (images/s barely grows with the batch there), so ``server.cpu_batch_size`` is used
+unless ``server.measure_batch_on_cpu`` asks to measure. A measured choice is kept beside the stack's
+decision, under the same key plus the sizing settings (:class:`~diffstack.decisions.DecisionStore`),
+so a restart that restored its stack also restores its batch size without running a batch; any
+change to the card, driver, versions, plugins, model or settings measures again.
+
+Warming: a batch can be any number of images up to the size, and each number records its own CUDA
+graphs (torch_compile's dynamic batch dimension means one compile serves them all). On CUDA
+(``server.warm_batches``) every size the measurement did not run is left in
+:attr:`BatchSizeChoice.pending`; the server warms them after SERVING, between client batches, and
+lets the batcher form a size only once it and every smaller one are warmed
+(``server.warm_before_serving`` warms them all before SERVING instead). With ``server.batch_size``
+set, nothing is measured: that size (capped by ``max_batch``) is used and warmed the same way.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from diffstack.decisions import DecisionStore
 from diffstack.engine import GenerationJob, GenerationRequest
 from diffstack.errors import DiffstackError, OutOfMemory
 
@@ -50,7 +61,50 @@ class BatchSizeChoice:
     units_per_image: float = 0.0
     """Steps Ã— pixels of one probe image (to seed the queue's time per unit of work)."""
     warmed: list[int] = field(default_factory=list)
-    """Every size run before SERVING (measured or warmed), ascending."""
+    """Every size run so far (measured or warmed), ascending."""
+    pending: list[int] = field(default_factory=list)
+    """Sizes still to warm (after SERVING), ascending."""
+    restored: bool = False
+    """Taken from the kept decision of an earlier start, not measured now."""
+    decided_at: float | None = None
+    """When it was measured (Unix seconds)."""
+    measure_s: float = 0.0
+    """Seconds spent measuring (0 when restored or configured)."""
+    warm_s: dict[int, float] = field(default_factory=dict)
+    """Seconds of each warm-up run (CUDA-graph recording of that size, on a compiled stack)."""
+
+    @property
+    def ready_size(self) -> int:
+        """The largest size the batcher may form now: no size up to it is still pending. One image is
+        always allowed (the engine's own warm-up ran it)."""
+        size = 0
+        while size < self.size and size + 1 not in self.pending:
+            size += 1
+        return max(1, size)
+
+    def kept(self) -> dict[str, Any]:
+        """What a restart needs to skip measuring."""
+        return {
+            "size": self.size,
+            "reason": self.reason,
+            "images_per_s": self.images_per_s,
+            "batch_seconds": self.batch_seconds,
+            "units_per_image": self.units_per_image,
+            "decided_at": self.decided_at,
+        }
+
+    @classmethod
+    def from_kept(cls, saved: dict[str, Any]) -> BatchSizeChoice:
+        return cls(
+            size=int(saved["size"]),
+            measured=True,
+            reason=f"restored: {saved['reason']}",
+            images_per_s={int(k): float(v) for k, v in saved["images_per_s"].items()},
+            batch_seconds={int(k): float(v) for k, v in saved["batch_seconds"].items()},
+            units_per_image=float(saved["units_per_image"]),
+            restored=True,
+            decided_at=float(saved["decided_at"]),
+        )
 
 
 def candidate_sizes(cap: int) -> list[int]:
@@ -62,30 +116,116 @@ def candidate_sizes(cap: int) -> list[int]:
     return [*sizes, max(1, cap)]
 
 
+KIND = "batch"
+"""The name batch-size decisions are kept under, beside the stack's (``<model>.batch.json``)."""
+
+
 def choose_batch_size(
-    engine: ServingEngine, settings: ServerSettings, clock: Callable[[], float] = time.perf_counter
+    engine: ServingEngine,
+    settings: ServerSettings,
+    clock: Callable[[], float] = time.perf_counter,
+    decisions_dir: Path | None = None,
 ) -> BatchSizeChoice:
-    """Measure (``batch_size`` 0) or take the configured size, then warm every smaller size. Call
-    on the engine's device thread (:meth:`~diffstack.engine.EngineWorker.submit`)."""
+    """Restore (from ``decisions_dir``), measure (``batch_size`` 0) or take the configured size, and
+    list the sizes to warm (warming them now with ``warm_before_serving``). Call on the engine's
+    device thread (:meth:`~diffstack.engine.EngineWorker.submit`)."""
+    store = DecisionStore(decisions_dir) if decisions_dir is not None else None
     cap = max(1, settings.max_batch)
+    on_cuda = _on_cuda(engine)
     if settings.batch_size:
         choice = BatchSizeChoice(min(settings.batch_size, cap), measured=False, reason="server.batch_size")
+    elif not on_cuda and not settings.measure_batch_on_cpu:
+        choice = BatchSizeChoice(
+            min(settings.cpu_batch_size, cap), measured=False, reason="server.cpu_batch_size (a CPU)"
+        )
     else:
-        choice = _measure(engine, settings, cap, clock)
-    warm = settings.warm_batches if settings.warm_batches is not None else _on_cuda(engine)
-    for size in range(1, choice.size + 1) if warm else ():
-        if size not in choice.warmed:
-            _run(engine, size, settings.batch_measure_steps)
-            choice.warmed.append(size)
+        choice = _restore(engine, settings, store) or _measure_and_keep(engine, settings, cap, clock, store)
+    warm = settings.warm_batches if settings.warm_batches is not None else on_cuda
+    if warm:
+        choice.pending = [size for size in range(1, choice.size + 1) if size not in choice.warmed]
+        if settings.warm_before_serving:
+            while choice.pending:
+                warm_next(engine, choice, settings, clock)
     choice.warmed.sort()
     log.info(
         "batch_size",
         size=choice.size,
         measured=choice.measured,
+        restored=choice.restored,
         reason=choice.reason,
         images_per_s={k: round(v, 2) for k, v in choice.images_per_s.items()},
         warmed=choice.warmed,
+        pending=choice.pending,
+        measure_s=round(choice.measure_s, 2),
     )
+    return choice
+
+
+def warm_next(
+    engine: ServingEngine,
+    choice: BatchSizeChoice,
+    settings: ServerSettings,
+    clock: Callable[[], float] = time.perf_counter,
+) -> int:
+    """Run the smallest pending size once (on the device thread); returns the new
+    :attr:`~BatchSizeChoice.ready_size`."""
+    size = choice.pending[0]
+    began = clock()
+    _run(engine, size, settings.batch_measure_steps)
+    choice.warm_s[size] = clock() - began
+    choice.pending.remove(size)
+    choice.warmed = sorted({*choice.warmed, size})
+    return choice.ready_size
+
+
+def _decision_key(engine: ServingEngine, settings: ServerSettings) -> tuple[str, dict[str, str]] | None:
+    """The default model's key and the key its batch size is kept under (its stack decision's key
+    plus the sizing settings); None when its stack decision is not kept."""
+    model = engine.pin(engine.resolve(""))
+    if model is None or model.decision_key is None:
+        return None
+    try:
+        sizing = settings.model_dump(
+            include={"max_batch", "batch_measure_steps", "batch_measure_budget_s", "batch_min_gain"}
+        )
+        return model.name, {**model.decision_key, "sizing": json.dumps(sizing, sort_keys=True)}
+    finally:
+        engine.unpin(model)
+
+
+def _restore(
+    engine: ServingEngine, settings: ServerSettings, store: DecisionStore | None
+) -> BatchSizeChoice | None:
+    keyed = _decision_key(engine, settings) if store is not None else None
+    if keyed is None or store is None:
+        return None
+    saved = store.load_extra(keyed[0], KIND, keyed[1])
+    if saved is None:
+        return None
+    try:
+        return BatchSizeChoice.from_kept(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.warning("batch_size_decision_unreadable", error=str(exc)[:200])
+        return None
+
+
+def _measure_and_keep(
+    engine: ServingEngine,
+    settings: ServerSettings,
+    cap: int,
+    clock: Callable[[], float],
+    store: DecisionStore | None,
+) -> BatchSizeChoice:
+    began = clock()
+    choice = _measure(engine, settings, cap, clock)
+    choice.measure_s = clock() - began
+    choice.decided_at = time.time()
+    keyed = _decision_key(engine, settings) if store is not None else None
+    if keyed is not None and store is not None:
+        try:
+            store.save_extra(keyed[0], KIND, keyed[1], choice.kept())
+        except OSError as exc:
+            log.warning("batch_size_not_saved", directory=str(store.directory), error=str(exc))
     return choice
 
 

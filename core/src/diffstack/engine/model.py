@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +38,11 @@ class LoadedModel:
     stack: ComposedStack
     report: StackReport
     lock: threading.Lock
+    decision_key: dict[str, str] | None = None
+    """The key its stack decision is kept under (None when it is not kept): decisions derived from
+    the stack, such as the server's batch size, are kept under it too."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """Seconds its loading took, by phase (``load_s``, ``compose_s``, ``warmup_s``)."""
 
     def denoiser_for(self, with_wrappers: bool) -> torch.nn.Module:
         """The compiled denoiser, or the eager one when wrappers must hook into its blocks."""
@@ -83,11 +88,15 @@ def resolve_dtype(settings: Settings, device: str, family: Family) -> torch.dtyp
 
 def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> LoadedModel:
     """Load ``path``, measure its attention shapes and compose its stack."""
+    started = time.perf_counter()
     family = detect_family(path)
     device = resolve_device(settings)
     pipeline = load_pipeline(path, family, device, resolve_dtype(settings, device, family))
     card = ModelCard.read(path if path.is_dir() else path.parent)
-    return compose_model(name, path, pipeline, family, card, host, settings)
+    loaded = time.perf_counter()
+    model = compose_model(name, path, pipeline, family, card, host, settings)
+    model.startup.update(load_s=loaded - started, compose_s=time.perf_counter() - loaded)
+    return model
 
 
 def compose_model(
@@ -127,11 +136,12 @@ def compose_model(
         scheduler=pipeline.scheduler,
         measure=measure,
     )
-    restored = _restore(host, under_test, path, settings)
+    key = _decision_key(host, under_test, path, settings) if _kept(settings, measure) else None
+    restored = _restore(host, under_test, path, settings, key)
     if restored is not None:
         stack, report = restored
         log.info("stack restored", model=name, family=family.value, chosen=report.summary())
-        return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
+        return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key)
     stack = compose_stack(host, under_test, settings.compose, apply_attention)
     notes = [f"denoiser calls measured at batch {settings.compose.batch}, {width}x{height}"]
     if not measure:
@@ -151,9 +161,10 @@ def compose_model(
         slots=tuple(stack.slots),
         decided_at=time.time(),
     )
-    _keep(host, under_test, path, settings, report)
+    if key is not None:
+        _keep(settings, name, key, report)
     log.info("stack composed", model=name, family=family.value, chosen=report.summary())
-    return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock())
+    return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key)
 
 
 def _decision_key(host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings) -> dict[str, str]:
@@ -161,13 +172,17 @@ def _decision_key(host: PluginHost, model: ModelUnderTest, path: Path, settings:
     return decision_key(host, path, info.device, str(info.dtype), info.family, settings.compose)
 
 
+def _kept(settings: Settings, measured: bool) -> bool:
+    """Whether decisions are kept on disk: measured ones, with a ``compose.decisions_dir``."""
+    return settings.compose.decisions_dir is not None and measured
+
+
 def _restore(
-    host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings
+    host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings, key: dict[str, str] | None
 ) -> tuple[ComposedStack, StackReport] | None:
     """The stack a kept, still valid decision chose, rebuilt untimed; None to measure afresh."""
-    if settings.compose.decisions_dir is None or not model.measure:
+    if key is None or settings.compose.decisions_dir is None:
         return None
-    key = _decision_key(host, model, path, settings)
     saved = DecisionStore(settings.compose.decisions_dir).load(model.info.name, key)
     if saved is None:
         return None
@@ -179,19 +194,12 @@ def _restore(
     return stack, replace(saved.report, restored=True, decided_at=saved.decided_at)
 
 
-def _keep(
-    host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings, report: StackReport
-) -> None:
+def _keep(settings: Settings, model: str, key: dict[str, str], report: StackReport) -> None:
     """Save a measured decision for the next start (a failure to write is logged, never fatal)."""
-    if settings.compose.decisions_dir is None or not report.measured:
-        return
+    assert settings.compose.decisions_dir is not None
     store = DecisionStore(settings.compose.decisions_dir)
     try:
-        store.save(
-            model.info.name,
-            _decision_key(host, model, path, settings),
-            Decision(report, report.decided_at or time.time()),
-        )
+        store.save(model, key, Decision(report, report.decided_at or time.time()))
     except OSError as exc:
         log.warning("decision_not_saved", directory=str(store.directory), error=str(exc))
 
