@@ -31,9 +31,13 @@ TARGETS = {
     "flux_step_ms": 100.0,
     "flux_image_s": 2.2,
     "sd15_throughput_images_per_s": 15.0,
-    "restart_to_serving_s": 30.0,
+    "sd15_throughput_8_clients": 20.0,
+    "sd15_throughput_32_clients": 25.0,
+    "sd15_p99_32_clients_s": 2.5,
+    "restart_to_serving_s": 12.0,
+    "cold_start_s": 75.0,
 }
-"""The issue's targets on one H200 (issue 11; throughput and restart from issue 5)."""
+"""The issues' targets on one H200 (issue 11; the first throughput from issue 5; serving: issue 12)."""
 
 
 class Budget:

@@ -9,7 +9,7 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
     e2e-sd15, e2e-sdxl                one image end to end: plain diffusers vs diffstack's Engine
     serve-sd15                        gRPC loopback: cold start, latency, throughput, warm restart
     serve-sd15-eager                  the same with the torch_compile plugin turned off (eager stack)
-    load-sd15                         latency under load: open-loop 5-40 req/s, closed-loop 8/32/64 clients
+    load-sd15                         latency under load: open-loop 10-40 req/s, closed-loop 8/32/64 clients
     threads-sd15                      the compiled stack composed in one thread, run from another
     attn-shapes                       attention kernels per SD1.5/SDXL/FLUX shape (SDPA, SageAttention
                                       1.0.6 and 2, SpargeAttn per sparsity) and the step with each;
@@ -42,7 +42,7 @@ STAGE_MINIMUM = {
     "e2e-sdxl": 90,
     "serve-sd15": 150,
     "serve-sd15-eager": 60,
-    "load-sd15": 500,
+    "load-sd15": 150,
     "threads-sd15": 100,
     "attn-shapes": 60,
 }

@@ -185,6 +185,7 @@ grace_seconds = 10.0
             stack = client.stack()
             record["stack"] = _stack_summary(stack)
             record["stack_restored"] = stack.restored
+            record["startup"] = startup_phases(client)
 
     def cold_start(self, record: dict[str, Any]) -> None:
         shutil.rmtree(self.cache, ignore_errors=True)
@@ -195,7 +196,8 @@ grace_seconds = 10.0
                 "variant": "cold start to SERVING (empty compile cache)",
                 "kind": "start",
                 "s": record["to_serving_s"],
-                "notes": f"port open after {record['port_open_s']:.1f} s",
+                "notes": f"port open after {record['port_open_s']:.1f} s; phases "
+                + _phases_note(record["startup"]),
             }
         )
 
@@ -233,7 +235,7 @@ grace_seconds = 10.0
         """8 clients, each a closed loop of requests; the server batches what waits together."""
         from diffstack_client import DiffstackClient
 
-        rounds = 2 if self.run.smoke else 4
+        rounds = 2 if self.run.smoke else 12
 
         def burst(per_client: int, seed_base: int) -> tuple[float, list[float], int]:
             barrier = threading.Barrier(CLIENTS)
@@ -269,6 +271,7 @@ grace_seconds = 10.0
             }
             seconds, latencies, images = burst(rounds, 20_000)
             after = client.stats()
+            record["startup_after"] = startup_phases(client)
         batches = after.batches_run - after_warm.batches_run
         record.update(
             seconds=seconds,
@@ -306,6 +309,7 @@ grace_seconds = 10.0
             began = time.perf_counter()
             client.generate(PROMPT, **self.request_kwargs(8))
             record["second_request_s"] = time.perf_counter() - began
+            record["startup_after"] = startup_phases(client)
         self.rows.append(
             {
                 "variant": "restart to SERVING (compile cache warm)",
@@ -313,7 +317,8 @@ grace_seconds = 10.0
                 "s": record["to_serving_s"],
                 "notes": f"first request after restart {record['first_request_s']:.2f} s, "
                 f"second {record['second_request_s']:.2f} s; stack "
-                + ("restored from the kept decision" if record["stack_restored"] else "measured again"),
+                + ("restored from the kept decision" if record["stack_restored"] else "measured again")
+                + f"; phases {_phases_note(record['startup'])}",
             }
         )
         assert self.server is not None
@@ -329,6 +334,16 @@ grace_seconds = 10.0
             for path in self.logs:
                 text = path.read_text(errors="replace") if path.exists() else "(missing)"
                 sink.write(f"===== {path.name} =====\n{text[-2_000_000:]}\n")
+
+
+def startup_phases(client: Any) -> dict[str, float]:
+    """The server's start-up seconds by phase (GetStats ``startup_*``; the ``startup`` log line)."""
+    engine = dict(client.stats().engine)
+    return {k.removeprefix("startup_"): round(v, 3) for k, v in engine.items() if k.startswith("startup_")}
+
+
+def _phases_note(phases: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if k.endswith("_s") and v >= 0.05)
 
 
 def _stack_summary(stack: Any) -> dict[str, Any]:
