@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image
 from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
 from diffstack.engine.samplers import SAMPLERS
 from diffstack.errors import Cancelled, InvalidRequest
+from diffstack.plugins import load_plugins
+from diffstack.testing import baseline_settings
 from diffstack.types import Family
 
 
@@ -84,6 +87,45 @@ def test_a_launched_batch_is_collected_on_another_thread_as_run_gives_it(engine:
         assert isinstance(got, GenerationResult) and isinstance(expected, GenerationResult)
         assert got.images[0].seed == expected.images[0].seed
         assert np.array_equal(pixels(got), pixels(expected))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The shipped trained model: unlike the random tiny ones, its pictures follow the prompt, so
+    guidance changes them (on a tiny model the text has no visible effect)."""
+    root = Path(str(resources.files("diffstack")))
+    settings = baseline_settings(root, default_model="default_model")
+    return Engine.start(settings, load_plugins(settings.plugins))
+
+
+def test_images_with_different_guidance_share_a_call_and_each_keeps_its_own(trained: Engine) -> None:
+    """Per-image guidance: the same pictures as each request alone (1 level of 255, as above)."""
+    requests = [
+        trained.prepare(
+            GenerationRequest("a small red circle", steps=3, seeds=(30 + i,), guidance=g, num_images=n)
+        )
+        for i, (g, n) in enumerate([(3.0, 1), (9.0, 2), (6.5, 1)])
+    ]
+    assert len({trained.batch_key(r) for r in requests}) == 1
+    together = trained.run([GenerationJob(r) for r in requests])
+    for request, batched in zip(requests, together, strict=True):
+        (alone,) = trained.run([GenerationJob(request)])
+        assert isinstance(alone, GenerationResult) and isinstance(batched, GenerationResult)
+        for index in range(request.num_images):
+            assert np.abs(pixels(alone, index) - pixels(batched, index)).max() <= 1
+    (other_scale,) = trained.run([GenerationJob(replace(requests[0], guidance=9.0))])
+    assert isinstance(other_scale, GenerationResult)
+    assert np.abs(pixels(together[0]) - pixels(other_scale)).max() > 10  # guidance does show
+
+
+def test_guidance_splits_a_batch_only_where_it_turns_guidance_on_or_off(engine: Engine) -> None:
+    def key(model: str, guidance: float) -> object:
+        request = GenerationRequest("a red circle", steps=3, seeds=(1,), guidance=guidance, model=model)
+        return engine.batch_key(engine.prepare(request))
+
+    assert key("", 5.0) == key("", 8.0)
+    assert key("", 1.0) != key("", 5.0)  # 1 runs no classifier-free guidance: another computation
+    assert key("tiny-flux", 3.5) != key("tiny-flux", 4.0)  # FLUX's guidance is a model input
 
 
 def test_num_images_continues_seeds_from_the_last_given(engine: Engine) -> None:

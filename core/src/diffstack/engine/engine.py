@@ -336,21 +336,27 @@ class Engine:
             model = self.model(request.model)
         return replace(prepare_request(request, model, self.settings.limits), model=model.name)
 
-    @staticmethod
-    def batch_key(request: GenerationRequest) -> Hashable:
-        """Prepared requests with equal keys can share one pipeline call."""
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        """Prepared requests with equal keys can share one pipeline call: the same model, size,
+        steps, sampler, schedule, wrappers with their options, kind (text, image or inpainting input,
+        with its strength), and guidance, which for classifier-free guidance means only whether it
+        runs (scale above 1): the scales themselves may differ per image. Prompts, negative prompts,
+        seeds and image counts never split a batch."""
         wrappers = tuple(
             sorted(
                 (name, tuple(sorted((key, _hashable(value)) for key, value in opts.items())))
                 for name, opts in request.wrappers.items()
             )
         )
+        with self._lock:
+            model = self._models.get(request.model)
+        per_image = model is not None and model.adapter.guidance_per_image
         return (
             request.model,
             request.width,
             request.height,
             request.steps,
-            request.guidance,
+            ("cfg", (request.guidance or 0) > 1) if per_image else request.guidance,
             request.sampler,
             request.schedule,
             wrappers,

@@ -45,6 +45,10 @@ class FamilyAdapter:
     """Width and height must be multiples of this (the VAE downsamples by 8)."""
     cuda_dtype: ClassVar[torch.dtype] = torch.float16
     """The dtype on CUDA; CPUs run float32 (half-precision CPU kernels are slow or missing)."""
+    guidance_per_image: ClassVar[bool] = True
+    """Guidance is classifier-free, applied by the pipeline to the two halves of each prediction:
+    images with different scales can share a call (:class:`~diffstack.engine.run.PerImageGuidance`).
+    False where guidance is a model input (FLUX's embedded guidance), fixed for the whole call."""
 
     @classmethod
     def matches_configs(cls, configs: ModelConfigs) -> bool:
@@ -215,6 +219,7 @@ class FluxAdapter(FamilyAdapter):
     """The VAE's 8, times the 2x2 latent patches the transformer packs into one token."""
     cuda_dtype = torch.bfloat16
     """FLUX was trained in bfloat16; float16 overflows in its activations."""
+    guidance_per_image = False
 
     @classmethod
     def matches_configs(cls, configs: ModelConfigs) -> bool:

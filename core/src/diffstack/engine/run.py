@@ -201,7 +201,7 @@ def _launch(
             **_image_arguments(jobs),
             "height": request.height,
             "width": request.width,
-            "guidance_scale": request.guidance,
+            "guidance_scale": _guidance(jobs),
             "generator": [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.seeds],
             "callback_on_step_end": _step_callback(model, jobs, stopped),
             "output_type": "pt",
@@ -296,6 +296,49 @@ def _schedule_arguments(
     if sampler.flow_matching:
         sigmas = sigmas[:-1]
     return {"sigmas": list(sigmas)}, schedule
+
+
+def _guidance(jobs: Sequence[GenerationJob]) -> float | None:
+    """The call's guidance scale: one number when every image has the same, else per image."""
+    scales = [job.request.guidance for job in jobs for _ in range(job.request.num_images)]
+    if len(set(scales)) == 1:
+        return scales[0]
+    return PerImageGuidance([float(scale or 0) for scale in scales])
+
+
+class PerImageGuidance(float):
+    """A classifier-free guidance scale per image, for one pipeline call.
+
+    diffusers' pipelines compute ``uncond + guidance_scale * (text - uncond)`` and test
+    ``guidance_scale > 1`` to decide whether guidance runs. As a number this is the smallest scale
+    (the batch key keeps images that run guidance apart from those that do not, so the test answers
+    for all); multiplied by a tensor of predictions (one row per image) it scales each row by its own
+    image's scale. The per-row scales are copied to the device once per device and dtype: a fresh
+    host-to-device copy every step would wait for the stream and stall the kernels queued ahead.
+    """
+
+    scales: tuple[float, ...]
+    _on_device: dict[tuple[torch.device, torch.dtype], torch.Tensor]
+
+    def __new__(cls, scales: Sequence[float]) -> PerImageGuidance:
+        made = super().__new__(cls, min(scales))
+        made.scales = tuple(scales)
+        made._on_device = {}
+        return made
+
+    def __mul__(self, other: Any) -> Any:
+        if not isinstance(other, torch.Tensor):
+            return float(self) * other
+        if other.shape[0] != len(self.scales):
+            raise ValueError(f"{len(self.scales)} guidance scales for a batch of {other.shape[0]}")
+        key = (other.device, other.dtype)
+        if key not in self._on_device:
+            host = torch.tensor(self.scales, dtype=other.dtype)
+            host = host.pin_memory() if other.is_cuda else host
+            self._on_device[key] = host.to(other.device, non_blocking=True)
+        return other * self._on_device[key].view(-1, *([1] * (other.dim() - 1)))
+
+    __rmul__ = __mul__
 
 
 def _image_arguments(jobs: Sequence[GenerationJob]) -> dict[str, Any]:
