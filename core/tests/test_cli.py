@@ -81,6 +81,7 @@ def test_stack_prints_the_report(env: Path, capsys: pytest.CaptureFixture[str]) 
     assert {s["slot"] for s in report["slots"]} == {
         "select_attention",
         "build_sigmas",
+        "select_sampler",
         "encode_prompt",
         "wrap_denoiser",
         "compile_model",

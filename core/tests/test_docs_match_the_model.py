@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GUIDE_NAMES = {
     "select_attention": "my_attention",
     "build_sigmas": "my_schedule",
+    "select_sampler": "my_sampler",
     "encode_prompt": "my_encoder",
     "wrap_denoiser": "my_wrapper",
     "compile_model": "my_compile",

@@ -243,3 +243,14 @@ def test_hook_names_match_the_specs() -> None:
         spec = getattr(hookspecs, name)
         assert spec.__doc__ and "versionadded" in spec.__doc__
         assert list(inspect.signature(spec).parameters) == ["model"]
+
+
+def test_every_hook_spec_says_a_version_this_package_has_reached() -> None:
+    """A spec added in a release the package has not reached would promise what no install has."""
+    import diffstack
+
+    installed = tuple(int(part) for part in diffstack.__version__.split(".")[:2])
+    for name in HOOK_NAMES:
+        added = re.search(r"versionadded:: (\d+)\.(\d+)", getattr(hookspecs, name).__doc__ or "")
+        assert added, f"{name} has no versionadded"
+        assert (int(added[1]), int(added[2])) <= installed, f"{name} is newer than diffstack {installed}"

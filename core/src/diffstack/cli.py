@@ -204,12 +204,22 @@ def _seed(text: str) -> int:
 
 
 class _SamplerNames:
-    """argparse choices that import the sampler table only when checked or shown (it imports torch)."""
+    """argparse choices that import the sampler table only when checked or shown (it imports torch):
+    the built-in samplers, then those installed plugins offer (``select_sampler``)."""
+
+    def __init__(self) -> None:
+        self._known: list[str] | None = None
 
     def _names(self) -> list[str]:
-        from diffstack.engine.samplers import SAMPLERS
+        if self._known is None:
+            from diffstack.config import PluginSettings
+            from diffstack.engine.samplers import SAMPLERS
+            from diffstack.plugins import load_plugins
+            from diffstack.preflight import installed_offer_names
 
-        return list(SAMPLERS)
+            installed = installed_offer_names(load_plugins(PluginSettings()), "select_sampler")
+            self._known = [*SAMPLERS, *sorted(installed - set(SAMPLERS))]
+        return self._known
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
@@ -333,13 +343,15 @@ def _add_generate(commands: Subcommands) -> None:
     generate.add_argument(
         "--guidance",
         type=_non_negative_float,
-        help="classifier-free guidance scale, 0 to 50 (default: the model's; 4.0 for the embedded model)",
+        help="classifier-free guidance scale, 0 to 50, or 0 to 1 for the CFG++ samplers (default: the "
+        "model's; 4.0 for the embedded model; a plugin sampler's own, 0.6 for CFG++)",
     )
     generate.add_argument(
         "--sampler",
         choices=_SamplerNames(),
         metavar="NAME",
-        help="one of: %(choices)s; flow_euler is the only one for FLUX (default: euler; flow_euler for FLUX)",
+        help="one of: %(choices)s; flow_euler is the only one for FLUX, the plugins' (euler_cfgpp, ...) "
+        "serve SD families (default: euler; flow_euler for FLUX)",
     )
     generate.add_argument(
         "--schedule",
@@ -532,10 +544,11 @@ def _status(text: str, done: bool = False) -> None:
 def explain_rejections(
     error: InvalidRequest, request: GenerationRequest, report: StackReport
 ) -> InvalidRequest:
-    """``error`` with the host's reason added where the schedule or a wrapper the request names was
+    """``error`` with the host's reason added where the schedule, sampler or a wrapper the request names was
     offered for this model but refused ("needs a transformer denoiser", "not made for flux models")."""
     asked = {
         "schedule": ("build_sigmas", {request.schedule}),
+        "sampler": ("select_sampler", {request.sampler}),
         "wrappers": ("wrap_denoiser", set(request.wrappers)),
     }
     explained = []
@@ -561,6 +574,7 @@ def stack_summary(stack: Mapping[str, Sequence[str]]) -> str:
     names = {
         "select_attention": "attention",
         "build_sigmas": "schedule",
+        "select_sampler": "sampler",
         "encode_prompt": "encoder",
         "wrap_denoiser": "wrappers",
         "compile_model": "compile",
@@ -568,6 +582,8 @@ def stack_summary(stack: Mapping[str, Sequence[str]]) -> str:
     parts = []
     for slot, chosen in stack.items():
         label = names.get(slot, slot)
+        if slot == "select_sampler" and not chosen:
+            continue  # a built-in sampler ran; only a plugin's is worth naming
         if slot == "select_attention" and chosen:
             per_kernel: dict[str, int] = {}
             for entry in chosen:

@@ -1,4 +1,4 @@
-"""The five hook specifications that plugins implement.
+"""The six hook specifications that plugins implement.
 
 A plugin is any module or object with functions marked ``@hookimpl`` and named after a spec below,
 registered through the ``diffstack`` entry-point group::
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         DenoiserWrapperOffer,
         EncoderOffer,
         ModelInfo,
+        SamplerOffer,
         SigmasOffer,
     )
 
@@ -40,7 +41,14 @@ PROJECT_NAME = "diffstack"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-HOOK_NAMES = ("select_attention", "build_sigmas", "encode_prompt", "wrap_denoiser", "compile_model")
+HOOK_NAMES = (
+    "select_attention",
+    "build_sigmas",
+    "select_sampler",
+    "encode_prompt",
+    "wrap_denoiser",
+    "compile_model",
+)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -82,6 +90,31 @@ def build_sigmas(model: ModelInfo) -> list[SigmasOffer]:
     by name, and ``auto`` takes the highest-priority one for the model's family.
 
     .. versionadded:: 0.1
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Samplers
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def select_sampler(model: ModelInfo) -> list[SamplerOffer]:
+    """Offer named samplers that combine the two halves of classifier-free guidance themselves
+    (CFG++, say), beside the built-in ones (``euler``, ``dpmpp_2m``, ...).
+
+    :param model: the loaded model's facts; offers list the families they suit.
+    :return: offers whose ``start()`` gives a fresh step function for one trajectory, called once a
+        step with the unconditional and the conditional noise predictions.
+
+    Results are named, not exclusive: every offer that probes yes and passes the numeric check is
+    available, and a request picks one by its ``sampler`` name, with a guidance scale in the range
+    of the offer's :class:`~diffstack.types.GuidanceRule`. The check runs two steps on known tensors:
+    the first must be the Euler step of the guided probability-flow ODE at the scale its rule implies
+    (for CFG++ at ``λ``, ordinary CFG at ``λσ/(σ − σ_next)``), and the step to σ = 0 must land on the
+    guided data estimate. A name the built-in samplers use is refused.
+
+    .. versionadded:: 0.2
     """
 
 

@@ -31,6 +31,7 @@ from diffstack.types import (
     Offer,
     PluginRecord,
     PluginStatus,
+    SamplerOffer,
     SigmasOffer,
 )
 
@@ -40,6 +41,7 @@ ResultT = TypeVar("ResultT")
 OFFER_TYPES: dict[str, type[Offer]] = {
     "select_attention": AttentionOffer,
     "build_sigmas": SigmasOffer,
+    "select_sampler": SamplerOffer,
     "encode_prompt": EncoderOffer,
     "wrap_denoiser": DenoiserWrapperOffer,
     "compile_model": CompileOffer,

@@ -2,7 +2,8 @@
 
 Loading a model and composing its stack takes seconds, so the CLI checks here first what needs no
 model: sizes, steps, image counts and guidance against ``[limits]``, and schedule and wrapper names
-against what the installed plugins offer for any family. The engine's validation still runs after
+against what the installed plugins offer for any family (sampler names too, where a plugin
+adds samplers). The engine's validation still runs after
 loading, with the model's own facts (its size multiple, its family's samplers, what its stack kept).
 """
 
@@ -50,8 +51,9 @@ def violations_before_loading(
         violations += validation.images_violations(request.num_images, request.seeds, limits)
     if request.guidance is not None:
         violations += validation.guidance_violations(request.guidance)
-    if request.sampler:
-        violations += validation.sampler_violations(request.sampler, SAMPLERS)
+    if request.sampler and request.sampler not in SAMPLERS:  # plugin samplers: the installed ones
+        known = [*SAMPLERS, *installed_offer_names(host, "select_sampler")]
+        violations += validation.sampler_violations(request.sampler, known)
     return violations + _name_violations(request, host)
 
 

@@ -74,6 +74,27 @@ def build_sigmas(model: ModelInfo) -> list[SigmasOffer]:
         )
     ]
 ''',
+    "select_sampler": '''"""$name: Euler with ordinary classifier-free guidance, from both halves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffstack import GuidanceRule, ModelInfo, SamplerOffer, SamplerStep, hookimpl
+
+
+def _start() -> SamplerStep:
+    def step(x: Any, sigma: float, sigma_next: float, eps_uncond: Any, eps_cond: Any, guidance: float) -> Any:
+        guided = eps_uncond + guidance * (eps_cond - eps_uncond)  # the guided noise prediction
+        return x + (sigma_next - sigma) * guided  # one Euler step of the probability-flow ODE
+
+    return step  # a multistep sampler would keep its history in here, one trajectory per start()
+
+
+@hookimpl
+def select_sampler(model: ModelInfo) -> list[SamplerOffer]:
+    return [SamplerOffer(name="$name", priority=0, guidance=GuidanceRule.CFG, start=_start)]
+''',
     "encode_prompt": '''"""$name: counts prompt encodings, passing each to the pipeline's encoder."""
 
 from __future__ import annotations

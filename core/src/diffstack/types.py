@@ -175,6 +175,61 @@ class SigmasOffer(Offer):
 
 
 # ---------------------------------------------------------------------------------------------
+# select_sampler
+# ---------------------------------------------------------------------------------------------
+
+
+class GuidanceRule(enum.StrEnum):
+    """How a sampler uses the request's guidance scale; it decides the scale's range and the
+    host's numeric check of the sampler's steps."""
+
+    CFG = "cfg"
+    """Ordinary classifier-free guidance: the step denoises and re-noises with
+    ``ε_u + w(ε_c − ε_u)``; ``w`` is the request's guidance in [0, 50]."""
+    CFG_PP = "cfg++"
+    """CFG++ (Chung et al., 2024): the step denoises with ``ε_u + λ(ε_c − ε_u)`` and re-noises with
+    ``ε_u``; ``λ`` is the request's guidance in [0, 1]."""
+
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        """The guidance scales a request may ask of a sampler under this rule."""
+        return (0.0, 1.0) if self is GuidanceRule.CFG_PP else (0.0, 50.0)
+
+
+class SamplerStep(Protocol):
+    """One step of a sampler in the ε/σ parameterisation (``x = x0 + σ·ε``), from both halves of
+    one classifier-free-guidance call: ``x`` at noise level ``sigma`` to ``sigma_next`` (0 last)."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: float,
+        sigma_next: float,
+        eps_uncond: torch.Tensor,
+        eps_cond: torch.Tensor,
+        guidance: float,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerOffer(Offer):
+    """A named sampler that combines the two halves of guidance itself. A request picks it by name.
+
+    ``start()`` gives a fresh :class:`SamplerStep` for one trajectory (a multistep method keeps its
+    history inside it); the host calls it once per step with the unconditional and conditional
+    noise predictions, on the model's own sigmas (or the request's schedule). ``guidance`` says how
+    the step reads the request's guidance scale, ``default_guidance`` what a request that sets none
+    gets (``None``: the model's default, for ``CFG`` samplers only). ``families``: the families whose
+    pipelines make a two-half guidance call (not FLUX, whose guidance is distilled into the model).
+    """
+
+    families: frozenset[Family] = frozenset({Family.SD1, Family.SD2, Family.SDXL})
+    guidance: GuidanceRule = GuidanceRule.CFG
+    default_guidance: float | None = None
+    start: Callable[[], SamplerStep]
+
+
+# ---------------------------------------------------------------------------------------------
 # encode_prompt
 # ---------------------------------------------------------------------------------------------
 
@@ -252,7 +307,7 @@ class CompileOffer(Offer):
     build: Callable[[torch.nn.Module, ModelInfo], torch.nn.Module | Built[torch.nn.Module]]
 
 
-AnyOffer = AttentionOffer | SigmasOffer | EncoderOffer | DenoiserWrapperOffer | CompileOffer
+AnyOffer = AttentionOffer | SigmasOffer | SamplerOffer | EncoderOffer | DenoiserWrapperOffer | CompileOffer
 
 
 # ---------------------------------------------------------------------------------------------

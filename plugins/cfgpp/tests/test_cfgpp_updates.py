@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffstack_cfgpp import dpmpp_2m_cfgpp_step, euler_cfgpp_step, guided_noise, sample
+from diffstack_cfgpp.updates import dpmpp_2m_cfgpp_step, euler_cfgpp_step, guided_noise, sample
 
 X = torch.tensor([1.0, 2.0])
 EPS_U = torch.tensor([0.5, -0.5])

@@ -16,6 +16,7 @@ import torch
 from diffstack.compose.attention import AttentionDecision, compose_attention
 from diffstack.compose.compile import compose_compile
 from diffstack.compose.encoder import compose_encoder
+from diffstack.compose.samplers import compose_samplers
 from diffstack.compose.sigmas import compose_sigmas
 from diffstack.compose.slots import ModelUnderTest
 from diffstack.compose.wrappers import compose_wrappers
@@ -25,6 +26,7 @@ from diffstack.types import (
     AttentionFn,
     DenoiserWrapperOffer,
     PromptEncoder,
+    SamplerOffer,
     SigmasOffer,
     SlotReport,
 )
@@ -48,6 +50,8 @@ class ComposedStack:
     custom_schedules: frozenset[str]
     """Schedules that pass their own sigmas (so they need a sampler that takes ``sigmas=``)."""
     auto_schedule: str
+    samplers: Mapping[str, SamplerOffer]
+    """Plugin samplers requests may name, beside the engine's own."""
     encoder: PromptEncoder
     encoder_chain: tuple[PromptEncoder, ...]
     wrappers: Mapping[str, DenoiserWrapperOffer]
@@ -67,17 +71,26 @@ def compose_stack(
     apply_attention(model.denoiser, attention)
     reference = model.denoise()
     sigmas = compose_sigmas(host, model, settings)
+    samplers = compose_samplers(host, model, settings)
     encoder = compose_encoder(host, model, settings)
     wrappers = compose_wrappers(host, model, settings)
     compiled = compose_compile(host, model, settings, reference)
     return ComposedStack(
-        slots=(attention.report, sigmas.report, encoder.report, wrappers.report, compiled.report),
+        slots=(
+            attention.report,
+            sigmas.report,
+            samplers.report,
+            encoder.report,
+            wrappers.report,
+            compiled.report,
+        ),
         attention_plan=attention.plan,
         attention_backend=attention.backend,
         compiled=compiled.compiled,
         schedules=sigmas.schedules,
         custom_schedules=sigmas.custom,
         auto_schedule=sigmas.auto,
+        samplers=samplers.samplers,
         encoder=encoder.encoder,
         encoder_chain=encoder.chain,
         wrappers=wrappers.wrappers,

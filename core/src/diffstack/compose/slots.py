@@ -41,6 +41,8 @@ class ModelUnderTest:
     base_encoder: PromptEncoder
     scheduler: Any
     measure: bool
+    builtin_samplers: frozenset[str] = frozenset()
+    """The engine's own sampler names, which a plugin's sampler may not take."""
 
     def denoise(self, denoiser: Callable[..., Any] | None = None) -> torch.Tensor:
         """One call of ``denoiser`` (the model's own by default) on the measured inputs."""

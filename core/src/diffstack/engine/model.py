@@ -18,6 +18,7 @@ from diffstack.config import Settings
 from diffstack.decisions import Decision, DecisionStore, decision_key, restricted_host, same_choice
 from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
 from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
+from diffstack.engine.samplers import SAMPLERS
 from diffstack.engine.tokens import TokenCounter
 from diffstack.plugins import PluginHost
 from diffstack.types import Family, ModelInfo, PromptEmbeddings, PromptSpec, StackReport
@@ -135,6 +136,7 @@ def compose_model(
         base_encoder=partial(_encode_without_grad, adapter, pipeline),
         scheduler=pipeline.scheduler,
         measure=measure,
+        builtin_samplers=frozenset(SAMPLERS),
     )
     key = _decision_key(host, under_test, path, settings) if _kept(settings, measure) else None
     restored = _restore(host, under_test, path, settings, key)

@@ -37,8 +37,21 @@ from diffstack.attention import KernelAttnProcessor, KernelChain, sdpa
 from diffstack.engine.families import Pipeline, batch_embeddings
 from diffstack.engine.model import LoadedModel
 from diffstack.engine.previews import latent_previews
-from diffstack.engine.requests import GeneratedImage, GenerationJob, GenerationResult, StepEvent
-from diffstack.engine.samplers import SAMPLERS, Sampler
+from diffstack.engine.requests import (
+    GeneratedImage,
+    GenerationJob,
+    GenerationRequest,
+    GenerationResult,
+    StepEvent,
+)
+from diffstack.engine.samplers import (
+    PIPELINE_GUIDANCE,
+    PLUGIN_SAMPLER_BASE,
+    SAMPLERS,
+    GuidanceHalves,
+    Sampler,
+    plugin_scheduler,
+)
 from diffstack.errors import DiffstackError, ModelError, OutOfMemory
 from diffstack.types import DenoiserWrapper, DenoiserWrapperOffer, PromptSpec
 
@@ -60,6 +73,7 @@ class _Ran:
     wrappers: tuple[str, ...]
     reference: bool
     fallback: str = ""
+    plugin_sampler: str = ""
 
 
 def run_batch(model: LoadedModel, jobs: Sequence[GenerationJob]) -> list[Outcome]:
@@ -188,8 +202,7 @@ def _launch(
         embeddings = _encode(model, jobs, reference)
         encoded = time.perf_counter()
         pipeline = _pipeline_for(model, request.init_image is not None, request.mask is not None)
-        sampler = SAMPLERS[request.sampler]
-        scheduler = sampler.build(model.scheduler_config)
+        sampler, scheduler, halves = _sampler_for(model, request)
         pipeline.scheduler = scheduler
         schedule = REFERENCE_SCHEDULE if reference else request.schedule
         schedule_arguments, schedule_ran = _schedule_arguments(
@@ -201,13 +214,13 @@ def _launch(
             **_image_arguments(jobs),
             "height": request.height,
             "width": request.width,
-            "guidance_scale": _guidance(jobs),
+            "guidance_scale": _guidance(jobs) if halves is None else PIPELINE_GUIDANCE,
             "generator": [torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.seeds],
             "callback_on_step_end": _step_callback(model, jobs, stopped),
             "output_type": "pt",
         }
         wrappers = {} if reference else request.wrappers
-        with _denoiser_stack(model, pipeline, wrappers, reference) as wrappers_ran:
+        with _denoiser_stack(model, pipeline, wrappers, reference, halves) as wrappers_ran:
             images = pipeline(**arguments).images
             pixels, finite, ready = _to_host(images)
     except _EveryJobStopped:
@@ -216,7 +229,9 @@ def _launch(
         torch.cuda.empty_cache()
         images_asked = sum(job.request.num_images for job in jobs)
         raise OutOfMemory(f"GPU out of memory for a batch of {images_asked} images") from exc
-    summary = _stack_summary(model, _Ran(schedule_ran, wrappers_ran, reference, fallback))
+    plugin_sampler = "" if halves is None else request.sampler
+    ran = _Ran(schedule_ran, wrappers_ran, reference, fallback, plugin_sampler)
+    summary = _stack_summary(model, ran)
     return _Launched(
         model=model,
         jobs=jobs,
@@ -254,7 +269,8 @@ def _encode(model: LoadedModel, jobs: Sequence[GenerationJob], reference: bool) 
     per_image = []
     for job in jobs:
         request = job.request
-        spec = PromptSpec(request.prompt, request.negative_prompt, (request.guidance or 0) > 1)
+        guided = (request.guidance or 0) > 1 or request.sampler in model.stack.samplers
+        spec = PromptSpec(request.prompt, request.negative_prompt, guided)
         if reference:
             with torch.no_grad():
                 embedding = model.adapter.encode(model.pipeline, spec)
@@ -262,6 +278,21 @@ def _encode(model: LoadedModel, jobs: Sequence[GenerationJob], reference: bool) 
             embedding = encoder(spec)
         per_image.extend([embedding] * request.num_images)
     return batch_embeddings(per_image)
+
+
+def _sampler_for(
+    model: LoadedModel, request: GenerationRequest
+) -> tuple[Sampler, Any, GuidanceHalves | None]:
+    """The request's sampler, a fresh scheduler for it and, for a plugin's sampler, the holder of
+    the guidance halves its step reads (the pipeline's combined prediction cannot give them)."""
+    offer = model.stack.samplers.get(request.sampler)
+    if offer is None:
+        sampler = SAMPLERS[request.sampler]
+        return sampler, sampler.build(model.scheduler_config), None
+    halves = GuidanceHalves()
+    scheduler = plugin_scheduler(model.scheduler_config)
+    scheduler.run_plugin(offer, float(request.guidance or 0.0), halves)
+    return PLUGIN_SAMPLER_BASE, scheduler, halves
 
 
 def _pipeline_for(model: LoadedModel, img2img: bool, inpaint: bool) -> Pipeline:
@@ -354,11 +385,12 @@ def _image_arguments(jobs: Sequence[GenerationJob]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _denoiser_stack(
-    model: LoadedModel, pipeline: Pipeline, wrappers: Any, reference: bool
+    model: LoadedModel, pipeline: Pipeline, wrappers: Any, reference: bool, halves: GuidanceHalves | None
 ) -> Iterator[tuple[str, ...]]:
     """The compiled denoiser (the eager one where a wrapper needs it) with this request's wrappers
-    attached and reset (or, for the reference stack, the eager one with SDPA attention). Yields the
-    wrappers that applied: one that fails to apply is logged and left out, never fatal."""
+    attached and reset (or, for the reference stack, the eager one with SDPA attention), and
+    ``halves`` kept from its calls for a plugin's sampler. Yields the wrappers that applied: one
+    that fails to apply is logged and left out, never fatal."""
     offers = sorted((model.stack.wrappers[name] for name in wrappers), key=lambda o: -o.priority)
     denoiser = model.denoiser_for(with_wrappers=reference or _needs_eager(offers))
     model.adapter.set_denoiser(pipeline, denoiser)
@@ -377,7 +409,10 @@ def _denoiser_stack(
                 continue
             handles.append(handle)
             applied.append(offer.name)
-        with _reference_attention(model, denoiser) if reference else contextlib.nullcontext():
+        with (
+            _reference_attention(model, denoiser) if reference else contextlib.nullcontext(),
+            halves.kept_from(denoiser) if halves is not None else contextlib.nullcontext(),
+        ):
             yield tuple(applied)
     finally:
         for handle in reversed(handles):
@@ -496,6 +531,7 @@ def _stack_summary(model: LoadedModel, ran: _Ran) -> dict[str, tuple[str, ...]]:
         if _needs_eager([model.stack.wrappers[name] for name in ran.wrappers]):
             summary["compile_model"] = ()
     summary["build_sigmas"] = (ran.schedule,) if ran.schedule else ()
+    summary["select_sampler"] = (ran.plugin_sampler,) if ran.plugin_sampler else ()
     summary["wrap_denoiser"] = ran.wrappers
     return summary
 

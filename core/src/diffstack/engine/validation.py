@@ -14,7 +14,7 @@ from diffstack.compose.sigmas import sigmas_problem
 from diffstack.config import Limits
 from diffstack.engine.model import LoadedModel
 from diffstack.engine.requests import AUTO, GenerationRequest
-from diffstack.engine.samplers import SAMPLERS
+from diffstack.engine.samplers import PLUGIN_SAMPLER_BASE, SAMPLERS, Sampler
 from diffstack.errors import FieldViolation, InvalidRequest, shown
 from diffstack.options import OptionProblem, OptionsError, parse_options
 from diffstack.types import DenoiserWrapperOffer
@@ -53,7 +53,7 @@ def with_defaults(request: GenerationRequest, model: LoadedModel, limits: Limits
         width=request.width or width,
         height=request.height or height,
         steps=steps,
-        guidance=model.default_guidance if request.guidance is None else request.guidance,
+        guidance=_default_guidance(model, sampler) if request.guidance is None else request.guidance,
         sampler=sampler,
         schedule=_auto_schedule(model, sampler, steps, limits)
         if request.schedule in ("", AUTO)
@@ -81,9 +81,12 @@ def steps_violations(steps: int, limits: Limits) -> Iterator[FieldViolation]:
         yield FieldViolation("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
 
 
-def guidance_violations(guidance: float | None) -> Iterator[FieldViolation]:
-    if guidance is None or not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
-        yield FieldViolation("guidance", f"must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+def guidance_violations(
+    guidance: float | None, low: float = 0.0, high: float = MAX_GUIDANCE, whose: str = ""
+) -> Iterator[FieldViolation]:
+    """``whose`` names a sampler with a range of its own (" for sampler 'euler_cfgpp' ...")."""
+    if guidance is None or not (math.isfinite(guidance) and low <= guidance <= high):
+        yield FieldViolation("guidance", f"must be between {low:g} and {high:g}{whose}, got {guidance}")
 
 
 def sampler_violations(sampler: str, known: Collection[str], scope: str = "") -> Iterator[FieldViolation]:
@@ -156,13 +159,21 @@ def _check_steps(request: GenerationRequest, model: LoadedModel, limits: Limits)
 def _check_guidance(
     request: GenerationRequest, model: LoadedModel, limits: Limits
 ) -> Iterator[FieldViolation]:
-    yield from guidance_violations(request.guidance)
+    """Within [0, 50], or within the range of a plugin sampler's guidance rule ([0, 1] for CFG++)."""
+    offer = model.stack.samplers.get(request.sampler)
+    if offer is None:
+        yield from guidance_violations(request.guidance)
+    else:
+        low, high = offer.guidance.guidance_range
+        whose = f" for sampler {offer.name!r} ({offer.guidance} guidance)"
+        yield from guidance_violations(request.guidance, low, high, whose)
 
 
 def _check_sampler(
     request: GenerationRequest, model: LoadedModel, limits: Limits
 ) -> Iterator[FieldViolation]:
-    yield from sampler_violations(request.sampler, model.adapter.samplers, f" for {model.info.family.value}")
+    known = [*model.adapter.samplers, *model.stack.samplers]
+    yield from sampler_violations(request.sampler, known, f" for {model.info.family.value}")
 
 
 def _check_images(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
@@ -275,10 +286,11 @@ def _check_schedule(
             "schedule", f"unknown schedule {shown(name)}; available: {[AUTO, *model.stack.schedules]}"
         )
     elif name in model.stack.custom_schedules:
-        if not _takes_sigmas(sampler):
+        if not _takes_sigmas(model, sampler):
             yield FieldViolation(
                 "schedule",
-                f"schedule {name!r} needs a sampler that takes custom sigmas (euler, flow_euler), "
+                f"schedule {name!r} needs a sampler that takes custom sigmas "
+                "(euler, flow_euler or a plugin's sampler), "
                 f"not {shown(sampler)}",
             )
         elif 1 <= request.steps <= limits.max_steps:
@@ -309,8 +321,24 @@ CHECKS: tuple[Check, ...] = (
 # -------------------------------------------------------------------------------------------------
 
 
-def _takes_sigmas(sampler: str) -> bool:
-    return sampler in SAMPLERS and SAMPLERS[sampler].custom_sigmas
+def _default_guidance(model: LoadedModel, sampler: str) -> float:
+    """A plugin sampler's own default (CFG++ reads the scale differently), else the model's."""
+    offer = model.stack.samplers.get(sampler)
+    if offer is None or offer.default_guidance is None:
+        return model.default_guidance
+    return offer.default_guidance
+
+
+def _base_sampler(model: LoadedModel, sampler: str) -> Sampler | None:
+    """The built-in whose scheduler runs ``sampler``: itself, or Euler for a plugin's sampler."""
+    if sampler in model.stack.samplers:
+        return PLUGIN_SAMPLER_BASE
+    return SAMPLERS.get(sampler)
+
+
+def _takes_sigmas(model: LoadedModel, sampler: str) -> bool:
+    base = _base_sampler(model, sampler)
+    return base is not None and base.custom_sigmas
 
 
 def _steps_run(request: GenerationRequest) -> int:
@@ -326,7 +354,7 @@ def _auto_schedule(model: LoadedModel, sampler: str, steps: int, limits: Limits)
     for name in model.stack.schedules:
         if name not in model.stack.custom_schedules:
             return name
-        if _takes_sigmas(sampler) and (
+        if _takes_sigmas(model, sampler) and (
             not 1 <= steps <= limits.max_steps or not _sigmas_problem(model, name, sampler, steps)
         ):
             return name
@@ -337,7 +365,9 @@ def _sigmas_problem(model: LoadedModel, schedule: str, sampler: str, steps: int)
     """What is wrong with a schedule's sigmas at this step count ("" when nothing): composition
     checked them at 10 steps only, and a schedule may fail at others."""
     try:
-        scheduler = SAMPLERS[sampler].build(model.scheduler_config)
+        base = _base_sampler(model, sampler)
+        assert base is not None  # only asked for samplers that take sigmas
+        scheduler = base.build(model.scheduler_config)
         sigmas = model.stack.schedules[schedule].build(steps, scheduler)
     except Exception as exc:  # a plugin's fault, reported as the reason this schedule cannot serve
         return f"it raised {type(exc).__name__}: {shown(str(exc), 200)}"

@@ -49,7 +49,8 @@ def generate(
     noise = randn_tensor(shape, generator=generators, device=pipe.device, dtype=cond.dtype)
     sigmas = scheduler.sigmas
     denoiser = unet_denoiser(pipe, sigmas, scheduler.timesteps, uncond, cond)
-    latents = sample(denoiser, noise * sigmas[0], sigmas.tolist(), scale, sampler)
+    # the pipeline's own start (√(σ_max² + 1) for 'leading' spacing, σ_max otherwise), as the engine has
+    latents = sample(denoiser, noise * scheduler.init_noise_sigma, sigmas.tolist(), scale, sampler)
     decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
     return images

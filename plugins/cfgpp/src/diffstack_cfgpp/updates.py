@@ -14,8 +14,12 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffstack import SamplerStep
 
 SAMPLERS = ("euler_cfgpp", "dpmpp_2m_cfgpp")
 """The sampler names this plugin implements."""
@@ -86,17 +90,35 @@ def dpmpp_2m_cfgpp_step(
     return x_next, state
 
 
+def trajectory(sampler: str) -> SamplerStep:
+    """A fresh step function for one trajectory of ``sampler`` (the host's ``SamplerStep``):
+    ``(x, σ, σ_next, ε_u, ε_c, λ) → x_next``; DPM++ 2M keeps its previous step inside."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown CFG++ sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    previous: DPMpp2MState | None = None
+
+    def step(
+        x: torch.Tensor,
+        sigma: float,
+        sigma_next: float,
+        eps_uncond: torch.Tensor,
+        eps_cond: torch.Tensor,
+        guidance: float,
+    ) -> torch.Tensor:
+        nonlocal previous
+        if sampler == "euler_cfgpp":
+            return euler_cfgpp_step(x, sigma, sigma_next, eps_uncond, eps_cond, guidance)
+        x_next, previous = dpmpp_2m_cfgpp_step(x, sigma, sigma_next, eps_uncond, eps_cond, guidance, previous)
+        return x_next
+
+    return step
+
+
 def sample(
     denoiser: GuidedDenoiser, x: torch.Tensor, sigmas: Sequence[float], scale: float, sampler: str
 ) -> torch.Tensor:
     """Run ``sampler`` over ``sigmas`` (decreasing, ending in 0) from the noisy sample ``x``."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown CFG++ sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    previous: DPMpp2MState | None = None
+    step = trajectory(sampler)
     for sigma, sigma_next in itertools.pairwise(sigmas):
-        eps_uncond, eps_cond = denoiser(x, sigma)
-        if sampler == "euler_cfgpp":
-            x = euler_cfgpp_step(x, sigma, sigma_next, eps_uncond, eps_cond, scale)
-        else:
-            x, previous = dpmpp_2m_cfgpp_step(x, sigma, sigma_next, eps_uncond, eps_cond, scale, previous)
+        x = step(x, sigma, sigma_next, *denoiser(x, sigma), scale)
     return x

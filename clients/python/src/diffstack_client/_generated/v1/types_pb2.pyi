@@ -141,9 +141,13 @@ class GenerationSpec(_message.Message):
     steps: _builtins.int
     """The number of denoising steps; 0 for the model's default."""
     guidance: _builtins.float
-    """The classifier-free guidance scale; unset for the model's default (0 turns guidance off)."""
+    """The classifier-free guidance scale; unset for the model's default (0 turns guidance off). The CFG++
+    samplers (euler_cfgpp, dpmpp_2m_cfgpp) take a scale in [0, 1], 0.6 when unset.
+    """
     sampler: _builtins.str
-    """The sampler (euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, ddim, flow_euler); empty for the model's default."""
+    """The sampler (euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, ddim, flow_euler, or one a plugin
+    offers through select_sampler, such as euler_cfgpp); empty for the model's default.
+    """
     schedule: _builtins.str
     """The noise schedule (auto, default, karras, ays or one a plugin defines); empty means auto."""
     num_images: _builtins.int
@@ -379,7 +383,9 @@ class SlotChoice(_message.Message):
     SLOT_FIELD_NUMBER: _builtins.int
     CHOSEN_FIELD_NUMBER: _builtins.int
     slot: _builtins.str
-    """The slot's name: the hook that fills it (select_attention, build_sigmas, encode_prompt, wrap_denoiser, compile_model)."""
+    """The slot's name: the hook that fills it (select_attention, build_sigmas, select_sampler, encode_prompt,
+    wrap_denoiser, compile_model).
+    """
     @_builtins.property
     def chosen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The chosen offers, in the order they apply."""
