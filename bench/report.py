@@ -197,6 +197,23 @@ def target_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def catalogue_table(name: str, stage: dict[str, Any]) -> list[str]:
+    lines = [f"### {name} — {stage.get('status')}", ""]
+    rows = stage.get("rows") or []
+    if rows:
+        lines += ["| variant | s/image | vs plain | notes |", "|---|---|---|---|"]
+        for row in rows:
+            lines.append(
+                f"| {_short(row['variant'], 70)} | {_num(row.get('s'), 3)} | "
+                f"{_ratio(row.get('speedup_vs_plain'))} | {_short(row.get('notes'))} |"
+            )
+        lines.append("")
+    phases = stage.get("parts", {}).get("multiscale_sdxl", {}).get("phases")
+    if phases:
+        lines += [f"SDXL UNet step by phase (ms, batch 2): {phases}", ""]
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     lines = [
@@ -216,6 +233,8 @@ def render(results: dict[str, Any]) -> str:
             lines += serve_table(name, stage)
         elif name.startswith("load-"):
             lines += load_table(name, stage)
+        elif name.startswith("catalogue-"):
+            lines += catalogue_table(name, stage)
         else:
             lines += [f"### {name} — {stage.get('status')}", "", *stage.get("table", []), ""]
     lines += target_table(results)

@@ -15,6 +15,8 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
                                       1.0.6 and 2, SpargeAttn per sparsity) and the step with each;
                                       installs --kernel-wheels (bench/build_kernels.sh's output)
     ceilings                          the card's dense matmul rate (what the step times are measured against)
+    catalogue-sdxl                    multi-scale on SDXL 1024² (step by phase, image), each named profile's
+                                      SD1.5 image, CFG++ against Euler (eager stacks; about 2-3 min)
 
 On the GPU machine see ``bench/gpu.sh``, which installs the carried wheels and the repo's packages
 first. Everything lands in OUT: ``results.json`` (rewritten after every part), ``table.md``, and
@@ -45,6 +47,7 @@ STAGE_MINIMUM = {
     "load-sd15": 150,
     "threads-sd15": 100,
     "attn-shapes": 60,
+    "catalogue-sdxl": 100,
 }
 """Seconds a stage needs at least (its essential parts) before it is started at all."""
 
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.attn_shapes import attn_shapes_stage
+    from bench.catalogue import catalogue_stage
     from bench.e2e import e2e_stage
     from bench.load import load_stage
     from bench.measure import matmul_ceiling
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 body = thread_stage(run, key, args.smoke_compile)
             elif name == "attn-shapes":
                 body = attn_shapes_stage(run, args.kernel_wheels)
+            elif name == "catalogue-sdxl":
+                body = catalogue_stage(run)
             else:
                 run.results["stages"][name] = {"status": "failed", "error": f"unknown stage {name!r}"}
                 continue
