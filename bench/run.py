@@ -92,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)  # counts imports too: they are part of the run's time
     import torch
 
-    from bench.attn_shapes import attn_shapes_stage
-    from bench.catalogue import catalogue_stage
     from bench.e2e import e2e_stage
     from bench.load import load_stage
     from bench.measure import matmul_ceiling
@@ -130,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 body = load_stage(run, args.smoke_compile)
             elif kind == "threads" and key == "sd15":
                 body = thread_stage(run, key, args.smoke_compile)
-            elif name == "attn-shapes":
-                body = attn_shapes_stage(run, args.kernel_wheels)
-            elif name == "catalogue-sdxl":
-                body = catalogue_stage(run)
+            elif name in OTHER_STAGES:
+                body = OTHER_STAGES[name](run, args)
             else:
                 run.results["stages"][name] = {"status": "failed", "error": f"unknown stage {name!r}"}
                 continue
@@ -149,6 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + table, flush=True)
     failed = [n for n, s in run.results["stages"].items() if s.get("status") == "failed"]
     return 1 if failed else 0
+
+
+def _attn_shapes(run, args):  # type: ignore[no-untyped-def]
+    from bench.attn_shapes import attn_shapes_stage
+
+    return attn_shapes_stage(run, args.kernel_wheels)
+
+
+def _catalogue(run, args):  # type: ignore[no-untyped-def]
+    from bench.catalogue import catalogue_stage
+
+    return catalogue_stage(run)
+
+
+OTHER_STAGES = {"attn-shapes": _attn_shapes, "catalogue-sdxl": _catalogue}
+"""Stages of one name, built from the run and the arguments."""
 
 
 def _ceilings(run, matmul_ceiling):  # type: ignore[no-untyped-def]

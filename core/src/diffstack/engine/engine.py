@@ -340,7 +340,8 @@ class Engine:
         """Prepared requests with equal keys can share one pipeline call: the same model, size,
         steps, sampler, schedule, wrappers with their options, kind (text, image or inpainting input,
         with its strength), and guidance, which for classifier-free guidance means only whether it
-        runs (scale above 1): the scales themselves may differ per image. Prompts, negative prompts,
+        runs (scale above 1): the scales themselves may differ per image (not under a plugin's
+        sampler, whose step takes one scale). Prompts, negative prompts,
         seeds and image counts never split a batch."""
         wrappers = tuple(
             sorted(
@@ -350,7 +351,12 @@ class Engine:
         )
         with self._lock:
             model = self._models.get(request.model)
-        per_image = model is not None and model.adapter.guidance_per_image
+        # a plugin's sampler takes one guidance scale per call: its images batch by the exact scale
+        per_image = (
+            model is not None
+            and model.adapter.guidance_per_image
+            and request.sampler not in model.stack.samplers
+        )
         return (
             request.model,
             request.width,
