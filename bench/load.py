@@ -181,7 +181,7 @@ def load_stage(run: Run, smoke_compile: bool = False) -> Any:
         try:
             for name, fn in (
                 ("save", bench.save),
-                ("boot", lambda r: bench.boot(r, "load")),
+                ("boot", lambda r: (bench.boot(r, "load"), bench.wait_warmed(r))),
                 ("open", open_runs),
                 ("closed", closed_runs),
             ):

@@ -70,13 +70,14 @@ class Engine:
         self._load_lock = threading.Lock()
         """Serialises loads; a request for a loaded model never takes it."""
         self.plugins_s = 0.0
-        """Seconds :meth:`start` took to load the plugins (their imports included)."""
+        """Seconds loading the plugins took (their imports included), when :meth:`start` or the
+        engine's worker loaded them."""
 
     @classmethod
     def start(cls, settings: Settings, host: PluginHost | None = None) -> Engine:
         started = time.perf_counter()
         engine = cls(settings, host if host is not None else load_plugins(settings.plugins))
-        engine.plugins_s = time.perf_counter() - started
+        engine.plugins_s = time.perf_counter() - started if host is None else 0.0
         engine.model("")
         for name in settings.engine.preload:
             engine.model(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -162,9 +163,12 @@ class EngineWorker:
         from diffstack.engine.engine import Engine  # torch and diffusers load here, on this thread
         from diffstack.plugins import load_plugins
 
+        started = time.perf_counter()
         self._host = load_plugins(self.settings.plugins)
-        log.info("plugins_loaded", plugins=len(self._host.records))
+        plugins_s = time.perf_counter() - started
+        log.info("plugins_loaded", plugins=len(self._host.records), seconds=round(plugins_s, 2))
         engine = Engine.start(self.settings, self._host)
+        engine.plugins_s = plugins_s
         self._engine = engine
         return engine
 

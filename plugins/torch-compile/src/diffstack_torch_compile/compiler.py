@@ -202,13 +202,18 @@ def _mark_batch_dynamic(named: dict[str, Any]) -> None:
 def _watch_calls(compiled: torch.nn.Module, artifacts: ArtifactFile, clone_outputs: bool) -> None:
     """Hooks on the compiled module: time first calls, save new artifacts, detach CUDA-graph outputs.
 
-    A call with input shapes not seen before compiles; its wall time is recorded as
-    ``diffstack_compile_seconds`` (the first one) and the artifact file is rewritten. With CUDA
+    A call with input shapes not seen before may compile; its wall time is recorded as
+    ``diffstack_compile_seconds`` (the first one) and, if Dynamo compiled a graph since the last
+    write, the artifact file is rewritten (with a dynamic batch dimension, a new batch size records
+    CUDA graphs but compiles nothing: writing the whole cache again would only cost time). With CUDA
     graphs the outputs live in the graph's memory pool and are overwritten by the next replay;
     cloning them (a latent-sized copy) lets callers keep outputs like any module's.
     """
     seen: set[tuple[Any, ...]] = set()
     started: dict[str, float] = {}
+    saved_after = [-1]
+    """Dynamo's count of graphs compiled in this process when the artifacts were last written: a
+    new shape that compiled nothing (another batch size of a dynamic graph) does not rewrite them."""
 
     def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         leaves = tree_leaves((args, kwargs))
@@ -223,7 +228,10 @@ def _watch_calls(compiled: torch.nn.Module, artifacts: ArtifactFile, clone_outpu
             seen.add(key)
             if module.diffstack_compile_seconds is None:
                 object.__setattr__(module, "diffstack_compile_seconds", time.perf_counter() - started["at"])
-            artifacts.save()
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            if graphs != saved_after[0]:
+                saved_after[0] = graphs
+                artifacts.save()
         if clone_outputs:
             return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
         return None
