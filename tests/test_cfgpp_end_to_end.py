@@ -14,7 +14,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from diffstack.config import load_settings
+from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
 from diffstack.engine.loading import DEFAULT_MODEL_DIR
+from diffstack.plugins import load_plugins
 from diffstack.testing import BASELINE_PLUGINS
 from diffstack_cfgpp.pipeline import generate as reference_generate
 from diffstack_client import DiffstackClient, ServiceError
@@ -25,14 +27,21 @@ PROMPT = "a small red circle at the top left on a blue background"
 STEPS = 4
 
 
+SETTINGS = {
+    "plugins": {"allow": [*BASELINE_PLUGINS, "cfgpp"]},
+    "server": {"port": 0, "metrics_port": 0, "batch_wait_ms": 0, "warm_batches": False},
+}
+
+
 @pytest.fixture(scope="module")
-def client() -> Iterator[DiffstackClient]:
-    settings = load_settings(
-        None,
-        plugins={"allow": [*BASELINE_PLUGINS, "cfgpp"]},
-        server={"port": 0, "metrics_port": 0, "batch_wait_ms": 0, "warm_batches": False},
-    )
-    server = BackgroundServer(settings).start(ready_timeout=WAIT_S)
+def engine() -> Engine:
+    settings = load_settings(None, **SETTINGS)
+    return Engine.start(settings, load_plugins(settings.plugins))
+
+
+@pytest.fixture(scope="module")
+def client(engine: Engine) -> Iterator[DiffstackClient]:
+    server = BackgroundServer(load_settings(None, **SETTINGS), engine).start(ready_timeout=WAIT_S)
     try:
         with DiffstackClient(server.target, timeout=WAIT_S) as client:
             yield client
@@ -89,3 +98,21 @@ def test_select_sampler_refuses_bad_requests_naming_the_offers(
         client.generate(PROMPT, steps=2, **params)  # type: ignore[arg-type]
     assert failure.value.code.name == "INVALID_ARGUMENT"
     assert says in failure.value.violations[field]
+
+
+def test_select_sampler_batches_by_the_exact_guidance_and_each_image_stays_its_own(engine: Engine) -> None:
+    """One λ per pipeline call (the step takes one scale): requests at another λ form another batch;
+    requests at one λ share a call, and each image is the one it is alone."""
+
+    def prepared(seed: int, guidance: float) -> GenerationRequest:
+        request = GenerationRequest(PROMPT, steps=3, seeds=(seed,), sampler="euler_cfgpp", guidance=guidance)
+        return engine.prepare(request)
+
+    first, second, other = prepared(1, 0.5), prepared(2, 0.5), prepared(1, 0.8)
+    assert engine.batch_key(first) == engine.batch_key(second) != engine.batch_key(other)
+    together = engine.run([GenerationJob(first), GenerationJob(second)])
+    for request, batched in zip((first, second), together, strict=True):
+        (alone,) = engine.run([GenerationJob(request)])
+        assert isinstance(alone, GenerationResult) and isinstance(batched, GenerationResult)
+        a, b = (np.asarray(r.images[0].image, dtype=float) for r in (alone, batched))
+        assert np.abs(a - b).max() <= 1

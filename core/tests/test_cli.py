@@ -352,3 +352,15 @@ def test_a_wrapper_option_at_a_file_is_its_picture(tmp_path: Path) -> None:
     with pytest.raises(cli.InvalidRequest) as error:
         cli.request_fields(args)
     assert [v.field for v in error.value.violations] == ["wrappers.reference.image"]
+
+
+def test_a_plugin_sampler_name_parses_quietly_and_unknown_ones_do_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--sampler`` knows the installed plugins' samplers (cfgpp's here) without logging their load."""
+    args = cli.build_parser().parse_args(["generate", "a red circle", "--sampler", "euler_cfgpp"])
+    assert args.sampler == "euler_cfgpp"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generate", "a red circle", "--sampler", "euler_cfgppp"])
+    assert "invalid choice: 'euler_cfgppp'" in capsys.readouterr().err

@@ -205,24 +205,33 @@ def _seed(text: str) -> int:
 
 class _SamplerNames:
     """argparse choices that import the sampler table only when checked or shown (it imports torch):
-    the built-in samplers, then those installed plugins offer (``select_sampler``)."""
+    the built-in samplers, then those installed plugins offer (``select_sampler``), loaded only for a
+    name that is not built in or for ``--help``."""
 
     def __init__(self) -> None:
-        self._known: list[str] | None = None
+        self._plugins: list[str] | None = None
 
-    def _names(self) -> list[str]:
-        if self._known is None:
+    def _builtin(self) -> list[str]:
+        from diffstack.engine.samplers import SAMPLERS
+
+        return list(SAMPLERS)
+
+    def _plugin_names(self) -> list[str]:
+        if self._plugins is None:
             from diffstack.config import PluginSettings
-            from diffstack.engine.samplers import SAMPLERS
             from diffstack.plugins import load_plugins
             from diffstack.preflight import installed_offer_names
 
+            configure_logging(level=logging.WARNING)  # before main configures it: stay quiet
             installed = installed_offer_names(load_plugins(PluginSettings()), "select_sampler")
-            self._known = [*SAMPLERS, *sorted(installed - set(SAMPLERS))]
-        return self._known
+            self._plugins = sorted(installed - set(self._builtin()))
+        return self._plugins
+
+    def _names(self) -> list[str]:
+        return [*self._builtin(), *self._plugin_names()]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names()
+        return name in self._builtin() or name in self._plugin_names()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names())
