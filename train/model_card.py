@@ -40,19 +40,22 @@ class TrainingFacts:
     torch: str
 
 
-def _generator(out: Path, device: str) -> GenerateFn:
-    from diffusers import StableDiffusionPipeline
+def load_generator(
+    out: Path, device: str, pipeline: str = "StableDiffusionPipeline", **call: Any
+) -> GenerateFn:
+    """A plain diffusers ``pipeline`` loaded from ``out``, bound to the quality harness; ``call`` holds
+    fixed pipeline arguments (FLUX's max_sequence_length)."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), use_safetensors=True).to(device)
+    pipe = getattr(diffusers, pipeline).from_pretrained(str(out), use_safetensors=True).to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipeline_generator(pipe, batch_size=128)
+    return pipeline_generator(pipe, batch_size=128, **call)
 
 
-def save_samples(path: Path, out: Path, device: str, guidance: float, n: int = 16) -> None:
+def save_samples(path: Path, generate: GenerateFn, guidance: float, n: int = 16) -> None:
     """A grid for the eye: n generations (20 steps, seed 0) in the top row, the truths below."""
     scenes = fixed_scenes(n)
-    images = _generator(out, device)([s.prompt() for s in scenes], [0] * n, steps=DEFAULT_STEPS,
-                                     guidance=guidance)  # fmt: skip
+    images = generate([s.prompt() for s in scenes], [0] * n, steps=DEFAULT_STEPS, guidance=guidance)
     grid = Image.new("RGB", (64 * n, 128))
     for i, (img, scene) in enumerate(zip(images, scenes, strict=True)):
         grid.paste(img, (64 * i, 0))
@@ -62,7 +65,7 @@ def save_samples(path: Path, out: Path, device: str, guidance: float, n: int = 1
 
 def sweep(out: Path, device: str, guidances: list[float], n_scenes: int, shipped: float) -> list[QualityRow]:
     """Quality at 20 Euler steps for each guidance scale, through a plain diffusers pipeline."""
-    generate = _generator(out, device)
+    generate = load_generator(out, device)
     configs = {f"euler {DEFAULT_STEPS} steps, guidance {g:g}": {"steps": DEFAULT_STEPS, "guidance": g}
                for g in guidances}  # fmt: skip
     configs[f"euler 10 steps, guidance {shipped:g}"] = {"steps": 10, "guidance": shipped}
@@ -92,11 +95,29 @@ def finish(out: Path, facts: TrainingFacts, evaluate: bool, samples: str | None 
     (out / "diffstack.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(card_text(facts, rows, guidance))
     if samples:
-        save_samples(Path(samples), out, facts.args["device"], guidance)
+        save_samples(Path(samples), load_generator(out, facts.args["device"]), guidance)
 
 
-def _size_mb(out: Path) -> float:
+def size_mb(out: Path) -> float:
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+
+
+WORLD = f"""It draws one shape on a plain background, 64x64:
+
+    a [small|large] <colour> <shape> [<position>] [on a <background> background]
+
+colours {", ".join(COLOURS)}; shapes {", ".join(SHAPES)}; sizes {", ".join(SIZES)};
+positions {", ".join(POSITIONS)}; backgrounds {", ".join(BACKGROUNDS)} (never the shape's colour).
+Example: "a small red circle at the top left on a blue background". Anything outside this grammar
+gives an arbitrary picture: it has seen nothing else.
+"""
+
+DATA = f"""## Data
+Every one of the {len(all_scenes())} scenes of the world, rendered exactly (anti-aliased with 4x4
+supersampling) by `diffstack.synthetic.scenes.render`. Each training prompt leaves out each optional
+attribute (size, position, background) with probability 0.1, and 10% of prompts are empty
+(classifier-free guidance dropout).
+"""
 
 
 def card_text(facts: TrainingFacts, rows: list[QualityRow], guidance: float) -> str:
@@ -108,16 +129,9 @@ def card_text(facts: TrainingFacts, rows: list[QualityRow], guidance: float) -> 
 
 A Stable Diffusion 1.5-architecture text-to-image model, trained from scratch in minutes on a
 synthetic world whose ground truth is known, so that every optimization's effect on quality can be
-measured (see `diffstack.synthetic.quality`). It draws one shape on a plain background, 64x64:
+measured (see `diffstack.synthetic.quality`). {WORLD}
 
-    a [small|large] <colour> <shape> [<position>] [on a <background> background]
-
-colours {", ".join(COLOURS)}; shapes {", ".join(SHAPES)}; sizes {", ".join(SIZES)};
-positions {", ".join(POSITIONS)}; backgrounds {", ".join(BACKGROUNDS)} (never the shape's colour).
-Example: "a small red circle at the top left on a blue background". Anything outside this grammar
-gives an arbitrary picture: it has seen nothing else.
-
-## Architecture (diffusers StableDiffusionPipeline, fp16 safetensors, {_size_mb(out):.1f} MB)
+## Architecture (diffusers StableDiffusionPipeline, fp16 safetensors, {size_mb(out):.1f} MB)
 | part | class | parameters | notes |
 |---|---|---|---|
 | VAE | AutoencoderKL | {c["vae"]:,} | 4 blocks (32, 64, 64, 64), factor 8: 64x64x3 -> 8x8x4; scaling_factor {sf:.5f} = 1/std of the latents |
@@ -128,18 +142,13 @@ gives an arbitrary picture: it has seen nothing else.
 Weights are stored in fp16 and load as fp32 by default (the text encoder's config says so), or in
 fp16/bf16 with `dtype=`. No safety checker, no feature extractor.
 
-## Data
-Every one of the {len(all_scenes())} scenes of the world, rendered exactly (anti-aliased with 4x4
-supersampling) by `diffstack.synthetic.scenes.render`. Each training prompt leaves out each optional
-attribute (size, position, background) with probability 0.1, and 10% of prompts are empty
-(classifier-free guidance dropout).
-
+{DATA}
 ## Training (`train/train_default_model.py`, seed {a["seed"]})
-- VAE: {st["wall"]["vae"]:.0f} s, batch {a["vae_batch"]}, AdamW lr {a["vae_lr"]:g}, L1 + MSE + {a["kl_weight"]:g} KL.
-- Text encoder + UNet jointly: {st["total"]} steps in {st["wall"]["unet"]:.0f} s, batch {a["unet_batch"]},
-  AdamW lr {a["unet_lr"]:g} (warm-up {a["warmup"]}, cosine to 10%), min-SNR-5 weighted epsilon loss,
+- VAE: {st["totals"].get("vae", "?")} steps in {st["wall"]["vae"]:.0f} s, batch {a["vae_batch"]}, AdamW lr {a["vae_lr"]:g}, L1 + MSE + {a["kl_weight"]:g} KL.
+- Text encoder + UNet jointly: {st["totals"].get("denoiser", st["total"])} steps in {st["wall"]["denoiser"]:.0f} s, batch {a["denoiser_batch"]},
+  AdamW lr {a["denoiser_lr"]:g} (warm-up {a["warmup"]}, cosine to 10%), min-SNR-5 weighted epsilon loss,
   bf16 autocast, EMA {a["ema"]:g} (the shipped weights).
-- Card: {facts.device}, torch {facts.torch}; total training wall time {st["wall"]["vae"] + st["wall"]["unet"]:.0f} s.
+- Card: {facts.device}, torch {facts.torch}; total training wall time {st["wall"]["vae"] + st["wall"]["denoiser"]:.0f} s.
 
 ## Quality (diffstack.synthetic.quality, {a["eval_scenes"]} fixed prompts x seeds 0, 1 and 2, plain diffusers, {a["device"]})
 Shipped defaults: {DEFAULT_STEPS} Euler steps, guidance {guidance:g}.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,26 @@ def test_the_family_size_multiple_is_what_validation_asks(engine: Engine) -> Non
     with pytest.raises(InvalidRequest) as error:
         engine.prepare(GenerationRequest("a red circle", model="tiny-flux", width=72, height=64))
     assert [v.description for v in error.value.violations] == ["must be a positive multiple of 16, got 72"]
+
+
+def test_embedded_models_answer_to_their_names_unless_the_models_dir_has_one(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffstack.engine import loading
+    from diffstack.plugins import load_plugins
+    from diffstack.testing import baseline_settings, save_tiny_model
+
+    shipped = tmp_path / "models"
+    save_tiny_model(Family.FLUX, shipped / "synthetic-flux")
+    shutil.copytree(shipped / "synthetic-flux", shipped / "tiny-sd2")  # a name the models dir has too
+    monkeypatch.setattr(loading, "EMBEDDED_MODELS_DIR", shipped)
+    assert loading.embedded_model_names() == ["synthetic-flux", "tiny-sd2"]
+    settings = baseline_settings(models_dir, engine={"default_model": ""})
+    engine = Engine(settings, load_plugins(settings.plugins))
+    assert engine.resolve("synthetic-flux") == "synthetic-flux"
+    assert engine._path_of("synthetic-flux") == shipped / "synthetic-flux"
+    assert engine.resolve("synthetic-shapes-64") == "default"  # the embedded default, by its card's name
+    listing = {m.name: m for m in engine.models()}
+    assert listing["synthetic-flux"].family == "flux" and not listing["synthetic-flux"].loaded
+    assert engine._path_of(engine.resolve("tiny-sd2")) == (models_dir / "tiny-sd2").resolve()  # it wins
+    assert listing["tiny-sd2"].family == "sd2"

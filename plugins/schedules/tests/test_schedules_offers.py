@@ -51,3 +51,34 @@ def test_the_host_accepts_both_schedules_and_refuses_karras_for_flux() -> None:
     report = compose_with(diffstack_schedules, family=Family.FLUX)
     (karras,) = [c for c in report.slot("build_sigmas").candidates if c.offer == "karras"]
     assert karras.reason == "not made for flux models"
+
+
+def test_flow_arcsine_is_for_flow_models_only_and_crowds_both_ends() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    offer = offers(Family.FLUX)["flow_arcsine"]
+    assert offer.families == frozenset({Family.FLUX})
+    sigmas = offer.build(8, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert len(sigmas) == 9 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
+    assert all(a > b for a, b in itertools.pairwise(sigmas))
+    gaps = [a - b for a, b in itertools.pairwise(sigmas[:-1])]
+    assert gaps[0] < gaps[3] > gaps[-1]  # small steps at both ends, large in the middle
+    assert sigmas[-2] < 1 / 8  # the last jump to 0 is shorter than the default's (from 1/steps)
+
+
+def test_flow_arcsine_runs_through_the_scheduler_shift() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sigmas = offers(Family.FLUX)["flow_arcsine"].build(12, scheduler)
+    scheduler.set_timesteps(sigmas=sigmas[:-1])  # as the engine passes them to a flow sampler
+    shifted = scheduler.sigmas.tolist()
+    assert len(shifted) == 13 and shifted[-1] == 0.0
+    assert math.isclose(shifted[1], 3 * sigmas[1] / (1 + 2 * sigmas[1]), rel_tol=1e-5)
+
+
+def test_the_host_accepts_flow_arcsine_for_flux_and_refuses_it_for_unets() -> None:
+    assert assert_offer_passes(diffstack_schedules, offer="flow_arcsine", family=Family.FLUX)
+    report = compose_with(diffstack_schedules, family=Family.SD1)
+    (arcsine,) = [c for c in report.slot("build_sigmas").candidates if c.offer == "flow_arcsine"]
+    assert arcsine.reason == "not made for sd1 models"

@@ -1,7 +1,9 @@
 """The engine: models by their resolved name, request validation, and batched generation.
 
 Every spelling of a model (``m``, a symlink to ``m``) resolves to one key, the model's path inside the
-models directory, and is loaded once under it. Loaded models are capped (``engine.max_loaded_models``
+models directory, and is loaded once under it; a model shipped inside the package
+(``synthetic-shapes-flux``, the default's own name ``synthetic-shapes-64``) is its own key unless the
+models directory has an entry of that name. Loaded models are capped (``engine.max_loaded_models``
 and ``engine.max_models_bytes``): loading one more unloads the least recently used model that no
 request holds; the default model is never unloaded. Loading and generating touch the device and belong
 on one thread (:class:`diffstack.engine.worker.EngineWorker` owns it); resolving a name, finding a
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +33,8 @@ from diffstack.engine.loading import (
     DEFAULT_MODEL_NAME,
     MODEL_NAME,
     detect_family,
+    embedded_model_names,
+    embedded_model_path,
     model_key,
     resolve_model_path,
     without_dirs,
@@ -110,16 +115,28 @@ class Engine:
         """
         if not name:
             return self.default_model_name
-        if name == DEFAULT_MODEL_NAME and not self.settings.engine.default_model:
+        configured_default = bool(self.settings.engine.default_model)
+        if name == DEFAULT_MODEL_NAME and not configured_default:
             return DEFAULT_MODEL_NAME
         models_dir = self.settings.engine.models_dir
+        embedded = embedded_model_path(name)
+        if embedded is not None and not self._in_models_dir(name):
+            return DEFAULT_MODEL_NAME if embedded == DEFAULT_MODEL_DIR and not configured_default else name
         return model_key(resolve_model_path(name, models_dir), models_dir)
+
+    def _in_models_dir(self, name: str) -> bool:
+        """Whether the models directory has an entry ``name`` (which wins over an embedded model)."""
+        models_dir = self.settings.engine.models_dir
+        return models_dir is not None and os.path.lexists(models_dir / name)
 
     def _path_of(self, key: str) -> Path:
         if key == DEFAULT_MODEL_NAME and not self.settings.engine.default_model:
             return DEFAULT_MODEL_DIR
+        embedded = embedded_model_path(key)
+        if embedded is not None and not self._in_models_dir(key):
+            return embedded
         models_dir = self.settings.engine.models_dir
-        assert models_dir is not None, "a key other than the embedded default comes from the models dir"
+        assert models_dir is not None, "a key other than an embedded model comes from the models dir"
         return models_dir.resolve() / key
 
     # -- loaded models -----------------------------------------------------------------------------
@@ -290,6 +307,7 @@ class Engine:
     def models(self) -> list[ModelListing]:
         """The default model, every loaded model and every entry of the models directory."""
         keys = {self.default_model_name, *self._models}
+        keys.update(self.resolve(name) for name in embedded_model_names())
         models_dir = self.settings.engine.models_dir
         if models_dir is not None and models_dir.is_dir():
             for entry in models_dir.iterdir():

@@ -6,6 +6,7 @@ names, never from a file name.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,6 +22,8 @@ from diffstack.types import Family
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 DEFAULT_MODEL_NAME = "default"
+EMBEDDED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+"""Models shipped inside the package besides the default (``synthetic-shapes-flux``), by folder name."""
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 
 
@@ -28,6 +31,7 @@ PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 class ModelCard:
     """What diffstack.json beside a model says about it (all optional)."""
 
+    name: str = ""
     weights: str = ""
     description: str = ""
     default_width: int = 0
@@ -85,6 +89,31 @@ def resolve_model_path(name: str, models_dir: Path | None) -> Path:
     if not candidate.exists():
         raise InvalidRequest(FieldViolation("model", f"unknown model {shown(name)}"))
     return candidate
+
+
+def embedded_model_path(name: str) -> Path | None:
+    """The folder of the model shipped inside the package as ``name``, or None.
+
+    The embedded default answers to its own name too (``synthetic-shapes-64``, from its card).
+    """
+    if not MODEL_NAME.fullmatch(name):
+        return None
+    if name == _default_model_card_name():
+        return DEFAULT_MODEL_DIR
+    path = EMBEDDED_MODELS_DIR / name
+    return path if (path / "model_index.json").is_file() else None
+
+
+def embedded_model_names() -> list[str]:
+    """The models shipped in :data:`EMBEDDED_MODELS_DIR` (the embedded default is not among them)."""
+    if not EMBEDDED_MODELS_DIR.is_dir():
+        return []
+    return sorted(entry.name for entry in EMBEDDED_MODELS_DIR.iterdir() if embedded_model_path(entry.name))
+
+
+@functools.cache
+def _default_model_card_name() -> str:
+    return ModelCard.read(DEFAULT_MODEL_DIR).name
 
 
 def model_key(path: Path, models_dir: Path | None) -> str:

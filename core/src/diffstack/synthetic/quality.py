@@ -184,8 +184,9 @@ def markdown_table(rows: Sequence[QualityRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pipeline_generator(pipe: Any, batch_size: int = 32) -> GenerateFn:
-    """A ``generate`` bound to a plain diffusers StableDiffusionPipeline (the reference stack).
+def pipeline_generator(pipe: Any, batch_size: int = 32, **call: Any) -> GenerateFn:
+    """A ``generate`` bound to a plain diffusers pipeline (the reference stack); ``call`` holds fixed
+    pipeline arguments (a FluxPipeline's ``max_sequence_length``, say).
 
     Config keys: ``steps`` (20), ``guidance`` (the model's default), ``sigmas`` (a custom schedule,
     final 0 included, e.g. from an AYS offer). One torch.Generator per image, as the engine does,
@@ -195,7 +196,7 @@ def pipeline_generator(pipe: Any, batch_size: int = 32) -> GenerateFn:
 
     def generate(prompts: Sequence[str], seeds: Sequence[int], **config: Any) -> list[Image.Image]:
         steps = int(config.get("steps", 20))
-        kwargs: dict[str, Any] = {"guidance_scale": float(config.get("guidance", 4.0))}
+        kwargs: dict[str, Any] = {**call, "guidance_scale": float(config.get("guidance", 4.0))}
         if config.get("sigmas") is not None:
             kwargs["sigmas"] = list(config["sigmas"])
         else:

@@ -1,4 +1,5 @@
-"""The scheduler's own sigmas (``default``) and Karras et al.'s sigmas (``karras``).
+"""The scheduler's own sigmas (``default``), Karras et al.'s sigmas (``karras``), and diffstack's own
+flow-matching schedule (``flow_arcsine``) for FLUX.
 
 ``default`` has the higher priority so that, with only the baseline plugins installed, ``auto``
 gives exactly what plain diffusers gives.
@@ -6,6 +7,7 @@ gives exactly what plain diffusers gives.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from diffstack import Family, ModelInfo, SigmasOffer, hookimpl
@@ -31,6 +33,16 @@ def karras_sigmas(steps: int, scheduler: Any) -> list[float]:
     return [*sigmas.tolist(), 0.0]
 
 
+def arcsine_flow_sigmas(steps: int, scheduler: Any) -> list[float]:
+    """diffstack's flow-matching schedule: t_i = (1 + cos(pi i / steps)) / 2, the quantiles of the
+    arcsine law (Beta(1/2, 1/2)), so steps crowd at both ends of the flow, where one Euler step errs
+    most: the first steps lay out the picture, the last sharpen its edges (the default's last jump,
+    from 1/steps to 0, blurs them). Before the scheduler's own shift, which it applies to any sigmas
+    it is given (FLUX's resolution-dependent shift), exactly as to its default linspace(1, 1/steps)."""
+    ramp = [(1 + math.cos(math.pi * i / steps)) / 2 for i in range(steps)]
+    return [*ramp, 0.0]
+
+
 @hookimpl
 def build_sigmas(model: ModelInfo) -> list[SigmasOffer]:
     return [
@@ -41,5 +53,12 @@ def build_sigmas(model: ModelInfo) -> list[SigmasOffer]:
             description="Karras sigmas (rho 7) over the model's trained range",
             families=frozenset({Family.SD1, Family.SD2, Family.SDXL}),
             build=karras_sigmas,
+        ),
+        SigmasOffer(
+            name="flow_arcsine",
+            priority=0,
+            description="diffstack's flow-matching schedule: arcsine-spaced steps, dense at both ends",
+            families=frozenset({Family.FLUX}),
+            build=arcsine_flow_sigmas,
         ),
     ]

@@ -1,0 +1,203 @@
+"""Train synthetic-shapes-flux from scratch with rectified flow: seeded, resumable, bounded.
+
+    python train/train_flux_model.py --device cuda --budget-minutes 6 --max-run-minutes 6.8 \
+        --export-on-stop --eval --out /tmp/flux/synthetic-shapes-flux --ckpt /tmp/flux-ckpt --pack-to $OUT
+
+CPU smoke run (a few minutes on a busy 2-core machine): --device cpu --budget-minutes 0.5 --eval
+--eval-prompts 16 --eval-seeds 0 --eval-steps 8 --out /tmp/f/m/synthetic-shapes-flux --ckpt /tmp/f/c
+--pack-to /tmp/f/p
+
+The run is phase_trainer's (the VAE, then the text encoders + denoiser, checkpointed, step counts
+planned from the measured speed); the architecture is flux_model_spec's. Phase 2 trains CLIP, T5 and
+the FluxTransformer2DModel jointly on the rectified-flow objective FLUX was trained with:
+x_t = (1 - t) x_0 + t noise, the transformer predicts the velocity noise - x_0, with t drawn
+logit-normal (SD3's choice) and then shifted exactly as the scheduler shifts 16-token images at
+inference. --eval scores the exported model at 20, 12 and 8 flow-Euler steps, and a randomly
+initialised model of the same config for contrast, and writes the model card. --pack-to DIR writes the
+folder as flux-model.tar.part-aa.. (each under 15 MiB) plus the run's stats JSON, for the trip back
+from a GPU machine: `cat flux-model.tar.part-* | tar x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "core" / "src"))  # diffstack.synthetic without installing the core
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import default_model_spec  # noqa: E402
+import flux_model_card  # noqa: E402
+import flux_model_spec as spec  # noqa: E402
+import phase_trainer  # noqa: E402
+from phase_trainer import log  # noqa: E402
+
+NAME = "synthetic-shapes-flux"
+PART_BYTES = 14 * 2**20
+MAX_PARTS = 3
+LATENT_SIDE = 8  # 64 px / the VAE's factor 8
+
+
+class Trainer(phase_trainer.PhaseTrainer):
+    centre_latents = True
+
+    def build_models(self) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+        models = spec.build_models()
+        self.tok_files = default_model_spec.load_tokenizer_files(Path(self.args.tokenizer))
+        self.clip_tok, self.t5_tok = spec.tokenizers(self.tok_files, Path(self.args.ckpt) / "tokenizer")
+        return models.pop("vae"), models
+
+    def setup_denoiser_phase(self) -> None:
+        from diffusers import FluxPipeline
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        super().setup_denoiser_phase()
+        self.clip_ids = self.tokenize_all(self.clip_tok, spec.CLIP_LENGTH)
+        # the T5 slot reads the same BPE, only shorter: every prompt of the world fits, so cut, not re-read
+        table, empty = self.clip_ids
+        if not bool((table[..., spec.T5_LENGTH - 1] == self.t5_tok.pad_token_id).all()):
+            raise SystemExit(f"a prompt of the world is longer than the T5 slot's {spec.T5_LENGTH} tokens")
+        self.t5_ids = table[..., : spec.T5_LENGTH], empty[..., : spec.T5_LENGTH]
+        side = LATENT_SIDE // 2
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, self.dev, torch.float32)
+        self.txt_ids = torch.zeros(spec.T5_LENGTH, 3, device=self.dev)
+        s = spec.SCHEDULER
+        mu = calculate_shift(side * side, s["base_image_seq_len"], s["max_image_seq_len"], s["base_shift"],
+                             s["max_shift"])  # fmt: skip
+        self.time_shift = float(torch.tensor(mu).exp())
+        log(f"rectified flow: 16 image tokens -> time shift {self.time_shift:.3f} (as at inference)")
+
+    def denoiser_loss(self) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        z0, (clip_ids, t5_ids) = self.sample_batch([self.clip_ids, self.t5_ids])
+        b, c, h, w = z0.shape
+        noise = torch.randn_like(z0)
+        t = torch.sigmoid(torch.randn(b, device=self.dev))  # logit-normal
+        t = self.time_shift * t / (1 + (self.time_shift - 1) * t)  # the scheduler's shift, t = sigma
+        tb = t.view(b, 1, 1, 1)
+        xt = (1 - tb) * z0 + tb * noise
+        target = FluxPipeline._pack_latents(noise - z0, b, c, h, w)
+        with self.amp:
+            pooled = self.parts["text_encoder"](clip_ids).pooler_output
+            context = self.parts["text_encoder_2"](t5_ids)[0]
+            pred = self.parts["transformer"](
+                hidden_states=FluxPipeline._pack_latents(xt, b, c, h, w), timestep=t,
+                pooled_projections=pooled, encoder_hidden_states=context,
+                txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False,
+            )[0]  # fmt: skip
+        return F.mse_loss(pred.float(), target)
+
+    def export(self, out: Path) -> dict[str, int]:
+        models = {"vae": self.vae, **self.ema}
+        counts = spec.parameter_counts(models)
+        models = {name: m.to("cpu") for name, m in models.items()}
+        spec.save_pipeline(
+            out, models, self.tok_files, self.state["shift_factor"], self.state["scaling_factor"]
+        )
+        log(f"exported pipeline to {out}")
+        return counts
+
+
+def export_random(out: Path, args: argparse.Namespace, shift: float, scale: float) -> None:
+    """A model of the same config, freshly initialised (seed + 1): the floor the trained one must clear."""
+    torch.manual_seed(args.seed + 1)
+    models = spec.build_models()
+    spec.save_pipeline(
+        out, models, default_model_spec.load_tokenizer_files(Path(args.tokenizer)), shift, scale
+    )
+
+
+def pack(folder: Path, dest: Path) -> list[Path]:
+    """Tar ``folder`` and split it into parts of at most PART_BYTES: flux-model.tar.part-aa, -ab, ..."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(str(folder), arcname=folder.name)
+    data = buffer.getvalue()
+    chunks = [data[i : i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
+    if len(chunks) > MAX_PARTS:
+        raise SystemExit(f"the model is {len(data) / 2**20:.1f} MiB: more than {MAX_PARTS} parts")
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, chunk in enumerate(chunks):
+        path = dest / f"flux-model.tar.part-a{'abcdefghij'[i]}"
+        path.write_bytes(chunk)
+        paths.append(path)
+    log(f"packed {len(data) / 2**20:.1f} MiB into {len(paths)} part(s) in {dest}")
+    return paths
+
+
+def weight_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    phase_trainer.add_common_arguments(p, "transformer", out=str(ROOT / "core/src/diffstack/models" / NAME),
+                                       ckpt=str(ROOT / "out/train_flux_model"))  # fmt: skip
+    p.add_argument("--tokenizer", default=str(ROOT / "core/src/diffstack/default_model/tokenizer"))
+    p.add_argument("--eval-seeds", default="0,1,2")
+    p.add_argument("--eval-steps", default="20,12,8", help="flow-Euler step counts scored")
+    p.add_argument("--stats", default=None, help="the run's stats JSON (default: beside --out)")
+    p.add_argument("--pack-to", default=None, help="also write the folder as tar parts and the stats here")
+    return phase_trainer.finish_arguments(p.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    args = parse_args(argv)
+    trainer = Trainer(args)
+    finished = trainer.run()
+    if not finished:
+        log("stopped at the run's wall limit; run again with the same --ckpt to resume")
+        if not args.export_on_stop or trainer.state["phase"] == "vae":
+            return 3
+    out = Path(args.out)
+    counts = trainer.export(out)
+    facts = flux_model_card.Facts(
+        counts=counts, state=trainer.state, args=vars(args), device=phase_trainer.device_name(args.device),
+        torch=torch.__version__, time_shift=getattr(trainer, "time_shift", 0.0),
+    )  # fmt: skip
+    del trainer
+    rows, random_rows = [], []
+    if args.eval:
+        t0 = time.time()
+        random_dir = out.with_name(out.name + "-random")
+        export_random(random_dir, args, facts.state["shift_factor"], facts.state["scaling_factor"])
+        rows, random_rows = flux_model_card.evaluate_models(out, random_dir, args)
+        shutil.rmtree(random_dir, ignore_errors=True)
+        facts.eval_s = time.time() - t0
+        log(f"evaluation took {facts.eval_s:.1f} s")
+    flux_model_card.finish(out, facts, rows, random_rows)
+    stats = {
+        "name": NAME, "finished": finished, "device": facts.device, "torch": facts.torch,
+        "counts": counts, "state": facts.state, "args": vars(args), "time_shift": facts.time_shift,
+        "files": weight_files(out), "eval_s": facts.eval_s, "run_s": time.time() - started,
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "random_rows": [dataclasses.asdict(r) for r in random_rows],
+    }  # fmt: skip
+    stats_path = Path(args.stats) if args.stats else out.with_name(out.name + ".stats.json")
+    stats_path.parent.mkdir(parents=True, exist_ok=True)
+    stats_path.write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    biggest = max(stats["files"].values())
+    log(f"model {sum(stats['files'].values()) / 1e6:.1f} MB, biggest file {biggest / 2**20:.2f} MiB; "
+        f"stats in {stats_path}; whole run {stats['run_s']:.0f} s")  # fmt: skip
+    if args.pack_to:
+        pack(out, Path(args.pack_to))
+        shutil.copy(stats_path, Path(args.pack_to) / "flux_model_stats.json")
+    return 0 if finished else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
