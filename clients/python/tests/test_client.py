@@ -36,6 +36,25 @@ def test_build_spec_wrappers_keep_their_value_types() -> None:
     assert "first_block_cache" in build_spec("a", {"wrappers": {"first_block_cache": {}}}).wrappers
 
 
+def test_build_spec_image_options_from_pil_bytes_or_path(tmp_path: Path) -> None:
+    picture = Image.new("RGB", (6, 4), (9, 8, 7))
+    path = tmp_path / "ref.png"
+    picture.save(path)
+
+    def sent(value: object) -> bytes:
+        options = build_spec("a", {"wrappers": {"w": {"image": value}}}).wrappers["w"].options  # type: ignore[dict-item]
+        assert options["image"].WhichOneof("kind") == "image_value"
+        return options["image"].image_value.data
+
+    assert Image.open(io.BytesIO(sent(picture))).getpixel((0, 0)) == (9, 8, 7)
+    assert sent(path) == sent(path.read_bytes()) == path.read_bytes()
+    assert (
+        build_spec("a", {"wrappers": {"w": {"image": str(path)}}}).wrappers["w"].options["image"].string_value
+    )
+    with pytest.raises(TypeError, match="expected bool, int, float, str"):
+        sent(None)
+
+
 def test_build_spec_init_image_from_pil_bytes_or_path(tmp_path: Path) -> None:
     picture = Image.new("RGB", (16, 8), (1, 2, 3))
     from_pil = build_spec("a", {"init_image": picture}).init_image

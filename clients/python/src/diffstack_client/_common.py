@@ -129,7 +129,12 @@ def _option(value: OptionInput) -> types_pb2.OptionValue:
         return types_pb2.OptionValue(double_value=value)
     if isinstance(value, str):
         return types_pb2.OptionValue(string_value=value)
-    return types_pb2.OptionValue(image_value=_image_message(value))
+    if isinstance(value, bytes | Path) or hasattr(value, "convert"):  # convert: a PIL image
+        return types_pb2.OptionValue(image_value=_image_message(value))
+    raise TypeError(
+        f"option value of type {type(value).__name__}: expected bool, int, float, str, "
+        "or a picture (bytes, Path, PIL image)"
+    )
 
 
 def _image_message(image: Any) -> types_pb2.Image:
