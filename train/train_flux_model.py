@@ -129,6 +129,8 @@ def pack(folder: Path, dest: Path) -> list[Path]:
     if len(chunks) > MAX_PARTS:
         raise SystemExit(f"the model is {len(data) / 2**20:.1f} MiB: more than {MAX_PARTS} parts")
     dest.mkdir(parents=True, exist_ok=True)
+    for stale in dest.glob("flux-model.tar.part-*"):
+        stale.unlink()
     paths = []
     for i, chunk in enumerate(chunks):
         path = dest / f"flux-model.tar.part-a{'abcdefghij'[i]}"
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     del trainer
     rows, random_rows = [], []
+    if args.pack_to:  # the weights travel even if the evaluation is cut short; packed again below
+        flux_model_card.finish(out, facts, rows, random_rows)
+        pack(out, Path(args.pack_to))
     if args.eval:
         t0 = time.time()
         random_dir = out.with_name(out.name + "-random")
