@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from diffstack.decisions import DecisionStore, kept_offers, model_digest
+from diffstack.decisions import SLOT_HOOKS, DecisionStore, kept_offers, model_digest
 from diffstack.engine.engine import Engine
 from diffstack.engine.model import LoadedModel
 from diffstack.plugins import load_plugins
@@ -114,5 +114,5 @@ def test_a_restore_keeps_chosen_and_per_request_offers_only(
     kept = kept_offers(model.report)
     for slot in model.report.slots:
         for candidate in slot.candidates:
-            inside = (candidate.plugin, candidate.offer) in kept[slot.slot]
+            inside = (candidate.plugin, candidate.offer) in kept[SLOT_HOOKS.get(slot.slot, slot.slot)]
             assert inside == (candidate.status in (CandidateStatus.CHOSEN, CandidateStatus.AVAILABLE))

@@ -222,11 +222,18 @@ def _report_from(data: Mapping[str, Any]) -> StackReport:
 
 
 def kept_offers(report: StackReport) -> dict[str, frozenset[tuple[str, str]]]:
-    """Slot (hook) name → the (plugin, offer) pairs a restore composes."""
-    return {
-        slot.slot: frozenset((c.plugin, c.offer) for c in slot.candidates if c.status in _KEPT)
-        for slot in report.slots
-    }
+    """Hook name → the (plugin, offer) pairs a restore composes (a hook that feeds two slots, such
+    as ``compile_model`` for ``compile_vae``, keeps the union of both)."""
+    kept: dict[str, frozenset[tuple[str, str]]] = {}
+    for slot in report.slots:
+        hook = SLOT_HOOKS.get(slot.slot, slot.slot)
+        pairs = frozenset((c.plugin, c.offer) for c in slot.candidates if c.status in _KEPT)
+        kept[hook] = kept.get(hook, frozenset()) | pairs
+    return kept
+
+
+SLOT_HOOKS = {"compile_vae": "compile_model"}
+"""Slots named otherwise than the hook whose offers they decide."""
 
 
 def restricted_host(host: PluginHost, report: StackReport) -> PluginHost:

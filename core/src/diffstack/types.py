@@ -299,12 +299,27 @@ class DenoiserWrapperOffer(Offer):
 # ---------------------------------------------------------------------------------------------
 
 
+class CompileTarget(enum.StrEnum):
+    """The component a compile offer executes: each target is its own exclusive slot."""
+
+    DENOISER = "denoiser"
+    """``build(denoiser, model)`` returns the module that replaces the UNet or transformer."""
+    VAE_DECODE = "vae_decode"
+    """``build(vae, model)`` returns a module whose ``module(latents)`` equals
+    ``vae.decode(latents, return_dict=False)[0]``; the engine routes the pipeline's decode through it."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class CompileOffer(Offer):
-    """A way to execute the denoiser faster. ``build`` returns the module that replaces it (bare or
-    in :class:`Built`, with notes such as the compile mode)."""
+    """A way to execute the denoiser (or, with ``target``, the VAE decode) faster. ``build`` returns
+    the module that replaces it (bare or in :class:`Built`, with notes such as the compile mode).
+
+    ``lossy``: the offer changes the arithmetic on purpose (fp8 GEMMs, say), so the host checks it
+    against ``compose.lossy_tolerance`` instead of the compile tolerance and reports its drift."""
 
     build: Callable[[torch.nn.Module, ModelInfo], torch.nn.Module | Built[torch.nn.Module]]
+    target: CompileTarget = CompileTarget.DENOISER
+    lossy: bool = False
 
 
 AnyOffer = AttentionOffer | SigmasOffer | SamplerOffer | EncoderOffer | DenoiserWrapperOffer | CompileOffer

@@ -32,11 +32,13 @@ def model_on(device: str, options: Mapping[str, Any] | None = None, kind=Denoise
     )
 
 
-def offer_for(model: ModelInfo) -> CompileOffer:
+def offer_for(model: ModelInfo, name: str = "torch_compile") -> CompileOffer:
     pm = pluggy.PluginManager("diffstack")
     pm.add_hookspecs(diffstack.hookspecs)
     pm.register(diffstack_torch_compile)
-    [offer] = [offer for offers in pm.hook.compile_model(model=model) for offer in offers]
+    [offer] = [
+        offer for offers in pm.hook.compile_model(model=model) for offer in offers if offer.name == name
+    ]
     return offer
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from diffstack.compose.attention import AttentionDecision, compose_attention
-from diffstack.compose.compile import compose_compile
+from diffstack.compose.compile import compose_compile, compose_vae_compile
 from diffstack.compose.encoder import compose_encoder
 from diffstack.compose.samplers import compose_samplers
 from diffstack.compose.sigmas import compose_sigmas
@@ -57,6 +57,8 @@ class ComposedStack:
     wrappers: Mapping[str, DenoiserWrapperOffer]
     notes: tuple[str, ...] = ()
     """Decisions worth a line in the report beyond each slot's choice (attention fallback orders)."""
+    vae_decode: torch.nn.Module | None = None
+    """The ``compile_vae`` slot's module (``module(latents)`` decodes), or None for the VAE's own."""
 
 
 def compose_stack(
@@ -75,15 +77,17 @@ def compose_stack(
     encoder = compose_encoder(host, model, settings)
     wrappers = compose_wrappers(host, model, settings)
     compiled = compose_compile(host, model, settings, reference)
+    vae = compose_vae_compile(host, model, settings)
+    slots = (
+        attention.report,
+        sigmas.report,
+        samplers.report,
+        encoder.report,
+        wrappers.report,
+        compiled.report,
+    )
     return ComposedStack(
-        slots=(
-            attention.report,
-            sigmas.report,
-            samplers.report,
-            encoder.report,
-            wrappers.report,
-            compiled.report,
-        ),
+        slots=(*slots, vae.report) if model.vae is not None else slots,
         attention_plan=attention.plan,
         attention_backend=attention.backend,
         compiled=compiled.compiled,
@@ -95,4 +99,5 @@ def compose_stack(
         encoder_chain=encoder.chain,
         wrappers=wrappers.wrappers,
         notes=attention.notes,
+        vae_decode=vae.compiled,
     )

@@ -43,6 +43,10 @@ class ModelUnderTest:
     measure: bool
     builtin_samplers: frozenset[str] = frozenset()
     """The engine's own sampler names, which a plugin's sampler may not take."""
+    vae: torch.nn.Module | None = None
+    """The pipeline's VAE, for the VAE-decode compile slot (None: that slot is not decided)."""
+    vae_latents: torch.Tensor | None = None
+    """One image's latents at the default size, in the VAE's dtype: the decode check's input."""
 
     def denoise(self, denoiser: Callable[..., Any] | None = None) -> torch.Tensor:
         """One call of ``denoiser`` (the model's own by default) on the measured inputs."""
@@ -139,11 +143,17 @@ def valid_offers(
     model: ModelUnderTest,
     settings: ComposeSettings,
     slot: SlotRecorder,
+    where: Callable[[Any], bool] | None = None,
 ) -> list[Trial[OfferT, Any]]:
-    """Trials of the offers whose probe says yes, best rank first; everything else is recorded."""
+    """Trials of the offers whose probe says yes, best rank first; everything else is recorded.
+
+    ``where`` keeps only the offers this slot decides (a hook that feeds two slots, such as
+    ``compile_model``'s denoiser and VAE-decode targets)."""
     sources, failures = host.collect(hook, model=model.info)
     for failure in failures:
         slot.hook_failed(failure)
+    if where is not None:
+        sources = [source for source in sources if where(source.offer)]
     valid: list[Trial[OfferT, Any]] = []
     for source in _unique_names(host, sources, slot):
         trial: Trial[OfferT, Any] = Trial(source.plugin, source.offer)  # type: ignore[arg-type]

@@ -98,6 +98,18 @@ class FamilyAdapter:
         )
         return _without_none({"prompt_embeds": embeds, "negative_prompt_embeds": negative})
 
+    def vae_latents(self, pipe: Pipeline, height: int, width: int) -> torch.Tensor:
+        """Random latents of one image as the pipeline hands them to ``vae.decode``."""
+        vae = pipe.vae
+        factor = pipe.vae_scale_factor
+        channels = int(vae.config.latent_channels)
+        return torch.randn(1, channels, height // factor, width // factor).to(vae.device, vae.dtype)
+
+    def decode_upcasts(self, pipe: Pipeline) -> bool:
+        """Whether the pipeline converts its VAE to float32 around every decode (new weight storage
+        each time, which a compiled, CUDA-graphed decode cannot follow)."""
+        return False
+
     def sample_inputs(self, pipe: Pipeline, batch: int, height: int, width: int) -> dict[str, Any]:
         """Random denoiser inputs of the real shapes, for composing and timing offers."""
         unet = self.denoiser(pipe)
@@ -169,6 +181,11 @@ class SDXLAdapter(FamilyAdapter):
 
     def text_encoders(self, pipe: Pipeline) -> list[torch.nn.Module]:
         return [pipe.text_encoder, pipe.text_encoder_2]
+
+    def decode_upcasts(self, pipe: Pipeline) -> bool:
+        """SDXL's pipelines upcast an fp16 VAE whose config says ``force_upcast`` (the published one)."""
+        vae = pipe.vae
+        return bool(vae.dtype == torch.float16 and vae.config.force_upcast)
 
     def encode(self, pipe: Pipeline, spec: PromptSpec) -> PromptEmbeddings:
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(

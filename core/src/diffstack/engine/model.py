@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -137,6 +138,7 @@ def compose_model(
         scheduler=pipeline.scheduler,
         measure=measure,
         builtin_samplers=frozenset(SAMPLERS),
+        **_vae_under_test(adapter, pipeline, height, width),
     )
     key = _decision_key(host, under_test, path, settings) if _kept(settings, measure) else None
     restored = _restore(host, under_test, path, settings, key)
@@ -151,6 +153,10 @@ def compose_model(
             f"timing skipped on {device} (compose.measure={settings.compose.measure}): priorities decided"
         )
     notes.extend(stack.notes)
+    if under_test.vae is None:
+        notes.append(
+            "VAE decode not compiled: the pipeline converts the fp16 VAE to float32 around each decode"
+        )
     if card.weights == "random":
         notes.append("this model's weights are random: it draws noise, not pictures")
     report = StackReport(
@@ -167,6 +173,13 @@ def compose_model(
         _keep(settings, name, key, report)
     log.info("stack composed", model=name, family=family.value, chosen=report.summary())
     return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key)
+
+
+def _vae_under_test(adapter: FamilyAdapter, pipeline: Pipeline, height: int, width: int) -> dict[str, Any]:
+    """The VAE and its check's latents for the ``compile_vae`` slot; none where the pipeline upcasts it."""
+    if adapter.decode_upcasts(pipeline):
+        return {}
+    return {"vae": pipeline.vae, "vae_latents": adapter.vae_latents(pipeline, height, width)}
 
 
 def _decision_key(host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings) -> dict[str, str]:

@@ -54,6 +54,7 @@ from diffstack.engine.samplers import (
 )
 from diffstack.errors import DiffstackError, ModelError, OutOfMemory
 from diffstack.types import DenoiserWrapper, DenoiserWrapperOffer, PromptSpec
+from diffstack.vae import routed_decode
 
 log = structlog.get_logger(__name__)
 
@@ -412,12 +413,21 @@ def _denoiser_stack(
         with (
             _reference_attention(model, denoiser) if reference else contextlib.nullcontext(),
             halves.kept_from(denoiser) if halves is not None else contextlib.nullcontext(),
+            _compiled_decode(model, pipeline) if not reference else contextlib.nullcontext(),
         ):
             yield tuple(applied)
     finally:
         for handle in reversed(handles):
             handle.remove()
         model.adapter.set_denoiser(pipeline, model.denoiser_for(with_wrappers=False))
+
+
+def _compiled_decode(model: LoadedModel, pipeline: Pipeline) -> contextlib.AbstractContextManager[None]:
+    """The pipeline's ``vae.decode`` through the ``compile_vae`` slot's module, when it chose one."""
+    decode = model.stack.vae_decode
+    if decode is None:
+        return contextlib.nullcontext()
+    return routed_decode(pipeline.vae, decode)
 
 
 @contextlib.contextmanager
@@ -526,6 +536,8 @@ def _stack_summary(model: LoadedModel, ran: _Ran) -> dict[str, tuple[str, ...]]:
             compile_model=(),
             fallback=(f"reference stack: {ran.fallback}",),
         )
+        if "compile_vae" in summary:
+            summary["compile_vae"] = ()
     else:
         summary["select_attention"] = attention_in_use(model, summary.get("select_attention", ()))
         if _needs_eager([model.stack.wrappers[name] for name in ran.wrappers]):

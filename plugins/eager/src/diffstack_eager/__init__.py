@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from diffstack import CompileOffer, ModelInfo, hookimpl
+from diffstack import CompileOffer, CompileTarget, ModelInfo, hookimpl
+from diffstack.vae import VaeDecode
 
 
 def _as_is(denoiser: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
     return denoiser
 
 
+def _decode(vae: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
+    return VaeDecode(vae)
+
+
 @hookimpl
 def compile_model(model: ModelInfo) -> list[CompileOffer]:
-    return [CompileOffer(name="eager", description="PyTorch eager mode, no compilation", build=_as_is)]
+    return [
+        CompileOffer(name="eager", description="PyTorch eager mode, no compilation", build=_as_is),
+        CompileOffer(
+            name="eager",
+            description="the VAE's own decode, eager",
+            build=_decode,
+            target=CompileTarget.VAE_DECODE,
+        ),
+    ]

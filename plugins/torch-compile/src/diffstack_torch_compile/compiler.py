@@ -30,12 +30,17 @@ from diffstack_torch_compile.config import CompileConfig
 
 
 def compile_denoiser(
-    denoiser: torch.nn.Module, model: ModelInfo, config: CompileConfig
+    denoiser: torch.nn.Module,
+    model: ModelInfo,
+    config: CompileConfig,
+    quantize: Callable[[torch.nn.Module], str] | None = None,
 ) -> Built[torch.nn.Module]:
     """``torch.compile(denoiser)`` after layout and projection changes that keep eager results exact.
 
     The denoiser is changed in place (memory format, fused projections): both keep its numbers, so
     it stays a valid eager model if this offer loses. Compilation itself happens on the first call.
+    ``quantize`` (the fp8 variant, on its own copy) changes the GEMMs after those changes and before
+    the compile, and says what it did.
     """
     notes: list[str] = []
     if config.channels_last and model.denoiser_kind is DenoiserKind.UNET:
@@ -43,12 +48,19 @@ def compile_denoiser(
         notes.append("channels_last")
     if config.fuse_qkv:
         notes.append(fuse_projections(denoiser, model.denoiser_kind))
+    if quantize is not None:
+        notes.append(quantize(denoiser))
     mode = config.resolved_mode(model.device)
     use_cache_dir(config.cache_path / "inductor")
     allow_recompiles(RECOMPILE_LIMIT)
     setting = f"{mode} fullgraph={config.fullgraph}: {'; '.join(notes)}"
     artifacts = ArtifactFile(config.cache_path / "artifacts", model, denoiser, setting)
     notes.append(artifacts.load())
+    if quantize is not None and model.denoiser_kind is DenoiserKind.TRANSFORMER:
+        notes.append(compile_regions(denoiser, config))
+        _watch_calls(denoiser, artifacts, clone_outputs=False)
+        object.__setattr__(denoiser, "diffstack_compile_seconds", None)
+        return Built(denoiser, notes=tuple(notes))
     # dynamic=None honours the batch dimension marked dynamic by the normalizer and keeps every
     # other dimension static; False would specialise on each batch size.
     dynamic = None if config.dynamic_batch else False
@@ -66,6 +78,53 @@ def compile_denoiser(
     # Wrappers that run their own variant of the denoiser (DeepCache's cached step) compile it alike.
     object.__setattr__(compiled, "diffstack_compile_like", compile_like)
     return Built(compiled, notes=tuple(notes))
+
+
+def compile_regions(denoiser: torch.nn.Module, config: CompileConfig) -> str:
+    """Compile each repeated block (diffusers' ``_repeated_blocks``) in place, not the whole model.
+
+    Identical blocks share one compiled graph, so FLUX's 57 blocks compile as two: this bounds the
+    fp8 variant's compile (a whole-model fp8 compile of FLUX ran past 8 minutes on an H200). Mode
+    ``default``: no CUDA graphs per block (FLUX is compute-bound; the graphs would cost memory).
+    """
+    names = set(getattr(denoiser, "_repeated_blocks", ()) or ())
+    blocks = [m for m in denoiser.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(denoiser).__name__} names no repeated blocks to compile regionally")
+    for block in blocks:
+        block.compile(mode="default", fullgraph=config.fullgraph, dynamic=False)
+    return f"regional compile: {len(blocks)} blocks of {len(names)} kinds (mode default)"
+
+
+def compile_vae_decode(
+    vae: torch.nn.Module, model: ModelInfo, config: CompileConfig
+) -> Built[torch.nn.Module]:
+    """``torch.compile`` of the VAE decode (channels_last; CUDA graphs where the mode records them).
+
+    The batch dimension is marked dynamic from batch 2 up, so a batch the server forms records a new
+    graph instead of compiling anew; every other dimension is fixed per image size.
+    """
+    from diffstack.vae import VaeDecode
+
+    notes: list[str] = []
+    if config.channels_last:
+        vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
+        notes.append("channels_last")
+    mode = config.resolved_mode(model.device)
+    use_cache_dir(config.cache_path / "inductor")
+    allow_recompiles(RECOMPILE_LIMIT)
+    artifacts = ArtifactFile(config.cache_path / "artifacts", model, vae, f"vae decode {mode}")
+    notes.append(artifacts.load())
+    compiled = cast(torch.nn.Module, torch.compile(VaeDecode(vae), mode=mode, fullgraph=config.fullgraph))
+
+    def mark_batch(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if config.dynamic_batch and args and args[0].shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(args[0], 0)
+
+    compiled.register_forward_pre_hook(mark_batch)
+    _watch_calls(compiled, artifacts, clone_outputs=config.uses_cuda_graphs(model.device))
+    object.__setattr__(compiled, "diffstack_compile_seconds", None)
+    return Built(compiled, notes=(f"VAE decode, mode {mode}", *notes))
 
 
 RECOMPILE_LIMIT = 64

@@ -31,6 +31,14 @@ class CompileConfig:
     """Inductor's cache and the portable artifact files; survives restarts (``/tmp`` may not)."""
     allow_max_autotune: bool = False
     """max-autotune compiled the SD1.5 UNet for more than 8 minutes on an H100: opt in explicitly."""
+    fp8: bool = True
+    """Offer the fp8-GEMM variant (``torch_compile_fp8``) where the GPU and torchao allow it; the host
+    accepts it only within ``compose.lossy_tolerance`` of eager."""
+    fp8_min_features: int = 1024
+    """Linear layers with fewer input or output features stay in 16-bit (fp8 would not pay for the
+    activation scaling)."""
+    compile_vae: bool = True
+    """Offer ``torch_compile_vae``: the VAE decode compiled, in the host's ``compile_vae`` slot."""
     allow_cpu: bool = False
     """Compile on the CPU too. Off by default: inductor's C++ build costs a minute or more at every
     cold start there, and the engine's CPU use (tests, the tiny default model) is not launch-bound."""

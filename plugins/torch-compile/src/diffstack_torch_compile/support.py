@@ -13,10 +13,39 @@ OPTIONS = "torch_compile"
 
 
 def probe(model: ModelInfo) -> Availability:
+    config = _config(model)
+    if isinstance(config, Availability):
+        return config
+    return _probe(model, config)
+
+
+def probe_vae(model: ModelInfo) -> Availability:
+    config = _config(model)
+    if isinstance(config, Availability):
+        return config
+    if not config.compile_vae:
+        return Availability.no("compile_vae = false in [plugins.options.torch_compile]")
+    return _probe(model, config)
+
+
+def probe_fp8(model: ModelInfo) -> Availability:
+    from diffstack_torch_compile.fp8 import probe_fp8 as fp8_answer
+
+    config = _config(model)
+    if isinstance(config, Availability):
+        return config
+    answer = fp8_answer(model, config)
+    return _probe(model, config) if answer.ok else answer
+
+
+def _config(model: ModelInfo) -> CompileConfig | Availability:
     try:
-        config = parse_options(CompileConfig, model.plugin_options(OPTIONS))
+        return parse_options(CompileConfig, model.plugin_options(OPTIONS))
     except OptionsError as exc:
         return Availability.no(f"bad [plugins.options.torch_compile]: {exc}")
+
+
+def _probe(model: ModelInfo, config: CompileConfig) -> Availability:
     mode = config.resolved_mode(model.device)
     if mode.startswith("max-autotune") and not config.allow_max_autotune:
         return Availability.no(
@@ -40,3 +69,15 @@ def build(denoiser: torch.nn.Module, model: ModelInfo) -> Built[torch.nn.Module]
     from diffstack_torch_compile.compiler import compile_denoiser
 
     return compile_denoiser(denoiser, model, parse_options(CompileConfig, model.plugin_options(OPTIONS)))
+
+
+def build_vae(vae: torch.nn.Module, model: ModelInfo) -> Built[torch.nn.Module]:
+    from diffstack_torch_compile.compiler import compile_vae_decode
+
+    return compile_vae_decode(vae, model, parse_options(CompileConfig, model.plugin_options(OPTIONS)))
+
+
+def build_fp8(denoiser: torch.nn.Module, model: ModelInfo) -> Built[torch.nn.Module]:
+    from diffstack_torch_compile.fp8 import build_fp8 as fp8_build
+
+    return fp8_build(denoiser, model, parse_options(CompileConfig, model.plugin_options(OPTIONS)))
