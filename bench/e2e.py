@@ -1,9 +1,12 @@
 """End to end, one image: plain diffusers (eager, and with the by-hand compile) against diffstack's Engine.
 
-The random full-size pipeline is saved with ``save_pretrained`` into a models folder and every path
-loads it from there: plain diffusers with ``from_pretrained``, diffstack through ``Engine.start``,
-exactly as a user's model folder would be loaded. Wall-clock seconds per image include text
-encoding, every denoising step, the VAE decode and the conversion to a PIL image.
+SD1.5 and SDXL: the random full-size pipeline is saved with ``save_pretrained`` into a models folder
+and every path loads it from there: plain diffusers with ``from_pretrained``, diffstack through
+``Engine.start``, exactly as a user's model folder would be loaded. FLUX (24 GB of transformer) is
+built in memory instead, as step-flux does: plain diffusers runs that pipeline, then
+``compose_model`` composes its stack and the engine's own ``run_batch`` makes the images (writing
+and reading 24 GB would cost the run's budget, not measure anything). Wall-clock seconds per image
+include text encoding, every denoising step, the VAE decode and the conversion to a PIL image.
 """
 
 from __future__ import annotations
@@ -26,15 +29,20 @@ PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 GUIDANCE = {
     "sd15": adapter_for(Family.SD1).default_guidance,
     "sdxl": adapter_for(Family.SDXL).default_guidance,
+    "flux": adapter_for(Family.FLUX).default_guidance,
 }
-"""diffstack's default guidance per family (7.5 and 5.0 when measured), used for the plain pipelines too."""
+"""diffstack's default guidance per family (7.5, 5.0 and 3.5 when measured), used for the plain
+pipelines too (FLUX.1-dev's is embedded guidance: one transformer call per step)."""
 
 ESTIMATES: dict[str, dict[str, float]] = {
-    "save": {"sd15": 25, "sdxl": 50},
-    "plain_eager": {"sd15": 20, "sdxl": 30},
-    "engine": {"sd15": 200, "sdxl": 300},
-    "by_hand_compile": {"sd15": 110, "sdxl": 0},
+    "save": {"sd15": 25, "sdxl": 50, "flux": 30},
+    "plain_eager": {"sd15": 20, "sdxl": 30, "flux": 20},
+    "engine": {"sd15": 200, "sdxl": 300, "flux": 330},
+    "by_hand_compile": {"sd15": 110, "sdxl": 0, "flux": 0},
 }
+
+IN_MEMORY = frozenset({"flux"})
+"""Workloads built in memory rather than saved and loaded (see the module docstring)."""
 
 
 def steps_for(run: Run) -> int:
@@ -78,6 +86,8 @@ class EndToEnd:
         self.path: Path | None = None
         self.eager_s: float | None = None
         self.by_hand_s: float | None = None
+        self.pipe: Any = None
+        """The in-memory pipeline (``IN_MEMORY`` workloads only)."""
 
     def row(self, variant: str, kind: str, timing: dict[str, float] | None, **extra: Any) -> None:
         row: dict[str, Any] = {"variant": variant, "kind": kind}
@@ -92,12 +102,18 @@ class EndToEnd:
 
     def save(self, record: dict[str, Any]) -> None:
         began = time.perf_counter()
+        if self.key in IN_MEMORY:
+            self.pipe = build_pipeline(self.key, self.run.device, self.run.smoke)
+            record["built_in_memory_s"] = time.perf_counter() - began
+            return
         self.path = save_model(self.run, self.key)
         record["path"] = str(self.path)
         record["size_gib"] = _folder_gib(self.path)
         record["save_s"] = time.perf_counter() - began
 
     def _plain_pipeline(self) -> Any:
+        if self.pipe is not None:
+            return self.pipe
         assert self.path is not None
         cls = adapter_for(self.workload.family).pipeline_class()
         pipe = cls.from_pretrained(
@@ -152,34 +168,60 @@ class EndToEnd:
             if "s" in row and "speedup_vs_by_hand" not in row:
                 row["speedup_vs_by_hand"] = self.by_hand_s / row["s"]
 
-    def engine(self, record: dict[str, Any]) -> None:
+    def _engine(self, record: dict[str, Any]) -> tuple[Any, Any]:
+        """The engine and its loaded model: started on the saved folder, or (``IN_MEMORY``) composed
+        on the in-memory pipeline with ``compose_model``, measured at the workload's batch."""
         from diffstack.config import load_settings
-        from diffstack.engine import Engine, GenerationJob, GenerationRequest, GenerationResult
+        from diffstack.engine import Engine
+        from diffstack.engine.loading import ModelCard
+        from diffstack.engine.model import compose_model
+        from diffstack.plugins import load_plugins
 
-        assert self.path is not None
-        options = compile_options(self.run, self.run.work / "compile-cache", self.smoke_compile)
+        cache = self.run.work / "compile-cache"
+        options = compile_options(self.run, cache, self.smoke_compile, fp8=self.key in IN_MEMORY)
         plugins: dict[str, Any] = {"options": {"torch_compile": options}}
         if not self.compile_ok:
             plugins["deny"] = ["torch_compile"]
-        settings = load_settings(
-            None, engine={"models_dir": str(self.path.parent), "default_model": self.key}, plugins=plugins
-        )
         began = time.perf_counter()
-        engine = Engine.start(settings)
+        if self.pipe is None:
+            assert self.path is not None
+            engine_section = {"models_dir": str(self.path.parent), "default_model": self.key}
+            engine = Engine.start(load_settings(None, engine=engine_section, plugins=plugins))
+            record["engine_start_s"] = time.perf_counter() - began
+            return engine, engine.model()
+        w = self.workload
+        compose = {"measure": "always", "batch": w.batch, "decisions_dir": None}
+        settings = load_settings(None, compose=compose, plugins=plugins)
+        engine = Engine(settings, load_plugins(settings.plugins))
+        card = ModelCard(weights="random", default_width=w.width, default_height=w.height)
+        loaded = compose_model(
+            self.key, Path(f"in-memory/{self.key}"), self.pipe, w.family, card, engine.host, settings
+        )
         record["engine_start_s"] = time.perf_counter() - began
-        report = engine.report()
+        return engine, loaded
+
+    def engine(self, record: dict[str, Any]) -> None:
+        from diffstack.engine import GenerationJob, GenerationRequest, GenerationResult
+        from diffstack.engine.run import run_batch
+
+        engine, loaded = self._engine(record)
+        report = loaded.report
         record["chosen"] = {k: list(v) for k, v in report.summary().items()}
-        record["compile_candidates"] = [
-            {
-                "offer": c.offer,
-                "status": c.status.value,
-                "time_ms": c.time_ms,
-                "setup_s": c.setup_s,
-                "error": c.numeric_error,
-                "reason": c.reason,
-            }
-            for c in report.slot("compile_model").candidates
-        ]
+        for slot in ("compile_model", "compile_vae"):
+            if slot not in report.summary():
+                continue
+            record[f"{slot}_candidates"] = [
+                {
+                    "offer": c.offer,
+                    "status": c.status.value,
+                    "time_ms": c.time_ms,
+                    "setup_s": c.setup_s,
+                    "error": c.numeric_error,
+                    "reason": c.reason,
+                    "notes": list(c.notes),
+                }
+                for c in report.slot(slot).candidates
+            ]
         w = self.workload
         timings: list[dict[str, float]] = []
         last: list[Any] = []
@@ -193,9 +235,10 @@ class EndToEnd:
                     width=w.width,
                     height=w.height,
                     wrappers=wrappers or {},
-                )
+                ),
+                model=loaded,
             )
-            (result,) = engine.run([GenerationJob(request)])
+            (result,) = run_batch(loaded, [GenerationJob(request)])
             if not isinstance(result, GenerationResult):
                 raise RuntimeError(f"generation failed: {result}")
             timings.append(dict(result.timings))
@@ -221,7 +264,7 @@ class EndToEnd:
         record["png_encode_s"] = time.perf_counter() - began
         record["png_bytes"] = buffer.tell()
 
-        if "deepcache" in engine.model().stack.wrappers:
+        if "deepcache" in loaded.stack.wrappers:
             options = {"deepcache": {"interval": 3}}
             began = time.perf_counter()
             image(next(seeds), wrappers=options)  # on the compiled UNet: compiles its two graphs
@@ -263,7 +306,7 @@ def e2e_stage(run: Run, key: str, smoke_compile: bool = False) -> Any:
                 )
             return result["status"] == "ok"
 
-        part("save", bench.save, needed=True)
+        part("save", bench.save, needed=True)  # IN_MEMORY workloads: built, not saved
         part("plain_eager", bench.plain_eager)
         part("engine", bench.engine)
         from bench.harness import release_memory

@@ -136,10 +136,11 @@ class Run:
         return record
 
 
-def compile_options(run: Run, cache_dir: Path, smoke_compile: bool) -> dict[str, Any]:
+def compile_options(run: Run, cache_dir: Path, smoke_compile: bool, fp8: bool = False) -> dict[str, Any]:
     """``[plugins.options.torch_compile]`` for a benchmark engine: its own cache folder; on a smoke
-    run with ``--smoke-compile`` also ``allow_cpu`` (the plugin declines the CPU by default)."""
-    options: dict[str, Any] = {"cache_dir": str(cache_dir)}
+    run with ``--smoke-compile`` also ``allow_cpu`` (the plugin declines the CPU by default). The fp8
+    variant is a second compile, so a stage turns it on only where it measures it (``fp8``)."""
+    options: dict[str, Any] = {"cache_dir": str(cache_dir), "fp8": fp8}
     if run.smoke and smoke_compile:
         options["allow_cpu"] = True
     return options

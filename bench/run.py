@@ -6,7 +6,7 @@
 Stages (run in the order given; each is skipped, and says so, when the budget left is too small):
 
     step-sd15, step-sdxl, step-flux   per denoiser step: eager, by-hand compile, each offer, the stack
-    e2e-sd15, e2e-sdxl                one image end to end: plain diffusers vs diffstack's Engine
+    e2e-sd15, e2e-sdxl, e2e-flux      one image end to end: plain diffusers vs diffstack's Engine
     serve-sd15                        gRPC loopback: cold start, latency, throughput, warm restart
     serve-sd15-eager                  the same with the torch_compile plugin turned off (eager stack)
     load-sd15                         latency under load: open-loop 10-40 req/s, closed-loop 8/32/64 clients
@@ -42,6 +42,7 @@ STAGE_MINIMUM = {
     "step-flux": 185,
     "e2e-sd15": 60,
     "e2e-sdxl": 90,
+    "e2e-flux": 150,
     "serve-sd15": 150,
     "serve-sd15-eager": 60,
     "load-sd15": 150,
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 chosen = selected.split("+") if selected else args.parts.split(",")
                 only = {p.strip() for p in chosen if p.strip()} or None
                 body = step_stage(run, key, args.smoke_compile, only)
-            elif kind == "e2e" and key in ("sd15", "sdxl"):
+            elif kind == "e2e" and key in ("sd15", "sdxl", "flux"):
                 body = e2e_stage(run, key, args.smoke_compile)
             elif kind == "serve" and key in ("sd15", "sd15-eager"):
                 body = serve_stage(run, "sd15", args.smoke_compile, eager_only=key.endswith("-eager"))

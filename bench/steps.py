@@ -30,7 +30,7 @@ ESTIMATES: dict[str, dict[str, float]] = {
     "wrappers": {"sd15": 6, "sdxl": 10, "flux": 15},
     "keep_plain_copy": {"sd15": 2, "sdxl": 3, "flux": 0},
     "by_hand_compile": {"sd15": 70, "sdxl": 100, "flux": 130},
-    "compose": {"sd15": 85, "sdxl": 120, "flux": 150},
+    "compose": {"sd15": 85, "sdxl": 260, "flux": 300},  # sdxl, flux: + the fp8 variant's compile
     "stack_profile": {"sd15": 5, "sdxl": 6, "flux": 8},
     "fp8_probe": {"sd15": 0, "sdxl": 0, "flux": 10},
     "processor_overhead": {"sd15": 6, "sdxl": 10, "flux": 0},
@@ -38,6 +38,9 @@ ESTIMATES: dict[str, dict[str, float]] = {
     "compile_offer": {"sd15": 70, "sdxl": 100, "flux": 90},
     "wrappers_compiled": {"sd15": 100, "sdxl": 170, "flux": 0},
 }
+
+FP8_STEPS = frozenset({"sdxl", "flux"})
+"""Step stages whose composition includes the fp8-GEMM offer (SD1.5's GEMMs are small: skipped)."""
 
 FLUX_GEMMS = [(4096, 3072, 12288), (4096, 12288, 3072), (4608, 3072, 21504), (4608, 15360, 3072)]
 """(M, K, N) of FLUX's biggest GEMMs at 1024² (image MLP in and out; single-block fused in and out)."""
@@ -91,7 +94,9 @@ class StepBench:
     def settings(self) -> Any:
         from diffstack.config import load_settings
 
-        options = compile_options(self.run, self.run.work / "compile-cache", self.smoke_compile)
+        options = compile_options(
+            self.run, self.run.work / "compile-cache", self.smoke_compile, fp8=self.key in FP8_STEPS
+        )
         plugins: dict[str, Any] = {"options": {"torch_compile": options}}
         if not self.compile_ok:
             plugins["deny"] = ["torch_compile"]
@@ -497,6 +502,16 @@ class StepBench:
             record["diffstack_compile_seconds"] = stack.diffstack_compile_seconds
         for candidate in report.slot("compile_model").candidates:
             if candidate.time_ms is None:
+                if candidate.offer:  # refused or failed: its drift and reason still say why
+                    self.row(
+                        f"{candidate.offer} (not timed: {candidate.status.value})",
+                        "offer",
+                        None,
+                        drift_vs_host_reference=candidate.numeric_error,
+                        compile_s=candidate.setup_s,
+                        status=candidate.status.value,
+                        notes=candidate.reason[:300],
+                    )
                 continue
             self.row(
                 f"{candidate.offer} alone (measured by the host during composition)",
@@ -505,7 +520,10 @@ class StepBench:
                 drift_vs_host_reference=candidate.numeric_error,
                 compile_s=candidate.setup_s,
                 status=candidate.status.value,
-                notes="host's own timing (median of compose.repeats) on its own random inputs",
+                notes="; ".join(
+                    ["host's own timing (median of compose.repeats) on its own random inputs"]
+                    + [n for n in candidate.notes if n.startswith(("fp8", "lossy", "regional"))]
+                ),
             )
         output = measure.first_output(stack, self.inputs)
         timing = measure.timed(self.call(stack), self.device, self.repeats)
