@@ -13,4 +13,5 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
   structlog==26.1.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 \
   typing-inspection==0.4.5 annotated-types==0.8.0 python-dotenv==1.2.4 typing-extensions==4.16.0 \
   grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 grpcio-status==1.85.1 \
-  googleapis-common-protos==1.76.0 sageattention==1.0.6
+  googleapis-common-protos==1.76.0 sageattention==1.0.6 \
+  torchao==0.18.0

@@ -10,10 +10,12 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-$PWD/out}
+SITE=${SITE:-/tmp/site}  # one per concurrent run (two GPUs: SITE=/tmp/site0 and /tmp/site1)
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-SRC=$(python3 bench/install_repo.py /tmp/site) || exit 1
-export PYTHONPATH=/tmp/site:$SRC
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+SRC=$(python3 bench/install_repo.py "$SITE") || exit 1
+export PYTHONPATH=$SITE:$SRC
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, diffusers, triton, grpc, pydantic, structlog, sageattention; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'triton', triton.__version__, 'grpc', grpc.__version__)" || exit 1
+python3 -c "import torchao; print('torchao', torchao.__version__)" || echo "torchao missing: the fp8 offer will decline"
 timeout -k 10 -s INT "${BENCH_TIMEOUT_S:-575}" python3 bench/run.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"

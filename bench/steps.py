@@ -36,6 +36,7 @@ ESTIMATES: dict[str, dict[str, float]] = {
     "processor_overhead": {"sd15": 6, "sdxl": 10, "flux": 0},
     "fused_drift": {"sd15": 4, "sdxl": 6, "flux": 8},
     "compile_offer": {"sd15": 70, "sdxl": 100, "flux": 90},
+    "fp8_offer": {"sd15": 0, "sdxl": 90, "flux": 60},  # a second build of it, inductor cache warm
     "wrappers_compiled": {"sd15": 100, "sdxl": 170, "flux": 0},
 }
 
@@ -604,14 +605,14 @@ class StepBench:
             notes="same math, other GEMM shapes: the drift rounding alone causes",
         )
 
-    def compile_offer(self, record: dict[str, Any]) -> None:
-        """The torch_compile offer built and timed directly, whatever composition's numeric check said."""
+    def compile_offer(self, record: dict[str, Any], name: str = "torch_compile") -> None:
+        """A compile offer built and timed directly, whatever composition's numeric check said."""
         import time
 
         from diffstack.types import Built
 
         sources, _ = self.host.collect("compile_model", model=self.info)
-        offer = next(s.offer for s in sources if s.offer.name == "torch_compile")
+        offer = next(s.offer for s in sources if s.offer.name == name)
         began = time.perf_counter()
         built = offer.build(self.denoiser, self.info)
         module, record["notes"] = (
@@ -623,12 +624,26 @@ class StepBench:
         timing = measure.timed(self.call(module), self.device, self.repeats)
         assert self.reference is not None
         self.row(
-            "torch_compile offer alone (built directly; composition's check bypassed)",
+            f"{name} offer alone (built directly; composition's check bypassed)",
             "offer",
             timing,
             drift=measure.drift(output, self.reference),
             compile_s=record["first_call_s"],
             notes="; ".join(record["notes"][:2]),
+        )
+
+    def fp8_offer(self, record: dict[str, Any]) -> None:
+        """The fp8 variant timed even where composition refused it (its drift is in the row)."""
+        self.compile_offer(record, "torch_compile_fp8")
+
+    def fp8_refused(self) -> bool:
+        """Whether composition ran the fp8 offer's check and refused it (so it has no timing)."""
+        loaded = getattr(self, "loaded", None)
+        if loaded is None:
+            return False
+        return any(
+            c.offer == "torch_compile_fp8" and c.status.value in ("rejected",) and c.numeric_error is not None
+            for c in loaded.report.slot("compile_model").candidates
         )
 
     def fp8_probe(self, record: dict[str, Any]) -> None:
@@ -705,6 +720,8 @@ def step_stage(run: Run, key: str, smoke_compile: bool = False, only: set[str] |
             part("by_hand_compile", bench.by_hand_compile)
         if bench.compile_ok and only and "compile_offer" in only:
             part("compile_offer", bench.compile_offer)
+        if bench.compile_ok and key in FP8_STEPS and bench.fp8_refused():
+            part("fp8_offer", bench.fp8_offer)
         bench.plain_copy = None
         log(
             f"[done] step {key}: "

@@ -46,7 +46,8 @@ class ModelUnderTest:
     vae: torch.nn.Module | None = None
     """The pipeline's VAE, for the VAE-decode compile slot (None: that slot is not decided)."""
     vae_latents: torch.Tensor | None = None
-    """One image's latents at the default size, in the VAE's dtype: the decode check's input."""
+    """One image's latents (at the default size when offers are timed), in the VAE's dtype: the
+    decode check's input."""
 
     def denoise(self, denoiser: Callable[..., Any] | None = None) -> torch.Tensor:
         """One call of ``denoiser`` (the model's own by default) on the measured inputs."""

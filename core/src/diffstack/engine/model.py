@@ -138,7 +138,7 @@ def compose_model(
         scheduler=pipeline.scheduler,
         measure=measure,
         builtin_samplers=frozenset(SAMPLERS),
-        **_vae_under_test(adapter, pipeline, height, width),
+        **_vae_under_test(adapter, pipeline, *((height, width) if measure else VAE_CHECK_SIZE)),
     )
     key = _decision_key(host, under_test, path, settings) if _kept(settings, measure) else None
     restored = _restore(host, under_test, path, settings, key)
@@ -173,6 +173,11 @@ def compose_model(
         _keep(settings, name, key, report)
     log.info("stack composed", model=name, family=family.value, chosen=report.summary())
     return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key)
+
+
+VAE_CHECK_SIZE = (64, 64)
+"""The VAE decode's check size when offers are not timed: numbers only, and a full-size decode of
+the tiny test models costs seconds on a CPU (timed checks use the default size, as requests do)."""
 
 
 def _vae_under_test(adapter: FamilyAdapter, pipeline: Pipeline, height: int, width: int) -> dict[str, Any]:
