@@ -27,7 +27,7 @@ def test_smoke_run_measures_every_stage_and_writes_results(tmp_path: Path) -> No
             "--budget-s",
             "500",
             "--stages",
-            "ceilings,step-sd15,step-flux,e2e-sd15,serve-sd15",
+            "ceilings,step-sd15,step-flux,e2e-sd15,e2e-flux,serve-sd15",
         ]
     )
     results = json.loads((out / "results.json").read_text())

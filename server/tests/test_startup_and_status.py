@@ -23,7 +23,7 @@ def test_start_up_logs_every_stack_decision_with_its_reason(
     with caplog.at_level(logging.INFO):
         start_server(spy)
     slots = [r.getMessage() for r in caplog.records if "event='stack slot'" in r.getMessage()]
-    assert len(slots) == 6
+    assert len(slots) == 7  # compile_vae beside compile_model
     attention = next(line for line in slots if "slot='select_attention'" in line)
     assert (
         "'status': 'chosen'" in attention and "'plugin': 'sdpa'" in attention and "'scope': 'h" in attention
