@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Only meaningful for models trained on the synthetic world, like the embedded default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    quality.add_argument(
+        "--model", default="", help="a model name, e.g. synthetic-shapes-flux (default: the configured one)"
+    )
     quality.add_argument("--scenes", type=_positive_int, default=48, help="how many fixed prompts")
     quality.add_argument("--seeds", default="0,1", help="comma-separated seeds per prompt")
     quality.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
@@ -705,7 +708,7 @@ def _quality(args: argparse.Namespace, settings: Settings) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     scenes = fixed_scenes(args.scenes)
     label = " ".join(f"{k}={v}" for k, v in config.items() if k != "batch_size") or "defaults"
-    generate = engine_generator(_start_engine(settings))
+    generate = engine_generator(_start_engine(settings, args.model), model=args.model)
     with tqdm(
         total=len(scenes) * len(seeds) + 1, unit="image", desc="scoring", disable=None, leave=False
     ) as bar:

@@ -215,8 +215,9 @@ def pipeline_generator(pipe: Any, batch_size: int = 32, **call: Any) -> Generate
 ENGINE_KEYS = ("steps", "guidance", "sampler", "schedule", "wrappers")
 
 
-def engine_generator(engine: Any) -> GenerateFn:
-    """Bind the harness to the engine: one job per (prompt, seed), ``batch_size`` jobs per call."""
+def engine_generator(engine: Any, model: str = "") -> GenerateFn:
+    """Bind the harness to the engine's ``model`` ("" for its default): one job per (prompt, seed),
+    ``batch_size`` jobs per call."""
     from diffstack.engine import GenerationJob, GenerationRequest
 
     def generate(prompts: Sequence[str], seeds: Sequence[int], **config: Any) -> list[Image.Image]:
@@ -225,7 +226,9 @@ def engine_generator(engine: Any) -> GenerateFn:
         images: list[Image.Image] = []
         for i in range(0, len(prompts), batch):
             jobs = [
-                GenerationJob(engine.prepare(GenerationRequest(prompt=p, seeds=(int(s),), **fields)))
+                GenerationJob(
+                    engine.prepare(GenerationRequest(prompt=p, seeds=(int(s),), model=model, **fields))
+                )
                 for p, s in zip(prompts[i : i + batch], seeds[i : i + batch], strict=True)
             ]
             for result in engine.run(jobs):
