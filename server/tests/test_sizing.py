@@ -84,7 +84,7 @@ def test_a_configured_size_is_not_measured_but_warmed(engine: Any) -> None:
     spy = SpyEngine(engine)
     choice = choose_batch_size(spy, settings(batch_size=3, max_batch=16))
     assert (choice.size, choice.measured, choice.images_per_s) == (3, False, {})
-    assert sizes_run(spy) == [1, 2, 3]
+    assert sizes_run(spy) == [2, 3]  # one image: the engine's own warm-up ran it
     spy.calls.clear()
     assert choose_batch_size(spy, settings(batch_size=32, max_batch=2, warm_batches=False)).size == 2
     assert spy.calls == []
@@ -115,7 +115,7 @@ def test_a_measured_size_is_kept_and_restored_without_running_a_batch(
     again = choose_batch_size(spy, settings(max_batch=4, warm_before_serving=False), decisions_dir=tmp_path)
     assert again.restored and again.size == 4 and again.batch_seconds == first.batch_seconds
     assert spy.calls == []  # nothing measured; every size left to warm after SERVING
-    assert again.pending == [1, 2, 3, 4] and again.ready_size == 1
+    assert again.pending == [2, 3, 4] and again.ready_size == 1
 
 
 def test_a_changed_key_or_sizing_setting_measures_again(
@@ -164,7 +164,7 @@ def test_pending_sizes_are_warmed_after_serving_then_formed(start_server: Any, s
     while queue.max_batch < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert queue.max_batch == 3 and choice.pending == []
-    assert sizes_run(spy)[:3] == [1, 2, 3]  # smallest first, each once
+    assert sizes_run(spy)[:2] == [2, 3]  # smallest first, each once
     with DiffstackClient(server.target, timeout=WAIT_S) as client:
         stats = dict(client.stats().engine)
     assert stats["startup_to_serving_s"] > 0 and "startup_imports_s" in stats

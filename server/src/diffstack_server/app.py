@@ -223,17 +223,32 @@ async def size_batches(runtime: Runtime) -> BatchSizeChoice | None:
 
 WARM_IDLE_WAIT_S = 1.0
 """How long a pending warm-up waits for a pause in client batches before it runs anyway."""
+WARM_QUIET_S = 0.1
+"""A pause is the queue idle this long: a client that sends its next request as soon as its last
+one answered (or as soon as the server turned SERVING) goes first."""
+
+
+async def wait_for_pause(queue: BatchQueue) -> None:
+    """Return once nothing has been queued or running for :data:`WARM_QUIET_S`, or after
+    :data:`WARM_IDLE_WAIT_S` at most."""
+    give_up_at = time.monotonic() + WARM_IDLE_WAIT_S
+    while (left := give_up_at - time.monotonic()) > 0:
+        if not await queue.wait_idle(left):
+            return
+        await asyncio.sleep(min(WARM_QUIET_S, max(0.0, give_up_at - time.monotonic())))
+        if queue.idle:
+            return
 
 
 async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
     """After SERVING: warm the sizes still pending, smallest first, each as one call on the device
-    thread in a pause between client batches (or after :data:`WARM_IDLE_WAIT_S`), and let the batcher
+    thread in a pause between client batches (:func:`wait_for_pause`), and let the batcher
     form each size once it and every smaller one are warmed. A failed warm-up keeps the size reached
     (logged): serving goes on with smaller batches."""
     queue, engine, settings = runtime.queue, runtime.started_engine(), runtime.settings.server
     started = time.perf_counter()
     while choice.pending and not queue.closed:
-        await queue.wait_idle(WARM_IDLE_WAIT_S)
+        await wait_for_pause(queue)
         size = choice.pending[0]
         try:
             ready = await asyncio.wrap_future(runtime.worker.submit(warm_next, engine, choice, settings))

@@ -179,6 +179,11 @@ class BatchQueue:
             return False
         return True
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running."""
+        return self._idle.is_set()
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for nothing to be queued or running; whether it was."""
         if self._idle.is_set():

@@ -142,7 +142,8 @@ def choose_batch_size(
         choice = _restore(engine, settings, store) or _measure_and_keep(engine, settings, cap, clock, store)
     warm = settings.warm_batches if settings.warm_batches is not None else on_cuda
     if warm:
-        choice.pending = [size for size in range(1, choice.size + 1) if size not in choice.warmed]
+        # One image: the engine's own warm-up (engine.warmup_steps) ran it when the model loaded.
+        choice.pending = [size for size in range(2, choice.size + 1) if size not in choice.warmed]
         if settings.warm_before_serving:
             while choice.pending:
                 warm_next(engine, choice, settings, clock)
