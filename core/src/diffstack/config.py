@@ -270,6 +270,14 @@ class ServerSettings(_Section):
     replicas: int = Field(default=0, ge=0)
     """0: the single-process server. N: N Ray Serve replicas (one per GPU, else per CPU slot) behind
     Ray's gRPC proxy on ``port``; needs the ``diffstack-ray`` distribution."""
+    context_parallel: int = Field(default=0, ge=0)
+    """0 or 1: one process. N ≥ 2: N processes, one per GPU, that split each denoiser step through
+    the ``diffstack-context-parallel`` plugin; rank 0 serves gRPC and the others follow it."""
+    collective_timeout_s: float = Field(default=120.0, gt=0)
+    """Under context parallelism: how long one collective (and so one step) may wait for the other
+    ranks before it fails, and the group with it (health NOT_SERVING), instead of hanging."""
+    rank_heartbeat_timeout_s: float = Field(default=15.0, gt=0)
+    """Under context parallelism: a rank silent this long is taken for dead (health NOT_SERVING)."""
 
 
 class Settings(BaseSettings):

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -69,6 +70,8 @@ class DiffstackServer:
         self.engine_error: BaseException | None = None
         self.batch_size: BatchSizeChoice | None = None
         """How the batch size was chosen, once the server is ready."""
+        self.failure: str | None = None
+        """Why the server can no longer serve (a rank of its parallel group failed), else None."""
         self.ready = asyncio.Event()
         """Set once the engine is up (or failed to start: see :attr:`engine_error`)."""
         self._engine_task: asyncio.Task[None] | None = None
@@ -133,7 +136,7 @@ class DiffstackServer:
         finally:
             engine.unpin(default)
         self.runtime.queue.start()
-        if not self._stopping:
+        if not self._stopping and self.failure is None:
             for service in HEALTH_SERVICES:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
             total_s = time.perf_counter() - started
@@ -148,6 +151,15 @@ class DiffstackServer:
                     warm_pending(self.runtime, self.batch_size), name="diffstack-warm-batches"
                 )
         self.ready.set()
+
+    async def fail(self, reason: str) -> None:
+        """Health NOT_SERVING for good: a part the server cannot serve without has failed (a rank of
+        its context-parallel group). Requests get UNAVAILABLE from the engine; a restart recovers."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("not_serving", reason=reason)
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _size_batches(self) -> None:
         self.batch_size = await size_batches(self.runtime)
@@ -338,12 +350,15 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_runtime(settings: Settings, engine: ServingEngine | None = None) -> Runtime:
+def build_runtime(
+    settings: Settings, engine: ServingEngine | None = None, worker: EngineWorker | None = None
+) -> Runtime:
     """What the servicers share (engine worker, queue, metrics, encoder), for any host of them: the
-    grpc.aio server below, or a Ray Serve replica (``diffstack-ray``)."""
+    grpc.aio server below, or a Ray Serve replica (``diffstack-ray``). ``worker`` replaces the plain
+    :class:`EngineWorker` (rank 0 of a context-parallel group brings its own)."""
     server_settings = settings.server
     metrics = Metrics()
-    worker = EngineWorker(settings, engine)
+    worker = worker if worker is not None else EngineWorker(settings, engine)
     queue = BatchQueue(
         worker,
         metrics,
@@ -356,7 +371,7 @@ def build_runtime(settings: Settings, engine: ServingEngine | None = None) -> Ru
 
 
 async def create_server(
-    settings: Settings, engine: ServingEngine | None = None
+    settings: Settings, engine: ServingEngine | None = None, *, worker: EngineWorker | None = None
 ) -> tuple[DiffstackServer, int]:
     """Build the server and bind its port (``server.port`` 0 picks a free one); call ``start()`` next.
 
@@ -368,7 +383,7 @@ async def create_server(
     server_settings, limits = settings.server, settings.limits
     if server_settings.metrics_require_token and not server_settings.admin_token:
         raise ValueError("server.metrics_require_token needs server.admin_token")
-    runtime = build_runtime(settings, engine)
+    runtime = build_runtime(settings, engine, worker)
     metrics = runtime.metrics
     interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
     if server_settings.admin_token:
@@ -402,9 +417,17 @@ async def create_server(
     return DiffstackServer(settings, grpc_server, runtime, health_servicer, port), port
 
 
-async def serve_async(settings: Settings) -> int:
-    """Run the server until SIGTERM/SIGINT, then drain; returns the process exit status."""
-    server, _ = await create_server(settings)
+async def serve_async(
+    settings: Settings,
+    worker: EngineWorker | None = None,
+    on_created: Callable[[DiffstackServer], None] | None = None,
+) -> int:
+    """Run the server until SIGTERM/SIGINT, then drain; returns the process exit status.
+    ``worker`` and ``on_created`` let rank 0 of a context-parallel group bring its engine worker and
+    watch its group."""
+    server, _ = await create_server(settings, worker=worker)
+    if on_created is not None:
+        on_created(server)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0

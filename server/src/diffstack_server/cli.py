@@ -42,6 +42,13 @@ SERVE_FLAGS = (
         "N Ray Serve replicas behind one port (diffstack-ray; default 0: one process)",
         int,
     ),
+    SettingFlag(
+        "--context-parallel",
+        "server",
+        "context_parallel",
+        "N processes, one per GPU, splitting each step (diffstack-context-parallel; default 0: one)",
+        int,
+    ),
 )
 """Every flag of ``serve``: the core's common ones and the server's own."""
 
@@ -78,6 +85,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libraries(level)
     if settings.server.replicas:
         return _serve_replicas(settings, level)
+    if settings.server.context_parallel > 1:
+        from diffstack_server.parallel import serve_parallel
+
+        return serve_parallel(settings, level)
     return serve(settings, level)
 
 

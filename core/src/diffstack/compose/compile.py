@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from diffstack.compose.slots import ModelUnderTest, SlotRecorder, Trial, build_guard, settle, valid_offers
+from diffstack.compose.slots import (
+    ModelUnderTest,
+    SlotRecorder,
+    Trial,
+    agreed_across_ranks,
+    build_guard,
+    settle,
+    valid_offers,
+)
 from diffstack.config import ComposeSettings
 from diffstack.plugins import Failure, PluginHost, guard
 from diffstack.timing import median_ms, relative_error
@@ -98,10 +106,16 @@ def _decide(
         # recorded them: it runs here, on the engine's thread, outside the build's time limit.
         output = guard("run", run, trial.value())
         trial = replace(trial, setup_s=time.perf_counter() - started)
+        # Ranks of a parallel group keep or drop an offer together (see agreed_across_ranks).
+        error = None if isinstance(output, Failure) else relative_error(output, reference)
+        agreed = agreed_across_ranks({"failed": float(isinstance(output, Failure)), "error": error})
         if isinstance(output, Failure):
             slot.fail(trial, output)
             continue
-        trial = replace(trial, numeric_error=relative_error(output, reference))
+        if agreed["failed"]:
+            slot.record(trial, CandidateStatus.FAILED, "it failed on another rank of the parallel group")
+            continue
+        trial = replace(trial, numeric_error=agreed["error"])
         tolerance = settings.lossy_tolerance if trial.offer.lossy else exact
         if trial.numeric_error is not None and trial.numeric_error > tolerance:
             reason = f"relative error {trial.numeric_error:.2e} vs eager exceeds {tolerance:.0e}"

@@ -3,7 +3,7 @@ record, and ``settle``, the one fastest-within-tolerance rule."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -231,6 +231,7 @@ def settle(
     Measured: the fastest wins, and trials within ``tie_fraction`` of it count as tied, the best
     rank (−priority, plugin, name) among them winning. Unmeasured: the best rank wins.
     """
+    passing = _agreed_times(passing)
     if not passing:
         return None
     ordered = sorted(passing, key=lambda t: t.rank)
@@ -257,6 +258,37 @@ def settle(
             )
             slot.record(trial, CandidateStatus.SLOWER, ratio, scope)
     return winner
+
+
+def agreed_across_ranks(values: Mapping[str, float | None]) -> dict[str, float | None]:
+    """Each name's largest value over the ranks of a torch.distributed group (a name some rank lacks,
+    or measured as None there, gets infinity); ``values`` itself in a single process.
+
+    Under context parallelism every rank composes its own copy of the stack, and the parallel
+    offers' calls are collectives: the ranks must reject, keep and choose exactly the same offers,
+    or one rank would wait for the others forever. So whatever a decision compares (numeric errors,
+    times) is agreed first, the same way on every rank. Every rank must call this equally often.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return dict(values)
+    gathered: list[Mapping[str, float | None] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(values))
+    agreed: dict[str, float | None] = {}
+    for name in values:
+        seen = [rank.get(name) for rank in gathered if rank is not None]
+        known = [v for v in seen if v is not None]
+        missing = len(known) < len(gathered)
+        agreed[name] = (
+            float("inf") if missing and values[name] is not None else (max(known) if known else None)
+        )
+    return agreed
+
+
+def _agreed_times(passing: Sequence[Trial[OfferT, BuiltT]]) -> list[Trial[OfferT, BuiltT]]:
+    times = agreed_across_ranks({t.offer.name: t.time_ms for t in passing})
+    return [replace(t, time_ms=times[t.offer.name]) for t in passing]
 
 
 def _ranked_below(trial: Trial[Any, Any], winner: Trial[Any, Any]) -> str:

@@ -117,7 +117,11 @@ def compose_model(
     measure = {"always": True, "never": False}.get(settings.compose.measure, device.startswith("cuda"))
 
     width, height = default_size(pipeline, adapter, card)
-    inputs = adapter.sample_inputs(pipeline, settings.compose.batch, height, width)
+    # Seeded, so every process draws the same inputs: the ranks of a context-parallel group must call
+    # their denoisers on identical inputs (and a composition becomes reproducible).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SAMPLE_INPUTS_SEED)
+        inputs = adapter.sample_inputs(pipeline, settings.compose.batch, height, width)
     shapes = capture_attention_shapes(denoiser, lambda: denoiser(**inputs, return_dict=False))
     info = ModelInfo(
         name=name,
@@ -222,6 +226,10 @@ def _keep(settings: Settings, model: str, key: dict[str, str], report: StackRepo
         store.save(model, key, Decision(report, report.decided_at or time.time()))
     except OSError as exc:
         log.warning("decision_not_saved", directory=str(store.directory), error=str(exc))
+
+
+SAMPLE_INPUTS_SEED = 0
+"""The seed of the random denoiser inputs that composition checks and times offers on."""
 
 
 def apply_attention(denoiser: torch.nn.Module, attention: AttentionDecision) -> None:
