@@ -3,7 +3,7 @@
     python3 bench/install_repo.py TARGET      # prints the src folders to add to PYTHONPATH
 
 For the GPU machine, which has no network and whose Python already holds torch: for every
-``pyproject.toml`` of the workspace (core, server, clients/python, plugins/*) this writes a minimal
+``pyproject.toml`` of the workspace (core, server, clients/python, serve-ray, plugins/*) this writes a minimal
 ``<name>-<version>.dist-info`` (METADATA and entry_points.txt, read from the pyproject) into TARGET, a
 folder that is on ``sys.path``. ``importlib.metadata`` then finds each distribution and its
 ``diffstack`` entry points exactly as after ``pip install -e``, and the code itself is imported from
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def projects(root: Path = ROOT) -> list[Path]:
     """Every distribution folder of the workspace (one with a pyproject.toml and a src/ folder)."""
-    candidates = [root / "core", root / "server", root / "clients" / "python"]
+    candidates = [root / "core", root / "server", root / "clients" / "python", root / "serve-ray"]
     candidates += sorted(p for p in (root / "plugins").iterdir() if p.is_dir())
     return [p for p in candidates if (p / "pyproject.toml").is_file() and (p / "src").is_dir()]
 

@@ -34,6 +34,9 @@ HEADLINE_ROWS = {
     "sd15_p99_32_clients_s": ("load-sd15", "p99_s", "closed loop 32 clients"),
     "restart_to_serving_s": ("serve-sd15", "s", "restart to SERVING"),
     "cold_start_s": ("serve-sd15", "s", "cold start to SERVING"),
+    "flux_step_ms_2gpu": ("cp-flux", "ms", "2 GPUs, composed stack"),
+    "flux_image_s_2gpu": ("cp-flux", "s", "2 GPUs, 20-step"),
+    "replicas_2_speedup": ("replicas-sd15", "x", "2 replicas vs 1"),
 }
 """Where each key of a results file's ``headline`` comes from (issue 11); unmeasured keys are omitted."""
 
@@ -214,6 +217,30 @@ def catalogue_table(name: str, stage: dict[str, Any]) -> list[str]:
     return lines
 
 
+def rows_table(name: str, stage: dict[str, Any]) -> list[str]:
+    """The multi-GPU stages: one line per measured variant, whatever unit it has."""
+    label = stage.get("workload", {}).get("label", name)
+    lines = [f"### {name}: {label} — {stage.get('status')}", ""]
+    rows = stage.get("rows") or []
+    if not rows:
+        return [*lines, f"(no rows: {stage.get('reason') or stage.get('error') or 'nothing measured'})", ""]
+    lines += [
+        "| variant | ms/step | s/image | images/s | ratio | drift vs 1 GPU | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        notes = row.get("notes") or ""
+        if row.get("compile_s"):
+            notes = f"setup {row['compile_s']:.0f} s; {notes}"
+        ratio = row.get("x", row.get("speedup_vs_1gpu"))
+        lines.append(
+            f"| {_short(row['variant'], 80)} | {_num(row.get('ms'))} | {_num(row.get('s'), 3)} | "
+            f"{_num(row.get('images_per_s'))} | {_ratio(ratio)} | {_drift(row.get('drift'))} | "
+            f"{_short(notes)} |"
+        )
+    return [*lines, ""]
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     lines = [
@@ -235,6 +262,8 @@ def render(results: dict[str, Any]) -> str:
             lines += load_table(name, stage)
         elif name.startswith("catalogue-"):
             lines += catalogue_table(name, stage)
+        elif name in ("cp-flux", "replicas-sd15"):
+            lines += rows_table(name, stage)
         else:
             lines += [f"### {name} — {stage.get('status')}", "", *stage.get("table", []), ""]
     lines += target_table(results)

@@ -17,6 +17,10 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
     ceilings                          the card's dense matmul rate (what the step times are measured against)
     catalogue-sdxl                    multi-scale on SDXL 1024² (step by phase, image), each named profile's
                                       SD1.5 image, CFG++ against Euler (eager stacks; about 2-3 min)
+    cp-flux                           2 GPUs: FLUX.1 step on 1 GPU vs Ulysses-2/ring-2 (torchrun), and a
+                                      20-step image through the context-parallel gRPC server (~240 s)
+    replicas-sd15                     SD1.5 throughput with 1 and 2 Ray Serve replicas, 32 clients
+                                      (needs ray[serve]: bench/join_wheels.sh)
 
 On the GPU machine see ``bench/gpu.sh``, which installs the carried wheels and the repo's packages
 first. Everything lands in OUT: ``results.json`` (rewritten after every part), ``table.md``, and
@@ -49,6 +53,8 @@ STAGE_MINIMUM = {
     "threads-sd15": 100,
     "attn-shapes": 60,
     "catalogue-sdxl": 100,
+    "cp-flux": 200,
+    "replicas-sd15": 100,
 }
 """Seconds a stage needs at least (its essential parts) before it is started at all."""
 
@@ -160,7 +166,24 @@ def _catalogue(run, args):  # type: ignore[no-untyped-def]
     return catalogue_stage(run)
 
 
-OTHER_STAGES = {"attn-shapes": _attn_shapes, "catalogue-sdxl": _catalogue}
+def _cp_flux(run, args):  # type: ignore[no-untyped-def]
+    from bench.multigpu import cp_flux_stage
+
+    return cp_flux_stage(run)
+
+
+def _replicas(run, args):  # type: ignore[no-untyped-def]
+    from bench.multigpu import replicas_stage
+
+    return replicas_stage(run)
+
+
+OTHER_STAGES = {
+    "attn-shapes": _attn_shapes,
+    "catalogue-sdxl": _catalogue,
+    "cp-flux": _cp_flux,
+    "replicas-sd15": _replicas,
+}
 """Stages of one name, built from the run and the arguments."""
 
 

@@ -12,6 +12,7 @@ EVERY_FLAG = [
     *("--config", "{config}"),
     *("--models-dir", "/srv/models", "--device", "cpu", "--host", "0.0.0.0", "--port", "6000"),
     *("--metrics-port", "9100", "--model", "sd15", "--log-format", "json", "--replicas", "2"),
+    *("--context-parallel", "2"),
 ]
 
 
@@ -41,6 +42,7 @@ def test_both_spellings_take_every_flag_and_set_the_same_settings(tmp_path: Path
     )
     assert via_module.server.log_format == "json"
     assert via_module.server.replicas == 2
+    assert via_module.server.context_parallel == 2
 
 
 def test_flags_not_given_leave_the_file_and_environment_alone(tmp_path: Path, monkeypatch) -> None:

@@ -25,6 +25,8 @@ def probe(mode: str, model: ModelInfo) -> Availability:
         options = parse_options(ContextParallelOptions, model.plugin_options(OPTIONS))
     except OptionsError as exc:
         return Availability.no(f"bad [plugins.options.{OPTIONS}]: {exc}")
+    if not options.wanted(mode):
+        return Availability.no(f"not in [plugins.options.{OPTIONS}] modes = {options.modes!r}")
     if model.denoiser_kind is not DenoiserKind.TRANSFORMER:
         return Availability.no(
             f"context parallelism splits a transformer's sequence; this model ({model.family}) has a "
