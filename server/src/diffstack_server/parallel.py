@@ -108,7 +108,9 @@ def run_rank(settings: Settings, address: GroupAddress, rank: int, log_level: in
         address, rank, timeout_s=server.collective_timeout_s, silent_s=server.rank_heartbeat_timeout_s
     )
     group.init_process_group(backend)
-    log.info("rank_joined", world=address.world, backend=backend, device=settings.engine.device)
+    log.info(
+        "rank_joined", world=address.world, backend=backend, device=settings.engine.device, pid=os.getpid()
+    )
     status = lead(settings, group, log_level) if rank == 0 else follow(settings, group)
     group.stop()
     raise SystemExit(status)
