@@ -6,6 +6,7 @@ markers and the offer types, never torch, diffusers or the engine.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from diffstack.hookspecs import hookimpl
 from diffstack.options import Ge, Gt, Interval, Le, Lt, OptionProblem, OptionsError, parse_options
@@ -44,6 +45,19 @@ from diffstack.types import (
     supports_every_shape,
 )
 
+if TYPE_CHECKING:
+    from diffstack.vae import VaeDecode
+
+
+def __getattr__(name: str) -> object:
+    """``VaeDecode`` (a torch module) loads on first use: importing the API must not import torch."""
+    if name == "VaeDecode":
+        from diffstack.vae import VaeDecode
+
+        return VaeDecode
+    raise AttributeError(f"module 'diffstack' has no attribute {name!r}")
+
+
 try:
     __version__ = version("diffstack")
 except PackageNotFoundError:  # a source tree on sys.path without an install
@@ -79,6 +93,7 @@ __all__ = [
     "SamplerOffer",
     "SamplerStep",
     "SigmasOffer",
+    "VaeDecode",
     "__version__",
     "all_of",
     "always_available",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from diffstack import CompileOffer, CompileTarget, ModelInfo, hookimpl
-from diffstack.vae import VaeDecode
 
 
 def _as_is(denoiser: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
@@ -13,6 +12,8 @@ def _as_is(denoiser: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
 
 
 def _decode(vae: torch.nn.Module, model: ModelInfo) -> torch.nn.Module:
+    from diffstack import VaeDecode
+
     return VaeDecode(vae)
 
 

@@ -104,7 +104,7 @@ def compile_vae_decode(
     The batch dimension is marked dynamic from batch 2 up, so a batch the server forms records a new
     graph instead of compiling anew; every other dimension is fixed per image size.
     """
-    from diffstack.vae import VaeDecode
+    from diffstack import VaeDecode
 
     notes: list[str] = []
     if config.channels_last:
