@@ -15,6 +15,11 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
                                       1.0.6 and 2, SpargeAttn per sparsity) and the step with each;
                                       installs --kernel-wheels (bench/build_kernels.sh's output)
     ceilings                          the card's dense matmul rate (what the step times are measured against)
+    quality                           `diffstack quality` on the GPU for both trained models
+                                      (synthetic-shapes-64, synthetic-shapes-flux): dense, compiled,
+                                      DeepCache 2-5, first-block cache thresholds with hit rates,
+                                      flow_arcsine vs default at 8/12/20 steps, SageAttention;
+                                      accuracy, all-5-right, pixel error, ms/image
     catalogue-sdxl                    multi-scale on SDXL 1024² (step by phase, image), each named profile's
                                       SD1.5 image, CFG++ against Euler (eager stacks; about 2-3 min)
     cp-flux                           2 GPUs: FLUX.1 step on 1 GPU vs Ulysses-2/ring-2 (torchrun), and a
@@ -55,6 +60,7 @@ STAGE_MINIMUM = {
     "catalogue-sdxl": 100,
     "cp-flux": 200,
     "replicas-sd15": 100,
+    "quality": 60,
 }
 """Seconds a stage needs at least (its essential parts) before it is started at all."""
 
@@ -178,11 +184,18 @@ def _replicas(run, args):  # type: ignore[no-untyped-def]
     return replicas_stage(run)
 
 
+def _quality(run, args):  # type: ignore[no-untyped-def]
+    from bench.quality_gpu import quality_stage
+
+    return quality_stage(run)
+
+
 OTHER_STAGES = {
     "attn-shapes": _attn_shapes,
     "catalogue-sdxl": _catalogue,
     "cp-flux": _cp_flux,
     "replicas-sd15": _replicas,
+    "quality": _quality,
 }
 """Stages of one name, built from the run and the arguments."""
 

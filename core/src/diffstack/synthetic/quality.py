@@ -94,6 +94,8 @@ class ImageScore:
     correct: dict[str, bool]
     psnr: float
     ssim: float
+    pixel_error: float = 0.0
+    """Mean absolute difference from the exact rendering, in 0-255 levels per channel."""
 
 
 def score_image(image: Image.Image | np.ndarray, scene: Scene) -> ImageScore:
@@ -102,7 +104,8 @@ def score_image(image: Image.Image | np.ndarray, scene: Scene) -> ImageScore:
     reading = analyse(arr)
     truth = render(scene)
     correct = {a: getattr(reading, a) == getattr(scene, a) for a in ATTRIBUTES}
-    return ImageScore(correct, psnr(arr, truth), ssim(arr, truth))
+    error = float(np.abs(arr.astype(np.float64) - truth.astype(np.float64)).mean())
+    return ImageScore(correct, psnr(arr, truth), ssim(arr, truth), error)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class QualityRow:
     ssim: float
     seconds: float  # wall time of the timed generation call(s)
     settings: dict[str, Any] = field(default_factory=dict)
+    pixel_error: float = 0.0  # mean absolute difference from the exact renderings, 0-255 levels
 
     @property
     def seconds_per_image(self) -> float:
@@ -139,6 +143,7 @@ def summarise(
         ssim=float(np.mean([s.ssim for s in scores])),
         seconds=seconds,
         settings=dict(settings),
+        pixel_error=float(np.mean([s.pixel_error for s in scores])),
     )
 
 
