@@ -15,13 +15,14 @@ planned from the measured speed to fit --budget-minutes. The exported weights ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -78,6 +79,9 @@ class PhaseTrainer:
             "shift_factor": None,
         }
         self.opt: torch.optim.Optimizer | None = None
+        self.micro_batch = args.denoiser_batch
+        """How many examples sample_batch draws: the current micro-batch of the denoiser step."""
+        self.batch_shapes: dict[str, Any] = {}
         self.run_start = time.time()
         self.last_save = time.time()
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dev.type == "cuda")
@@ -252,7 +256,7 @@ class PhaseTrainer:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A training batch: normalised latents (one posterior sample per scene) and, per token table,
         the prompt ids with attributes left out and empty prompts drawn as described above."""
-        b, dev = self.args.denoiser_batch, self.dev
+        b, dev = self.micro_batch, self.dev
         idx = torch.randint(0, len(self.scenes), (b,), device=dev)
         omit_bits = (torch.rand(b, len(OPTIONAL_ATTRIBUTES), device=dev) < P_OMIT).long()
         weights = 2 ** torch.arange(len(OPTIONAL_ATTRIBUTES) - 1, -1, -1, device=dev)
@@ -261,19 +265,43 @@ class PhaseTrainer:
         ids = [torch.where(uncond, empty, table[idx, variant]) for table, empty in tables]
         z0 = self.lat_mean[idx] + self.lat_std[idx] * torch.randn_like(self.lat_mean[idx])
         z0 = (z0 - self.state["shift_factor"]) * self.state["scaling_factor"]
+        self.batch_shapes = {"latents": tuple(z0.shape), "token_ids": [tuple(t.shape) for t in ids]}
         return z0, ids
 
     def denoiser_step(self, step: int) -> float:
-        loss = self.denoiser_loss()
+        """One optimizer step over --denoiser-batch examples, drawn and back-propagated in micro-batches
+        of at most --denoiser-micro-batch (each loss weighted by its share, so the gradient is the
+        whole batch's). Small micro-batches keep every GEMM and activation of a step small on the GPU."""
         self.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-        loss.backward()
+        batch, micro = self.args.denoiser_batch, self.args.denoiser_micro_batch
+        total = torch.zeros((), device=self.dev)
+        for start in range(0, batch, micro):
+            self.micro_batch = min(micro, batch - start)
+            try:
+                loss = self.denoiser_loss() * (self.micro_batch / batch)
+                loss.backward()
+            except RuntimeError as err:  # a CUDA/cuBLAS failure: say what was running, then stop at once
+                self.report_failed_step(step, start, err)
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.denoiser_params(), 1.0)
         self.opt.step()  # type: ignore[union-attr]
         decay = min(self.args.ema, (1 + step) / (10 + step))
         for name, live in self.parts.items():
             ema_p: list[torch.Tensor] = list(self.ema[name].parameters())
             torch._foreach_lerp_(ema_p, [p.detach() for p in live.parameters()], 1 - decay)
-        return float(loss.detach()) if step % 100 == 0 else 0.0
+        return float(total) if step % 100 == 0 else 0.0
+
+    def report_failed_step(self, step: int, start: int, err: RuntimeError) -> NoReturn:
+        """Log the failing step's shapes and memory, and exit non-zero without saving a checkpoint."""
+        a = self.args
+        log(f"denoiser step {step} FAILED in the micro-batch at {start} of {a.denoiser_batch} "
+            f"(micro-batch {self.micro_batch}, at most {a.denoiser_micro_batch}): "
+            f"shapes {self.batch_shapes}; {type(err).__name__}: {err}")  # fmt: skip
+        if self.dev.type == "cuda":
+            with contextlib.suppress(RuntimeError):  # the context may be unusable after the error
+                log(f"CUDA memory: allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, "
+                    f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")  # fmt: skip
+        raise SystemExit(4)
 
     # ---- driver -----------------------------------------------------------------------------
     def run(self) -> bool:
@@ -316,6 +344,8 @@ def add_common_arguments(p: argparse.ArgumentParser, denoiser: str, out: str, ck
     p.add_argument("--vae-batch", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     p.add_argument(f"--{denoiser}-batch", dest="denoiser_batch", type=int, default=None,
                    help="default: 2048 on CUDA, 16 on CPU")  # fmt: skip
+    p.add_argument(f"--{denoiser}-micro-batch", dest="denoiser_micro_batch", type=int, default=None,
+                   help="examples per forward/backward, accumulated to the batch (default: all)")  # fmt: skip
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument(f"--{denoiser}-lr", dest="denoiser_lr", type=float, default=5e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
@@ -333,6 +363,7 @@ def finish_arguments(args: argparse.Namespace) -> argparse.Namespace:
     cuda = args.device.startswith("cuda")
     args.vae_batch = args.vae_batch or (128 if cuda else 8)
     args.denoiser_batch = args.denoiser_batch or (2048 if cuda else 16)
+    args.denoiser_micro_batch = min(args.denoiser_micro_batch or args.denoiser_batch, args.denoiser_batch)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True

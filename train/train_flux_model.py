@@ -47,6 +47,9 @@ NAME = "synthetic-shapes-flux"
 PART_BYTES = 14 * 2**20
 MAX_PARTS = 3
 LATENT_SIDE = 8  # 64 px / the VAE's factor 8
+CUDA_MICRO_BATCH = 256
+"""Examples per forward/backward on CUDA (the batch of 2048 accumulates over 8): the whole batch in one
+pass failed its first backward on an H200 with CUBLAS_STATUS_EXECUTION_FAILED."""
 
 
 class Trainer(phase_trainer.PhaseTrainer):
@@ -54,6 +57,10 @@ class Trainer(phase_trainer.PhaseTrainer):
 
     def build_models(self) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
         models = spec.build_models()
+        # T5's relative-position bias is trained: under SDPA it becomes a float mask that needs a
+        # gradient (memory-efficient attention's bias-gradient path); eager attention (T5's own
+        # matmuls) keeps the training step on plain GEMMs. Inference keeps the default.
+        models["text_encoder_2"].set_attn_implementation("eager")
         self.tok_files = default_model_spec.load_tokenizer_files(Path(self.args.tokenizer))
         self.clip_tok, self.t5_tok = spec.tokenizers(self.tok_files, Path(self.args.ckpt) / "tokenizer")
         return models.pop("vae"), models
@@ -153,7 +160,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-steps", default="20,12,8", help="flow-Euler step counts scored")
     p.add_argument("--stats", default=None, help="the run's stats JSON (default: beside --out)")
     p.add_argument("--pack-to", default=None, help="also write the folder as tar parts and the stats here")
-    return phase_trainer.finish_arguments(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.denoiser_micro_batch is None and args.device.startswith("cuda"):
+        args.denoiser_micro_batch = CUDA_MICRO_BATCH
+    return phase_trainer.finish_arguments(args)
 
 
 def main(argv: list[str] | None = None) -> int:
