@@ -32,6 +32,28 @@ import phase_trainer  # noqa: E402
 MIN_SNR = 5.0
 
 
+def sd_alphas_cumprod(device: torch.device) -> torch.Tensor:
+    """SD1.5's noise schedule ("scaled_linear" betas) as cumulative alphas, fp32 on ``device``."""
+    lo, hi = float(spec.SCHEDULE["beta_start"]) ** 0.5, float(spec.SCHEDULE["beta_end"]) ** 0.5
+    betas = torch.linspace(lo, hi, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, 0).float().to(device)
+
+
+def epsilon_loss(
+    unet: torch.nn.Module, z0: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """Noise ``z0`` (scaled latents) at random timesteps; the UNet's epsilon loss with min-SNR-5."""
+    b = z0.shape[0]
+    noise = torch.randn_like(z0)
+    t = torch.randint(0, 1000, (b,), device=z0.device)
+    ac = alphas_cumprod[t].view(b, 1, 1, 1)
+    zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
+    pred = unet(zt, t, cond).sample.float()
+    snr = (ac / (1 - ac)).view(b)
+    weight = torch.clamp(snr, max=MIN_SNR) / snr  # min-SNR-5 for epsilon prediction
+    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
 class Trainer(phase_trainer.PhaseTrainer):
     def build_models(self) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
         vae, text, unet = spec.build_models()
@@ -42,23 +64,13 @@ class Trainer(phase_trainer.PhaseTrainer):
     def setup_denoiser_phase(self) -> None:
         super().setup_denoiser_phase()
         self.ids = self.tokenize_all(self.tokenizer, 77)
-        lo, hi = float(spec.SCHEDULE["beta_start"]) ** 0.5, float(spec.SCHEDULE["beta_end"]) ** 0.5
-        betas = torch.linspace(lo, hi, 1000, dtype=torch.float64) ** 2  # SD's "scaled_linear"
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0).float().to(self.dev)
+        self.alphas_cumprod = sd_alphas_cumprod(self.dev)
 
     def denoiser_loss(self) -> torch.Tensor:
         z0, (ids,) = self.sample_batch([self.ids])
-        b = len(z0)
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, 1000, (b,), device=self.dev)
-        ac = self.alphas_cumprod[t].view(b, 1, 1, 1)
-        zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
         with self.amp:
             cond = self.parts["text"](ids)[0]
-            pred = self.parts["unet"](zt, t, cond).sample.float()
-        snr = (ac / (1 - ac)).view(b)
-        weight = torch.clamp(snr, max=MIN_SNR) / snr  # min-SNR-5 for epsilon prediction
-        return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            return epsilon_loss(self.parts["unet"], z0, cond, self.alphas_cumprod)
 
     def export(self, out: Path) -> dict[str, int]:
         counts = spec.parameter_counts(self.vae, self.ema["text"], self.ema["unet"])

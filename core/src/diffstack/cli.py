@@ -403,6 +403,13 @@ def _add_generate(commands: Subcommands) -> None:
         help="enable a denoiser wrapper, e.g. deepcache:interval=3; KEY=@FILE passes a picture to an image "
         "option (diffstack plugins --hook wrap_denoiser)",
     )
+    generate.add_argument(
+        "--lora",
+        action="append",
+        type=_lora,
+        metavar="NAME[:SCALE]",
+        help="apply a LoRA from the models directory's loras/ folder, e.g. colour-swap:0.8 (default scale 1)",
+    )
     generate.set_defaults(command=on_device(_generate))
 
 
@@ -469,6 +476,8 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
             )
     if args.wrapper:
         fields["wrappers"] = dict(_wrapper(spec) for spec in args.wrapper)
+    if args.lora:
+        fields["loras"] = tuple(args.lora)
     if violations:
         raise InvalidRequest(violations)
     if args.init_image:
@@ -640,6 +649,17 @@ def _wrapper(spec: str) -> tuple[str, dict[str, Any]]:
         except json.JSONDecodeError:
             parsed[key] = value
     return name, parsed
+
+
+def _lora(spec: str) -> Any:
+    """``colour-swap:0.8`` → LoraSpec("colour-swap", 0.8); the scale is 1 when left out."""
+    from diffstack.engine.requests import LoraSpec
+
+    name, _, scale = spec.partition(":")
+    try:
+        return LoraSpec(name, float(scale) if scale else LoraSpec.scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the scale after ':' must be a number") from None
 
 
 def _numbered(path: Path, index: int, count: int) -> Path:

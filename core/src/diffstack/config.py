@@ -54,6 +54,13 @@ class EngineSettings(_Section):
     no request holds (the default model is never unloaded)."""
     max_models_bytes: int | None = Field(default=None, ge=0)
     """If set, the loaded models' parameters and buffers stay within this many bytes the same way."""
+    lora_rank: int = Field(default=32, ge=0, le=1024)
+    """The hot-swap slot's rank: the largest combined rank of one request's LoRAs. A model loaded
+    while ``loras/`` holds a LoRA gets a slot of this rank on its attention projections, so a LoRA
+    change is a weight copy, never a recompile; 0 turns LoRAs off. A zero slot still costs its
+    low-rank matmuls on every call (measured in BENCHMARKS.md)."""
+    lora_cache: int = Field(default=8, ge=1)
+    """LoRA files kept in memory per model, least recently used dropped first."""
 
 
 def cpu_threads(settings: EngineSettings) -> int:
@@ -139,6 +146,8 @@ class Limits(_Section):
     max_pixels: int = 1024 * 1024
     max_steps: int = 150
     max_images: int = 8
+    max_loras: int = 4
+    """LoRAs one request may name."""
     max_cost: int | None = None
     """Bound on steps × pixels × images of one request (img2img counts the steps it runs). ``None``
     sizes it to the device: :data:`CPU_MAX_COST` on a CPU, :data:`CUDA_MAX_COST` on CUDA."""

@@ -214,6 +214,39 @@ def save_tiny_model(
     return path
 
 
+def save_random_lora(
+    denoiser: torch.nn.Module,
+    path: Path,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    seed: int = 0,
+    std: float = 0.1,
+    prefix: str = "unet",
+) -> Path:
+    """A random LoRA on every attention projection of ``denoiser`` (the modules a LoRA slot covers),
+    saved as diffusers' ``save_lora_weights`` writes it: peft keys under ``prefix`` and the adapter
+    config (rank, alpha) in the safetensors header."""
+    from safetensors.torch import save_file
+
+    from diffstack.engine.loras import METADATA_KEY, SLOT_TARGETS, slot_targets
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for module, (fan_in, fan_out) in slot_targets(denoiser).items():
+        weights[f"{prefix}.{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * std
+        weights[f"{prefix}.{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * std
+    config = {
+        "r": rank,
+        "lora_alpha": alpha if alpha is not None else rank,
+        "target_modules": list(SLOT_TARGETS),
+    }
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in config.items()})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path), metadata=metadata)
+    return path
+
+
 def baseline_settings(
     models_dir: Path, default_model: str = "tiny-sd1", **sections: dict[str, Any]
 ) -> Settings:

@@ -15,6 +15,7 @@ from typing import Any
 import pluggy
 import pytest
 import torch
+from peft import LoraConfig
 
 import diffstack.hookspecs
 import diffstack_torch_compile
@@ -102,6 +103,18 @@ def test_unet_projections_fuse_while_diffusers_sdpa_processors_are_in_place() ->
     unet = tiny_unet()
     assert compiler.fuse_projections(unet, DenoiserKind.UNET) == "fused QKV projections"
     assert all(type(p).__name__ == "FusedAttnProcessor2_0" for p in unet.attn_processors.values())
+
+
+def test_unet_projections_stay_apart_under_a_lora_slot() -> None:
+    """Fused modules read the base weights: a LoRA on to_q/to_k/to_v would silently drop out."""
+    unet = tiny_unet()
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"]))
+    processors = {name: type(p) for name, p in unet.attn_processors.items()}
+    assert (
+        compiler.fuse_projections(unet, DenoiserKind.UNET)
+        == "no fused QKV (LoRA adapters sit on the projections)"
+    )
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == processors
 
 
 def test_unet_projections_stay_apart_rather_than_replace_the_hosts_kernels() -> None:

@@ -120,6 +120,13 @@ class Replica:
             diagnostics_pb2.ListModelsResponse,
         )
 
+    async def ListLoras(self, request: Any, grpc_context: Any) -> Any:
+        return await self._answer(
+            self.diagnostics.ListLoras(request, grpc_context),
+            grpc_context,
+            diagnostics_pb2.ListLorasResponse,
+        )
+
     async def GetStats(self, request: Any, grpc_context: Any) -> Any:
         """This replica's stats added to the others' latest posts (``engine["replicas"]`` counts them)."""
         return await self._answer(self._all_stats(), grpc_context, diagnostics_pb2.GetStatsResponse)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image as PILImage
 
+from diffstack.engine.requests import LoraSpec
 from diffstack.errors import FieldViolation, InvalidRequest
 from diffstack.option_schema import OptionSpec, option_schema
 from diffstack.profiles import BUILTIN_PROFILES, Profile, apply_profile, blame_profile
@@ -20,7 +21,7 @@ from diffstack_client.v1 import diagnostics_pb2, generation_pb2, types_pb2
 
 if TYPE_CHECKING:
     from diffstack.config import Limits
-    from diffstack.engine import GenerationRequest, GenerationResult, ModelListing
+    from diffstack.engine import GenerationRequest, GenerationResult, LoraListing, ModelListing
     from diffstack.types import DenoiserWrapperOffer, PluginRecord, StackReport
 
 SPEC = "spec"
@@ -77,6 +78,10 @@ def explicit_fields(spec: types_pb2.GenerationSpec) -> dict[str, Any]:
         "num_images": spec.num_images,
         "seeds": tuple(spec.seeds),
         "wrappers": {name: _options(w.options) for name, w in spec.wrappers.items()},
+        "loras": tuple(
+            LoraSpec(lora.name, lora.scale if lora.HasField("scale") else LoraSpec.scale)
+            for lora in spec.loras
+        ),
     }
     fields = {"prompt": spec.prompt, **{name: value for name, value in maybe.items() if value}}
     for optional in ("guidance", "strength"):
@@ -338,4 +343,16 @@ def model_message(listing: ModelListing) -> diagnostics_pb2.Model:
         description=listing.description,
         device_memory_bytes=None if listing.memory is None else listing.memory.device_bytes,
         host_memory_bytes=None if listing.memory is None else listing.memory.host_bytes,
+    )
+
+
+def lora_message(listing: LoraListing) -> diagnostics_pb2.Lora:
+    return diagnostics_pb2.Lora(
+        name=listing.name,
+        size_bytes=listing.size_bytes,
+        rank=listing.rank,
+        target_modules=listing.target_modules,
+        base=listing.base,
+        compatible_models=listing.compatible_models,
+        problems=listing.problems,
     )

@@ -330,6 +330,13 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
         engine = self.runtime.started_engine()
         return diagnostics_pb2.ListModelsResponse(models=[convert.model_message(m) for m in engine.models()])
 
+    async def ListLoras(
+        self, request: diagnostics_pb2.ListLorasRequest, context: Any = None
+    ) -> diagnostics_pb2.ListLorasResponse:
+        engine = self.runtime.started_engine()
+        listings = await asyncio.to_thread(engine.loras)  # reads LoRA files the first time
+        return diagnostics_pb2.ListLorasResponse(loras=[convert.lora_message(m) for m in listings])
+
     async def GetStats(
         self, request: diagnostics_pb2.GetStatsRequest, context: Any = None
     ) -> diagnostics_pb2.GetStatsResponse:

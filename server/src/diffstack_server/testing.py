@@ -94,6 +94,9 @@ class SpyEngine:
     def models(self) -> Any:
         return self.engine.models()
 
+    def loras(self) -> Any:
+        return self.engine.loras()
+
     def prepare(self, request: GenerationRequest, model: LoadedModel | None = None) -> GenerationRequest:
         return self.engine.prepare(request, model)
 

@@ -59,6 +59,8 @@ class SpecParams(TypedDict, total=False):
     mask: bytes | str | Path | PILImage.Image
     wrappers: Mapping[str, Mapping[str, OptionInput]]
     profile: str
+    loras: Mapping[str, float]
+    """LoRAs by name (``client.loras()`` lists them) with their scales, e.g. ``{"colour-swap": 1.0}``."""
 
 
 _SCALAR_FIELDS = (
@@ -97,6 +99,9 @@ def build_spec(prompt: str, params: SpecParams) -> types_pb2.GenerationSpec:
         wrapper.SetInParent()
         for key, value in options.items():
             wrapper.options[key].CopyFrom(_option(value))
+    spec.loras.extend(
+        types_pb2.LoraSpec(name=name, scale=scale) for name, scale in params.get("loras", {}).items()
+    )
     return spec
 
 

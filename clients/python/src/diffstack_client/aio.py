@@ -178,6 +178,10 @@ class AsyncDiffstackClient:
         response = await self._admin_call(self._diagnostics.ListModels, diagnostics_pb2.ListModelsRequest())
         return list(response.models)
 
+    async def loras(self) -> list[diagnostics_pb2.Lora]:
+        response = await self._admin_call(self._diagnostics.ListLoras, diagnostics_pb2.ListLorasRequest())
+        return list(response.loras)
+
     async def stats(self) -> diagnostics_pb2.GetStatsResponse:
         return await self._admin_call(self._diagnostics.GetStats, diagnostics_pb2.GetStatsRequest())
 

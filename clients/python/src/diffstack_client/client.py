@@ -184,6 +184,10 @@ class DiffstackClient:
             self._admin_call(self._diagnostics.ListModels, diagnostics_pb2.ListModelsRequest()).models
         )
 
+    def loras(self) -> list[diagnostics_pb2.Lora]:
+        """The installed LoRAs: name, size, rank, target modules, and which loaded models take them."""
+        return list(self._admin_call(self._diagnostics.ListLoras, diagnostics_pb2.ListLorasRequest()).loras)
+
     def stats(self) -> diagnostics_pb2.GetStatsResponse:
         """Live statistics: queue depth, in flight, served, failed, latency percentiles, GPU memory."""
         return self._admin_call(self._diagnostics.GetStats, diagnostics_pb2.GetStatsRequest())

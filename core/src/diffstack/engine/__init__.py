@@ -13,6 +13,8 @@ from diffstack.engine.requests import (
     GenerationJob,
     GenerationRequest,
     GenerationResult,
+    LoraListing,
+    LoraSpec,
     ModelListing,
     StepEvent,
 )
@@ -29,6 +31,8 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "LaunchedBatch",
+    "LoraListing",
+    "LoraSpec",
     "ModelListing",
     "ServingEngine",
     "StepEvent",

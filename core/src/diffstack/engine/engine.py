@@ -39,11 +39,13 @@ from diffstack.engine.loading import (
     resolve_model_path,
     without_dirs,
 )
+from diffstack.engine.loras import LORA_FOLDER, LoraCatalogue, LoraError
 from diffstack.engine.model import LoadedModel, load_model
 from diffstack.engine.requests import (
     GenerationJob,
     GenerationRequest,
     GenerationResult,
+    LoraListing,
     ModelListing,
     ModelMemory,
 )
@@ -311,6 +313,8 @@ class Engine:
         models_dir = self.settings.engine.models_dir
         if models_dir is not None and models_dir.is_dir():
             for entry in models_dir.iterdir():
+                if entry.name == LORA_FOLDER:
+                    continue
                 if MODEL_NAME.fullmatch(entry.name) and (entry.is_dir() or entry.suffix == ".safetensors"):
                     try:
                         keys.add(self.resolve(entry.name))
@@ -338,6 +342,42 @@ class Engine:
             weights=card.weights if card else "",
             description=card.description if card else "",
             memory=self._memory.get(key),
+        )
+
+    def loras(self) -> list[LoraListing]:
+        """Every installed LoRA: what it is, and which loaded models take it (and why others do not)."""
+        with self._lock:
+            models = list(self._models.values())
+        return [self._lora_listing(catalogue_name, models) for catalogue_name in self._lora_catalogue.names()]
+
+    @functools.cached_property
+    def _lora_catalogue(self) -> LoraCatalogue:
+        return LoraCatalogue.for_models_dir(self.settings.engine.models_dir)
+
+    def _lora_listing(self, name: str, models: list[LoadedModel]) -> LoraListing:
+        try:
+            lora = self._lora_catalogue.read(name)
+        except (LoraError, InvalidRequest) as error:
+            return LoraListing(name, 0, 0, (), "", (), (str(error),))
+        compatible, problems = [], []
+        for model in models:
+            problem = (
+                "takes no LoRAs (none fitted it at load)"
+                if model.loras is None
+                else model.loras.problem(lora)
+            )
+            if problem is None:
+                compatible.append(model.name)
+            else:
+                problems.append(f"{model.name}: {problem}")
+        return LoraListing(
+            name,
+            lora.size_bytes,
+            lora.rank,
+            lora.target_modules,
+            lora.prefix,
+            tuple(compatible),
+            tuple(problems),
         )
 
     def report(self, model: str = "") -> StackReport:
@@ -388,6 +428,7 @@ class Engine:
             request.init_image is not None,
             request.mask is not None,
             request.strength if request.init_image is not None else None,
+            request.loras,
         )
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]:

@@ -55,18 +55,18 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 with a dot (so never ``.``, ``..`` or a hidden entry), without separators or control characters."""
 
 
-def check_model_name(name: str) -> None:
-    """Raise InvalidRequest (field ``model``) unless ``name`` is one safe entry name."""
+def check_model_name(name: str, field: str = "model", what: str = "model") -> None:
+    """Raise InvalidRequest (on ``field``) unless ``name`` is one safe entry name."""
     if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
         problem = f"is longer than {NAME_MAX} bytes"
     elif not MODEL_NAME.fullmatch(name):
         problem = (
-            "must be one entry of the models directory: letters, digits, '.', '_' and '-', "
+            f"must be one entry of the {what}s directory: letters, digits, '.', '_' and '-', "
             "not starting with '.', without '/' or control characters"
         )
     else:
         return
-    raise InvalidRequest(FieldViolation("model", f"model name {shown(name)} {problem}"))
+    raise InvalidRequest(FieldViolation(field, f"{what} name {shown(name)} {problem}"))
 
 
 def resolve_model_path(name: str, models_dir: Path | None) -> Path:
@@ -75,19 +75,28 @@ def resolve_model_path(name: str, models_dir: Path | None) -> Path:
     ``name`` must pass :func:`check_model_name`; symlinks are resolved first, so every spelling of
     one model (a symlink to it, say) resolves to the same path: the key the engine loads it under.
     """
-    check_model_name(name)
     if models_dir is None:
+        check_model_name(name)
         raise InvalidRequest(
             FieldViolation("model", f"unknown model {shown(name)}: no models directory is configured")
         )
-    root = models_dir.resolve()
-    candidate = (root / name).resolve()
+    return resolve_entry(name, models_dir)
+
+
+def resolve_entry(
+    name: str, folder: Path, field: str = "model", what: str = "model", suffix: str = ""
+) -> Path:
+    """The resolved path of entry ``name`` (plus ``suffix``) of ``folder``, never one outside it:
+    the containment check of model names, for every named thing the server reads from disk."""
+    check_model_name(name, field, what)
+    root = folder.resolve()
+    candidate = (root / f"{name}{suffix}").resolve()
     if not candidate.is_relative_to(root) or candidate == root:
         raise InvalidRequest(
-            FieldViolation("model", f"model {shown(name)} must name an entry inside the models directory")
+            FieldViolation(field, f"{what} {shown(name)} must name an entry inside the {what}s directory")
         )
     if not candidate.exists():
-        raise InvalidRequest(FieldViolation("model", f"unknown model {shown(name)}"))
+        raise InvalidRequest(FieldViolation(field, f"unknown {what} {shown(name)}"))
     return candidate
 
 

@@ -19,6 +19,7 @@ from diffstack.config import Settings
 from diffstack.decisions import Decision, DecisionStore, decision_key, restricted_host, same_choice
 from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
 from diffstack.engine.loading import ModelCard, detect_family, load_pipeline
+from diffstack.engine.loras import LoraCatalogue, LoraSlot
 from diffstack.engine.samplers import SAMPLERS
 from diffstack.engine.tokens import TokenCounter
 from diffstack.plugins import PluginHost
@@ -45,6 +46,8 @@ class LoadedModel:
     the stack, such as the server's batch size, are kept under it too."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds its loading took, by phase (``load_s``, ``compose_s``, ``warmup_s``)."""
+    loras: LoraSlot | None = None
+    """The LoRA hot-swap slot; None when the model takes no LoRAs (none fitted at load, or off)."""
 
     def denoiser_for(self, with_wrappers: bool) -> torch.nn.Module:
         """The compiled denoiser, or the eager one when wrappers must hook into its blocks."""
@@ -95,8 +98,15 @@ def load_model(name: str, path: Path, host: PluginHost, settings: Settings) -> L
     device = resolve_device(settings)
     pipeline = load_pipeline(path, family, device, resolve_dtype(settings, device, family))
     card = ModelCard.read(path if path.is_dir() else path.parent)
+    # Before composing: the slot must be in the denoiser the stack measures and compiles.
+    loras = LoraSlot.prepare(
+        adapter_for(family).denoiser(pipeline),
+        settings.engine.lora_rank,
+        LoraCatalogue.for_models_dir(settings.engine.models_dir),
+        settings.engine.lora_cache,
+    )
     loaded = time.perf_counter()
-    model = compose_model(name, path, pipeline, family, card, host, settings)
+    model = compose_model(name, path, pipeline, family, card, host, settings, loras)
     model.startup.update(load_s=loaded - started, compose_s=time.perf_counter() - loaded)
     return model
 
@@ -109,6 +119,7 @@ def compose_model(
     card: ModelCard,
     host: PluginHost,
     settings: Settings,
+    loras: LoraSlot | None = None,
 ) -> LoadedModel:
     """Measure a pipeline's attention shapes and compose its stack (benchmarks call this directly)."""
     adapter = adapter_for(family)
@@ -149,7 +160,9 @@ def compose_model(
     if restored is not None:
         stack, report = restored
         log.info("stack restored", model=name, family=family.value, chosen=report.summary())
-        return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key)
+        return LoadedModel(
+            name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key, loras=loras
+        )
     stack = compose_stack(host, under_test, settings.compose, apply_attention)
     notes = [f"denoiser calls measured at batch {settings.compose.batch}, {width}x{height}"]
     if not measure:
@@ -176,7 +189,9 @@ def compose_model(
     if key is not None:
         _keep(settings, name, key, report)
     log.info("stack composed", model=name, family=family.value, chosen=report.summary())
-    return LoadedModel(name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key)
+    return LoadedModel(
+            name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key, loras=loras
+        )
 
 
 VAE_CHECK_SIZE = (64, 64)

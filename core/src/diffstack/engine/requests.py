@@ -17,6 +17,14 @@ AUTO = "auto"
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a request: its name in the ``loras/`` folder and the scale its update gets."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One client's request. Zero and empty values mean "the model's default".
 
@@ -41,6 +49,8 @@ class GenerationRequest:
     """Inpainting: white repaints, black keeps ``init_image``; the same size as it (grey levels blend)."""
     wrappers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Denoiser wrappers to enable, by name, with per-request options (within the server's policy)."""
+    loras: tuple[LoraSpec, ...] = ()
+    """LoRAs applied for this request (sorted by name once prepared, so equal sets batch together)."""
 
 
 @dataclass(frozen=True)
@@ -106,3 +116,19 @@ class ModelListing:
     description: str
     memory: ModelMemory | None = None
     """What the model holds while loaded; None when it is not."""
+
+
+@dataclass(frozen=True)
+class LoraListing:
+    """A LoRA the engine can apply, and which loaded models take it."""
+
+    name: str
+    size_bytes: int
+    rank: int
+    target_modules: tuple[str, ...]
+    base: str
+    """The denoiser component it was made for (``unet``, ``transformer``); empty when unreadable."""
+    compatible_models: tuple[str, ...]
+    """Loaded models whose LoRA slot takes it."""
+    problems: tuple[str, ...]
+    """Why it cannot serve: the file itself, or each loaded model that refuses it."""

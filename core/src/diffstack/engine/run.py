@@ -159,6 +159,8 @@ class _Launched:
     reference: bool = False
     started: float = 0.0
     encoded: float = 0.0
+    swap_s: float = 0.0
+    """Seconds the LoRA swap took before encoding (0 when the LoRAs were in already)."""
 
     def collect(self) -> list[Outcome | None]:
         if self.outcomes is not None:
@@ -168,7 +170,8 @@ class _Launched:
             self.ready.synchronize()
         finished = time.perf_counter()
         timings = {
-            "encode_s": self.encoded - self.started,
+            "lora_swap_s": self.swap_s,
+            "encode_s": self.encoded - self.started - self.swap_s,
             "pipeline_s": finished - self.encoded,
             "total_s": finished - self.started,
         }
@@ -199,6 +202,7 @@ def _launch(
     request = jobs[0].request
     stopped: dict[int, DiffstackError] = {}
     started = time.perf_counter()
+    swap_s = model.loras.activate(request.loras) if model.loras is not None else 0.0
     try:
         embeddings = _encode(model, jobs, reference)
         encoded = time.perf_counter()
@@ -244,6 +248,7 @@ def _launch(
         reference=reference,
         started=started,
         encoded=encoded,
+        swap_s=swap_s,
     )
 
 

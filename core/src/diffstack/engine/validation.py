@@ -12,6 +12,7 @@ from PIL import Image as PILImage
 
 from diffstack.compose.sigmas import sigmas_problem
 from diffstack.config import Limits
+from diffstack.engine.loras import MAX_SCALE
 from diffstack.engine.model import LoadedModel
 from diffstack.engine.requests import AUTO, GenerationRequest
 from diffstack.engine.samplers import PLUGIN_SAMPLER_BASE, SAMPLERS, Sampler
@@ -36,7 +37,8 @@ def prepare_request(request: GenerationRequest, model: LoadedModel, limits: Limi
         init_image = init_image.convert("RGB").resize(size)
     if mask is not None:
         mask = mask.convert("L").resize(size)
-    return replace(resolved, init_image=init_image, mask=mask, seeds=_seeds(resolved))
+    loras = tuple(sorted(resolved.loras, key=lambda spec: spec.name))
+    return replace(resolved, init_image=init_image, mask=mask, seeds=_seeds(resolved), loras=loras)
 
 
 def with_defaults(request: GenerationRequest, model: LoadedModel, limits: Limits) -> GenerationRequest:
@@ -264,6 +266,33 @@ def _too_many_pixels(value: object, limits: Limits) -> bool:
     return isinstance(value, PILImage.Image) and value.width * value.height > limits.max_pixels
 
 
+def _check_loras(request: GenerationRequest, model: LoadedModel, limits: Limits) -> Iterator[FieldViolation]:
+    """Names and scales first (no file is read for a bad name), then the files against the slot."""
+    if not request.loras:
+        return
+    if len(request.loras) > limits.max_loras:
+        yield FieldViolation(
+            "loras", f"{len(request.loras)} LoRAs asked; at most {limits.max_loras} (limits.max_loras)"
+        )
+        return
+    names = [spec.name for spec in request.loras]
+    for index, spec in enumerate(request.loras):
+        if not math.isfinite(spec.scale) or abs(spec.scale) > MAX_SCALE:
+            yield FieldViolation(
+                f"loras[{index}].scale", f"scale {spec.scale} must be finite, within ±{MAX_SCALE}"
+            )
+        if names.index(spec.name) != index:
+            yield FieldViolation(f"loras[{index}].name", f"LoRA {shown(spec.name)} is named twice")
+    if model.loras is None:
+        yield FieldViolation(
+            "loras",
+            f"model {model.name!r} takes no LoRAs: none fitted it when it loaded, or engine.lora_rank "
+            "is 0 (unload and load it again after installing LoRAs)",
+        )
+        return
+    yield from model.loras.violations(request.loras)
+
+
 def _latent_problems(
     offer: DenoiserWrapperOffer, options: object, request: GenerationRequest, model: LoadedModel
 ) -> tuple[OptionProblem, ...]:
@@ -312,6 +341,7 @@ CHECKS: tuple[Check, ...] = (
     _check_mask,
     _check_cost,
     _check_wrappers,
+    _check_loras,
     _check_schedule,
 )
 

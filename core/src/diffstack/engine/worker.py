@@ -30,7 +30,13 @@ from diffstack.errors import FieldViolation, InvalidRequest, NotReady
 if TYPE_CHECKING:
     from diffstack.config import Settings
     from diffstack.engine.model import LoadedModel
-    from diffstack.engine.requests import GenerationJob, GenerationRequest, GenerationResult, ModelListing
+    from diffstack.engine.requests import (
+        GenerationJob,
+        GenerationRequest,
+        GenerationResult,
+        LoraListing,
+        ModelListing,
+    )
     from diffstack.errors import DiffstackError
     from diffstack.plugins import PluginHost
     from diffstack.types import PluginRecord
@@ -73,6 +79,8 @@ class ServingEngine(Protocol):
     def free_memory(self) -> list[str]: ...
 
     def models(self) -> list[ModelListing]: ...
+
+    def loras(self) -> list[LoraListing]: ...
 
     def prepare(self, request: GenerationRequest, model: LoadedModel | None = None) -> GenerationRequest: ...
 

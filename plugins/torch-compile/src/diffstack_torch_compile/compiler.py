@@ -145,9 +145,12 @@ def fuse_projections(denoiser: torch.nn.Module, kind: DenoiserKind) -> str:
     Transformers (FLUX) fuse without touching their attention backend. A UNet's
     ``fuse_qkv_projections`` replaces every attention processor with diffusers' fused SDPA one, so it
     runs only while the UNet still has diffusers' own SDPA processors: it never undoes a kernel the
-    host installed.
+    host installed. A denoiser carrying LoRA adapters (the engine's hot-swap slot) is not fused.
     """
     fuse: Callable[[], None] | None = getattr(denoiser, "fuse_qkv_projections", None)
+    if getattr(denoiser, "peft_config", None):
+        # Fused modules are read from the base weights: the LoRA slot on to_q/to_k/to_v would be bypassed.
+        return "no fused QKV (LoRA adapters sit on the projections)"
     if fuse is None:
         return f"no fused QKV ({type(denoiser).__name__} cannot fuse projections)"
     if kind is DenoiserKind.UNET:

@@ -945,3 +945,96 @@ class LatencyPercentiles(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LatencyPercentiles: _TypeAlias = LatencyPercentiles  # noqa: Y015
+
+@_typing.final
+class ListLorasRequest(_message.Message):
+    """ListLorasRequest has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLorasRequest: _TypeAlias = ListLorasRequest  # noqa: Y015
+
+@_typing.final
+class ListLorasResponse(_message.Message):
+    """ListLorasResponse lists the LoRAs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LORAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lora]:
+        """Every LoRA file of the server's loras/ folder (and the embedded model's), by name."""
+
+    def __init__(
+        self,
+        *,
+        loras: _abc.Iterable[Global___Lora] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loras", b"loras"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLorasResponse: _TypeAlias = ListLorasResponse  # noqa: Y015
+
+@_typing.final
+class Lora(_message.Message):
+    """Lora is one installed LoRA."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    COMPATIBLE_MODELS_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name a request uses (LoraSpec.name)."""
+    size_bytes: _builtins.int
+    """The file's size in bytes."""
+    rank: _builtins.int
+    """Its largest rank over the modules it changes."""
+    base: _builtins.str
+    """The denoiser component it was made for ("unet" or "transformer")."""
+    @_builtins.property
+    def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The kinds of module it changes (e.g. "to_q", "to_out.0")."""
+
+    @_builtins.property
+    def compatible_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The loaded models that take it."""
+
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why it cannot serve: the file itself, or per loaded model that refuses it ("model: reason")."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        base: _builtins.str = ...,
+        compatible_models: _abc.Iterable[_builtins.str] | None = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "compatible_models", b"compatible_models", "name", b"name", "problems", b"problems", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lora: _TypeAlias = Lora  # noqa: Y015

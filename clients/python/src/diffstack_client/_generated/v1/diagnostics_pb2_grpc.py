@@ -70,6 +70,11 @@ class DiagnosticsServiceStub:
                 request_serializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryRequest.SerializeToString,
                 response_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryResponse.FromString,
                 _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/diffstack.v1.DiagnosticsService/ListLoras',
+                request_serializer=diffstack_dot_v1_dot_diagnostics__pb2.ListLorasRequest.SerializeToString,
+                response_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.ListLorasResponse.FromString,
+                _registered_method=True)
 
 
 class DiagnosticsServiceServicer:
@@ -125,6 +130,13 @@ class DiagnosticsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLoras(self, request, context):
+        """ListLoras lists the installed LoRAs and which loaded models take them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiagnosticsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +174,11 @@ def add_DiagnosticsServiceServicer_to_server(servicer, server):
                     servicer.FreeMemory,
                     request_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryRequest.FromString,
                     response_serializer=diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryResponse.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=diffstack_dot_v1_dot_diagnostics__pb2.ListLorasRequest.FromString,
+                    response_serializer=diffstack_dot_v1_dot_diagnostics__pb2.ListLorasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +371,33 @@ class DiagnosticsService:
             '/diffstack.v1.DiagnosticsService/FreeMemory',
             diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryRequest.SerializeToString,
             diffstack_dot_v1_dot_diagnostics__pb2.FreeMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffstack.v1.DiagnosticsService/ListLoras',
+            diffstack_dot_v1_dot_diagnostics__pb2.ListLorasRequest.SerializeToString,
+            diffstack_dot_v1_dot_diagnostics__pb2.ListLorasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,8 @@ class DiagnosticsServiceStub:
     """UnloadModel unloads one model that no request holds (an admin's call: it needs the admin token)."""
     FreeMemory: _grpc.UnaryUnaryMultiCallable[_diagnostics_pb2.FreeMemoryRequest, _diagnostics_pb2.FreeMemoryResponse]
     """FreeMemory unloads every idle model but the default and returns cached device memory (admin)."""
+    ListLoras: _grpc.UnaryUnaryMultiCallable[_diagnostics_pb2.ListLorasRequest, _diagnostics_pb2.ListLorasResponse]
+    """ListLoras lists the installed LoRAs and which loaded models take them."""
 
 @_typing.type_check_only
 class DiagnosticsServiceAsyncStub(DiagnosticsServiceStub):
@@ -67,6 +69,8 @@ class DiagnosticsServiceAsyncStub(DiagnosticsServiceStub):
     """UnloadModel unloads one model that no request holds (an admin's call: it needs the admin token)."""
     FreeMemory: _aio.UnaryUnaryMultiCallable[_diagnostics_pb2.FreeMemoryRequest, _diagnostics_pb2.FreeMemoryResponse]  # type: ignore[assignment]
     """FreeMemory unloads every idle model but the default and returns cached device memory (admin)."""
+    ListLoras: _aio.UnaryUnaryMultiCallable[_diagnostics_pb2.ListLorasRequest, _diagnostics_pb2.ListLorasResponse]  # type: ignore[assignment]
+    """ListLoras lists the installed LoRAs and which loaded models take them."""
 
 class DiagnosticsServiceServicer(metaclass=_abc_1.ABCMeta):
     """DiagnosticsService reports plugins, composed stacks, models and live statistics; it may require an admin token."""
@@ -126,5 +130,13 @@ class DiagnosticsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_diagnostics_pb2.FreeMemoryResponse, _abc.Awaitable[_diagnostics_pb2.FreeMemoryResponse]]:
         """FreeMemory unloads every idle model but the default and returns cached device memory (admin)."""
+
+    @_abc_1.abstractmethod
+    def ListLoras(
+        self,
+        request: _diagnostics_pb2.ListLorasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diagnostics_pb2.ListLorasResponse, _abc.Awaitable[_diagnostics_pb2.ListLorasResponse]]:
+        """ListLoras lists the installed LoRAs and which loaded models take them."""
 
 def add_DiagnosticsServiceServicer_to_server(servicer: DiagnosticsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

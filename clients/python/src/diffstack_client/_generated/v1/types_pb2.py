@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iffstack/v1/types.proto\x12\x0c\x64iffstack.v1\"_\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.diffstack.v1.ImageFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"\xee\x03\n\x0eGenerationSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x15\n\x08guidance\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x10\n\x08schedule\x18\t \x01(\t\x12\r\n\x05seeds\x18\n \x03(\x04\x12\x12\n\nnum_images\x18\x0b \x01(\r\x12\'\n\ninit_image\x18\x0c \x01(\x0b\x32\x13.diffstack.v1.Image\x12\x15\n\x08strength\x18\r \x01(\x02H\x01\x88\x01\x01\x12<\n\x08wrappers\x18\x0e \x03(\x0b\x32*.diffstack.v1.GenerationSpec.WrappersEntry\x12!\n\x04mask\x18\x0f \x01(\x0b\x32\x13.diffstack.v1.Image\x12\x0f\n\x07profile\x18\x10 \x01(\t\x1aM\n\rWrappersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.diffstack.v1.WrapperOptions:\x02\x38\x01\x42\x0b\n\t_guidanceB\x0b\n\t_strength\"\x97\x01\n\x0eWrapperOptions\x12:\n\x07options\x18\x01 \x03(\x0b\x32).diffstack.v1.WrapperOptions.OptionsEntry\x1aI\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.diffstack.v1.OptionValue:\x02\x38\x01\"\x9c\x01\n\x0bOptionValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12*\n\x0bimage_value\x18\x05 \x01(\x0b\x32\x13.diffstack.v1.ImageH\x00\x42\x06\n\x04kind\"\x8e\x01\n\rOutputOptions\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.diffstack.v1.ImageFormat\x12\x14\n\x07quality\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x65\x66\x66ort\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x08lossless\x18\x04 \x01(\x08\x42\n\n\x08_qualityB\t\n\x07_effort\"B\n\x0eGeneratedImage\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.diffstack.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\"*\n\nSlotChoice\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\"\xe6\x01\n\x10GenerationResult\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.diffstack.v1.GeneratedImage\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05stack\x18\x03 \x03(\x0b\x32\x18.diffstack.v1.SlotChoice\x12<\n\x07timings\x18\x04 \x03(\x0b\x32+.diffstack.v1.GenerationResult.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x89\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x02\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x03\x12\x18\n\x14IMAGE_FORMAT_RAW_RGB\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iffstack/v1/types.proto\x12\x0c\x64iffstack.v1\"_\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.diffstack.v1.ImageFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"\x95\x04\n\x0eGenerationSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x15\n\x08guidance\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x10\n\x08schedule\x18\t \x01(\t\x12\r\n\x05seeds\x18\n \x03(\x04\x12\x12\n\nnum_images\x18\x0b \x01(\r\x12\'\n\ninit_image\x18\x0c \x01(\x0b\x32\x13.diffstack.v1.Image\x12\x15\n\x08strength\x18\r \x01(\x02H\x01\x88\x01\x01\x12<\n\x08wrappers\x18\x0e \x03(\x0b\x32*.diffstack.v1.GenerationSpec.WrappersEntry\x12!\n\x04mask\x18\x0f \x01(\x0b\x32\x13.diffstack.v1.Image\x12\x0f\n\x07profile\x18\x10 \x01(\t\x12%\n\x05loras\x18\x11 \x03(\x0b\x32\x16.diffstack.v1.LoraSpec\x1aM\n\rWrappersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.diffstack.v1.WrapperOptions:\x02\x38\x01\x42\x0b\n\t_guidanceB\x0b\n\t_strength\"6\n\x08LoraSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"\x97\x01\n\x0eWrapperOptions\x12:\n\x07options\x18\x01 \x03(\x0b\x32).diffstack.v1.WrapperOptions.OptionsEntry\x1aI\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.diffstack.v1.OptionValue:\x02\x38\x01\"\x9c\x01\n\x0bOptionValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12*\n\x0bimage_value\x18\x05 \x01(\x0b\x32\x13.diffstack.v1.ImageH\x00\x42\x06\n\x04kind\"\x8e\x01\n\rOutputOptions\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.diffstack.v1.ImageFormat\x12\x14\n\x07quality\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x65\x66\x66ort\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x08lossless\x18\x04 \x01(\x08\x42\n\n\x08_qualityB\t\n\x07_effort\"B\n\x0eGeneratedImage\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.diffstack.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\"*\n\nSlotChoice\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\"\xe6\x01\n\x10GenerationResult\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.diffstack.v1.GeneratedImage\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05stack\x18\x03 \x03(\x0b\x32\x18.diffstack.v1.SlotChoice\x12<\n\x07timings\x18\x04 \x03(\x0b\x32+.diffstack.v1.GenerationResult.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x89\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x02\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x03\x12\x18\n\x14IMAGE_FORMAT_RAW_RGB\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,28 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRAPPEROPTIONS_OPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATIONRESULT_TIMINGSENTRY']._loaded_options = None
   _globals['_GENERATIONRESULT_TIMINGSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGEFORMAT']._serialized_start=1440
-  _globals['_IMAGEFORMAT']._serialized_end=1577
+  _globals['_IMAGEFORMAT']._serialized_start=1535
+  _globals['_IMAGEFORMAT']._serialized_end=1672
   _globals['_IMAGE']._serialized_start=42
   _globals['_IMAGE']._serialized_end=137
   _globals['_GENERATIONSPEC']._serialized_start=140
-  _globals['_GENERATIONSPEC']._serialized_end=634
-  _globals['_GENERATIONSPEC_WRAPPERSENTRY']._serialized_start=531
-  _globals['_GENERATIONSPEC_WRAPPERSENTRY']._serialized_end=608
-  _globals['_WRAPPEROPTIONS']._serialized_start=637
-  _globals['_WRAPPEROPTIONS']._serialized_end=788
-  _globals['_WRAPPEROPTIONS_OPTIONSENTRY']._serialized_start=715
-  _globals['_WRAPPEROPTIONS_OPTIONSENTRY']._serialized_end=788
-  _globals['_OPTIONVALUE']._serialized_start=791
-  _globals['_OPTIONVALUE']._serialized_end=947
-  _globals['_OUTPUTOPTIONS']._serialized_start=950
-  _globals['_OUTPUTOPTIONS']._serialized_end=1092
-  _globals['_GENERATEDIMAGE']._serialized_start=1094
-  _globals['_GENERATEDIMAGE']._serialized_end=1160
-  _globals['_SLOTCHOICE']._serialized_start=1162
-  _globals['_SLOTCHOICE']._serialized_end=1204
-  _globals['_GENERATIONRESULT']._serialized_start=1207
-  _globals['_GENERATIONRESULT']._serialized_end=1437
-  _globals['_GENERATIONRESULT_TIMINGSENTRY']._serialized_start=1391
-  _globals['_GENERATIONRESULT_TIMINGSENTRY']._serialized_end=1437
+  _globals['_GENERATIONSPEC']._serialized_end=673
+  _globals['_GENERATIONSPEC_WRAPPERSENTRY']._serialized_start=570
+  _globals['_GENERATIONSPEC_WRAPPERSENTRY']._serialized_end=647
+  _globals['_LORASPEC']._serialized_start=675
+  _globals['_LORASPEC']._serialized_end=729
+  _globals['_WRAPPEROPTIONS']._serialized_start=732
+  _globals['_WRAPPEROPTIONS']._serialized_end=883
+  _globals['_WRAPPEROPTIONS_OPTIONSENTRY']._serialized_start=810
+  _globals['_WRAPPEROPTIONS_OPTIONSENTRY']._serialized_end=883
+  _globals['_OPTIONVALUE']._serialized_start=886
+  _globals['_OPTIONVALUE']._serialized_end=1042
+  _globals['_OUTPUTOPTIONS']._serialized_start=1045
+  _globals['_OUTPUTOPTIONS']._serialized_end=1187
+  _globals['_GENERATEDIMAGE']._serialized_start=1189
+  _globals['_GENERATEDIMAGE']._serialized_end=1255
+  _globals['_SLOTCHOICE']._serialized_start=1257
+  _globals['_SLOTCHOICE']._serialized_end=1299
+  _globals['_GENERATIONRESULT']._serialized_start=1302
+  _globals['_GENERATIONRESULT']._serialized_end=1532
+  _globals['_GENERATIONRESULT_TIMINGSENTRY']._serialized_start=1486
+  _globals['_GENERATIONRESULT_TIMINGSENTRY']._serialized_end=1532
 # @@protoc_insertion_point(module_scope)

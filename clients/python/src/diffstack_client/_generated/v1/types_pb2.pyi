@@ -128,6 +128,7 @@ class GenerationSpec(_message.Message):
     WRAPPERS_FIELD_NUMBER: _builtins.int
     MASK_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name as ListModels reports it; empty for the server's default model."""
     prompt: _builtins.str
@@ -178,6 +179,13 @@ class GenerationSpec(_message.Message):
         inpainting of a padded init_image whose mask is white over the padding.
         """
 
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraSpec]:
+        """LoRAs to apply for this request (names from the server's loras/ folder; ListLoras lists them),
+        summed with their scales. A LoRA change never recompiles the server's compiled denoiser: the
+        weights are hot-swapped into a slot. Requests batch only with requests of the same LoRAs.
+        """
+
     def __init__(
         self,
         *,
@@ -197,10 +205,11 @@ class GenerationSpec(_message.Message):
         wrappers: _abc.Mapping[_builtins.str, Global___WrapperOptions] | None = ...,
         mask: Global___Image | None = ...,
         profile: _builtins.str = ...,
+        loras: _abc.Iterable[Global___LoraSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "init_image", b"init_image", "mask", b"mask", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "height", b"height", "init_image", b"init_image", "mask", b"mask", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "profile", b"profile", "prompt", b"prompt", "sampler", b"sampler", "schedule", b"schedule", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "width", b"width", "wrappers", b"wrappers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_strength", b"_strength", "guidance", b"guidance", "height", b"height", "init_image", b"init_image", "loras", b"loras", "mask", b"mask", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "profile", b"profile", "prompt", b"prompt", "sampler", b"sampler", "schedule", b"schedule", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "width", b"width", "wrappers", b"wrappers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
@@ -212,6 +221,34 @@ class GenerationSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
+
+@_typing.final
+class LoraSpec(_message.Message):
+    """LoraSpec names one LoRA of a request and how strongly it applies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The LoRA's name: its file name in the server's loras/ folder without ".safetensors"."""
+    scale: _builtins.float
+    """The factor its update is multiplied by, within [-4, 4]; unset means 1.0."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___LoraSpec: _TypeAlias = LoraSpec  # noqa: Y015
 
 @_typing.final
 class WrapperOptions(_message.Message):
