@@ -99,7 +99,7 @@ def test_loras_are_part_of_the_batch_key_in_name_order(lora_engine: Engine) -> N
         ((LoraSpec("style-a", 5.0),), "loras[0].scale", "within"),
         ((LoraSpec("style-a"), LoraSpec("style-a")), "loras[1].name", "twice"),
         ((LoraSpec("for-sdxl"),), "loras[0].name", "another base model"),
-        ((LoraSpec("too-big"),), "loras[0].name", "above the slot's 8"),
+        ((LoraSpec("too-big"),), "loras[0].name", "above the slot's 6"),
         ((LoraSpec("broken"),), "loras[0].name", "not a readable safetensors"),
         ((LoraSpec("style-a"), LoraSpec("style-b"), LoraSpec("style-a", 2)), "loras[2].name", "twice"),
         (tuple(LoraSpec(f"l{i}") for i in range(5)), "loras", "at most 4"),

@@ -55,10 +55,10 @@ class EngineSettings(_Section):
     max_models_bytes: int | None = Field(default=None, ge=0)
     """If set, the loaded models' parameters and buffers stay within this many bytes the same way."""
     lora_rank: int = Field(default=32, ge=0, le=1024)
-    """The hot-swap slot's rank: the largest combined rank of one request's LoRAs. A model loaded
-    while ``loras/`` holds a LoRA gets a slot of this rank on its attention projections, so a LoRA
-    change is a weight copy, never a recompile; 0 turns LoRAs off. A zero slot still costs its
-    low-rank matmuls on every call (measured in BENCHMARKS.md)."""
+    """The largest hot-swap slot: the combined rank one request's LoRAs may have. A model loaded while
+    ``loras/`` holds a LoRA that fits it gets a slot on its attention projections of this rank, or of
+    the fitting LoRAs' ranks summed if that is less, so a LoRA change is a weight copy, never a
+    recompile; 0 turns LoRAs off. A zero slot still costs its low-rank matmuls on every call."""
     lora_cache: int = Field(default=8, ge=1)
     """LoRA files kept in memory per model, least recently used dropped first."""
 

@@ -256,7 +256,7 @@ def misfit(lora: LoraFile, targets: Mapping[str, tuple[int, int]], rank: int) ->
                 f"was made for another base model: its {module} is {shape.in_features}->{shape.out_features}"
             )
     if lora.rank > rank:
-        return f"has rank {lora.rank}, above the slot's {rank} (engine.lora_rank)"
+        return f"has rank {lora.rank}, above the slot's {rank} (set at load; at most engine.lora_rank)"
     return None
 
 
@@ -282,19 +282,22 @@ class LoraSlot:
     def prepare(
         cls, denoiser: torch.nn.Module, rank: int, catalogue: LoraCatalogue, cache: int
     ) -> LoraSlot | None:
-        """A slot on ``denoiser`` when LoRAs are on (rank > 0) and an installed LoRA fits it; a model
-        no LoRA fits pays nothing (a slot's zero adapter still costs its matmuls)."""
+        """A slot on ``denoiser`` when LoRAs are on (rank > 0) and an installed LoRA fits it, of the
+        smaller of ``rank`` and the fitting LoRAs' ranks summed: a slot's zero adapter still costs its
+        matmuls on every call, so a model pays only for what its installed LoRAs can use (none: no slot).
+        """
         if rank <= 0:
             return None
         targets = slot_targets(denoiser)
+        fitting = 0
         for name in catalogue.names():
             try:
                 lora = catalogue.read(name)
             except (LoraError, InvalidRequest):
                 continue
             if misfit(lora, targets, rank) is None:
-                return cls(denoiser, rank, catalogue, cache)
-        return None
+                fitting += lora.rank
+        return cls(denoiser, min(rank, fitting), catalogue, cache) if fitting else None
 
     def problem(self, lora: LoraFile) -> str | None:
         """Why ``lora`` cannot go into this slot, or None."""
@@ -322,7 +325,7 @@ class LoraSlot:
             yield FieldViolation(
                 "loras",
                 f"these LoRAs together need rank {max(ranks.values())} on one module; "
-                f"the slot takes {self.rank} (engine.lora_rank)",
+                f"the slot takes {self.rank} (set at load; at most engine.lora_rank)",
             )
 
     # -- swapping ------------------------------------------------------------------------------------
