@@ -26,6 +26,7 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
                                       20-step image through the context-parallel gRPC server (~240 s)
     replicas-sd15                     SD1.5 throughput with 1 and 2 Ray Serve replicas, 32 clients
                                       (needs ray[serve]: bench/join_wheels.sh)
+    lora-sd15                         LoRA hot-swap cost, eager and compiled (CUDA graphs); no recompile
 
 On the GPU machine see ``bench/gpu.sh``, which installs the carried wheels and the repo's packages
 first. Everything lands in OUT: ``results.json`` (rewritten after every part), ``table.md``, and
@@ -61,6 +62,7 @@ STAGE_MINIMUM = {
     "cp-flux": 200,
     "replicas-sd15": 100,
     "quality": 60,
+    "lora-sd15": 90,
 }
 """Seconds a stage needs at least (its essential parts) before it is started at all."""
 
@@ -190,7 +192,14 @@ def _quality(run, args):  # type: ignore[no-untyped-def]
     return quality_stage(run)
 
 
+def _lora(run, args):  # type: ignore[no-untyped-def]
+    from bench.lora import lora_stage
+
+    return lora_stage(run, args.smoke_compile)
+
+
 OTHER_STAGES = {
+    "lora-sd15": _lora,
     "attn-shapes": _attn_shapes,
     "catalogue-sdxl": _catalogue,
     "cp-flux": _cp_flux,

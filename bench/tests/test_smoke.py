@@ -62,3 +62,15 @@ def test_budget_too_small_skips_with_the_numbers(tmp_path: Path) -> None:
     stage = json.loads((out / "results.json").read_text())["stages"]["step-sd15"]
     assert stage["status"] == "skipped"
     assert "s left" in stage["reason"]
+
+
+@pytest.mark.timeout(600)
+def test_lora_stage_swaps_without_recompiling(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--stages", "lora-sd15"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    stage = results["stages"]["lora-sd15"]
+    assert stage["status"] == "ok" and stage["recompiled"] is False
+    assert stage["compiled_vs_eager_after_swap"] < 1e-4
+    assert {"lora_swap_ms_eager", "lora_swap_ms_compiled"} <= set(results["headline"])
