@@ -190,8 +190,8 @@ def compose_model(
         _keep(settings, name, key, report)
     log.info("stack composed", model=name, family=family.value, chosen=report.summary())
     return LoadedModel(
-            name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key, loras=loras
-        )
+        name, path, pipeline, adapter, info, card, stack, report, threading.Lock(), key, loras=loras
+    )
 
 
 VAE_CHECK_SIZE = (64, 64)
