@@ -119,6 +119,44 @@ def test_node_client_inpaints_with_a_mask_and_sees_a_bad_one_refused(tmp_path: P
     assert summary == {"width": 64, "refused": ["spec.mask"]}
 
 
+LORA_SCRIPT = """
+import { writeFileSync } from "node:fs";
+import { connect, statusDetails } from "./src/client.js";
+const [target, dir] = process.argv.slice(1);
+const client = connect(target, { timeoutMs: 60000 });
+const listed = (await client.listLoras()).loras.find((l) => l.name === "colour-swap");
+const spec = { prompt: "a large red circle in the center", seeds: ["1"] };
+for (const [name, loras] of [["plain", []], ["swapped", [{ name: "colour-swap", scale: 1.0 }]]]) {
+  const { result } = await client.generate({ spec: { ...spec, loras } });
+  writeFileSync(`${dir}/${name}.png`, result.images[0].image.data);
+}
+const refused = await client.generate({ spec: { ...spec, loras: [{ name: "nope" }] } })
+  .then(() => ({}), (error) => statusDetails(error).violations);
+console.log(JSON.stringify({
+  rank: listed.rank, compatible: listed.compatible_models, targets: listed.target_modules,
+  refused: Object.keys(refused),
+}));
+client.close();
+"""
+
+
+@pytest.mark.slow
+def test_node_client_lists_loras_and_sends_them_in_a_spec(tmp_path: Path) -> None:
+    from diffstack.synthetic.analysis import analyse
+
+    settings = load_settings(server={"port": 0, "metrics_port": 0}, plugins={"allow": list(BASELINE_PLUGINS)})
+    with BackgroundServer(settings) as server:
+        summary = node_summary(LORA_SCRIPT, server.target, str(tmp_path))
+    assert summary == {
+        "rank": 8,
+        "compatible": ["default"],
+        "targets": ["to_k", "to_out.0", "to_q", "to_v"],
+        "refused": ["spec.loras[0].name"],
+    }
+    assert analyse(Image.open(tmp_path / "plain.png")).colour == "red"
+    assert analyse(Image.open(tmp_path / "swapped.png")).colour == "green"
+
+
 LIFECYCLE_SCRIPT = """
 import { connect } from "./src/client.js";
 const [target, token] = process.argv.slice(1);

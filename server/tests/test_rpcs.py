@@ -164,6 +164,14 @@ def test_list_models(client: DiffstackClient) -> None:
     assert models["tiny-flux"].family == "flux"
 
 
+def test_list_loras(client: DiffstackClient) -> None:
+    """The embedded model's LoRA is listed; the loaded tiny model takes no LoRA, and says why."""
+    loras = {lora.name: lora for lora in client.loras()}
+    swap = loras["colour-swap"]
+    assert (swap.base, swap.rank, list(swap.compatible_models)) == ("unet", 8, [])
+    assert [problem.split(":")[0] for problem in swap.problems] == ["tiny-sd1"]
+
+
 def test_get_stats(client: DiffstackClient) -> None:
     before = client.stats()
     client.generate("a cube", steps=1, num_images=2)
@@ -230,7 +238,7 @@ def test_every_rpc_has_a_test() -> None:
         if (name := f"test_{re.sub(r'(?<!^)(?=[A-Z])', '_', rpc).lower()}") not in globals()
         and f"def {name}(" not in jobs_tests
     ]
-    assert len(rpcs) == 13
+    assert len(rpcs) == 14
     assert not missing
 
 

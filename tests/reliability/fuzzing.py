@@ -34,6 +34,7 @@ LIST_METHODS = (
     "/diffstack.v1.DiagnosticsService/ListModels",
     "/diffstack.v1.DiagnosticsService/GetStats",
     "/diffstack.v1.DiagnosticsService/FreeMemory",
+    "/diffstack.v1.DiagnosticsService/ListLoras",
     "/diffstack.v1.GenerationService/ListJobs",
 )
 SUBMIT_JOB = "/diffstack.v1.GenerationService/SubmitJob"

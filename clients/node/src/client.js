@@ -96,6 +96,8 @@ export function connect(target, options = {}) {
     listPlugins: () => unary(diagnostics, "ListPlugins", {}, admin),
     getStack: (model = "") => unary(diagnostics, "GetStack", { model }, admin),
     listModels: () => unary(diagnostics, "ListModels", {}, admin),
+    /** The installed LoRAs: name, size, rank, target modules, and which loaded models take them. */
+    listLoras: () => unary(diagnostics, "ListLoras", {}, admin),
     getStats: () => unary(diagnostics, "GetStats", {}, admin),
     loadModel: (model) => unary(diagnostics, "LoadModel", { model }, admin),
     unloadModel: (model) => unary(diagnostics, "UnloadModel", { model }, admin),
