@@ -4,8 +4,11 @@
         --export-on-stop --eval --out /tmp/flux/synthetic-shapes-flux --ckpt /tmp/flux-ckpt --pack-to $OUT
 
 CPU smoke run (a few minutes on a busy 2-core machine): --device cpu --budget-minutes 0.5 --eval
---eval-prompts 16 --eval-seeds 0 --eval-steps 8 --out /tmp/f/m/synthetic-shapes-flux --ckpt /tmp/f/c
---pack-to /tmp/f/p
+--eval-prompts 16 --eval-seeds 0 --eval-steps 8 --transformer-micro-batch 4
+--out /tmp/f/m/synthetic-shapes-flux --ckpt /tmp/f/c --pack-to /tmp/f/p
+(batch 16 in 4 micro-batches, as the GPU's 2048 go in 8 of 256).
+A denoiser step that fails (a CUDA error) logs its shapes and exits 4; the checkpoint written before the
+denoiser phase lets a re-run with a smaller --transformer-micro-batch resume without retraining the VAE.
 
 The run is phase_trainer's (the VAE, then the text encoders + denoiser, checkpointed, step counts
 planned from the measured speed); the architecture is flux_model_spec's. Phase 2 trains CLIP, T5 and
