@@ -280,6 +280,8 @@ class PhaseTrainer:
             try:
                 loss = self.denoiser_loss() * (self.micro_batch / batch)
                 loss.backward()
+                if step < 3:  # surface an asynchronous CUDA error here, with this micro-batch's shapes
+                    self._sync()
             except RuntimeError as err:  # a CUDA/cuBLAS failure: say what was running, then stop at once
                 self.report_failed_step(step, start, err)
             total += loss.detach()
