@@ -98,15 +98,22 @@ def _decide(
     for trial in offers:
         started = time.perf_counter()
         module = build_guard(settings, "build", trial.offer.build, component, model.info)
+        # Ranks of a parallel group keep or drop an offer together, before and after its first
+        # call (a collective on every rank): see agreed_across_ranks.
+        build_failed = agreed_across_ranks({"failed": float(isinstance(module, Failure))})["failed"]
         if isinstance(module, Failure):
             slot.fail(replace(trial, setup_s=time.perf_counter() - started), module)
+            continue
+        if build_failed:
+            slot.record(
+                trial, CandidateStatus.FAILED, "its build failed on another rank of the parallel group"
+            )
             continue
         trial = trial.with_build(module)
         # The first call compiles and may record CUDA graphs, which replay only on the thread that
         # recorded them: it runs here, on the engine's thread, outside the build's time limit.
         output = guard("run", run, trial.value())
         trial = replace(trial, setup_s=time.perf_counter() - started)
-        # Ranks of a parallel group keep or drop an offer together (see agreed_across_ranks).
         error = None if isinstance(output, Failure) else relative_error(output, reference)
         agreed = agreed_across_ranks({"failed": float(isinstance(output, Failure)), "error": error})
         if isinstance(output, Failure):
