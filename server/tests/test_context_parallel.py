@@ -132,7 +132,7 @@ log_format = "json"
 batch_size = 1
 grace_seconds = 2.0
 context_parallel = {context_parallel}
-collective_timeout_s = 60
+collective_timeout_s = 30
 rank_heartbeat_timeout_s = {HEARTBEAT_S}
 """
     )
@@ -186,9 +186,11 @@ class Server:
             raise
 
 
-def pixels(client: DiffstackClient) -> np.ndarray:
+def generate(client: DiffstackClient) -> tuple[np.ndarray, dict[str, tuple[str, ...]]]:
+    """The image's pixels and the stack that served it (a fallback to the reference stack shows)."""
     result = client.generate(PROMPT, seed=SEED, steps=STEPS)
-    return np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"), dtype=np.int16)
+    image = np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"), dtype=np.int16)
+    return image, result.stack
 
 
 @pytest.mark.slow
@@ -202,7 +204,7 @@ def test_two_cpu_ranks_serve_the_one_process_image_and_a_killed_rank_turns_not_s
         port = single.wait_for("listening")["port"]
         single.wait_for("serving")
         with DiffstackClient(f"127.0.0.1:{port}", timeout=WAIT_S) as client:
-            alone = pixels(client)
+            alone, _ = generate(client)
             assert client.stack().summary()["compile_model"] == ()  # the offers declined: one process
     finally:
         assert single.stop() == 0
@@ -215,7 +217,8 @@ def test_two_cpu_ranks_serve_the_one_process_image_and_a_killed_rank_turns_not_s
         with DiffstackClient(f"127.0.0.1:{port}", timeout=WAIT_S) as client:
             stack = client.stack()
             assert stack.summary()["compile_model"] == ("context_parallel_ulysses",)
-            together = pixels(client)
+            together, served_by = generate(client)
+            assert served_by["compile_model"] == ("context_parallel_ulysses",), served_by  # no fallback
             assert np.abs(together - alone).max() <= 1  # the same image, to a rounding of 8 bits
 
             os.kill(ranks[1], signal.SIGKILL)
@@ -226,7 +229,7 @@ def test_two_cpu_ranks_serve_the_one_process_image_and_a_killed_rank_turns_not_s
             assert client.health() == "NOT_SERVING"
             began = time.monotonic()
             with pytest.raises(ServiceError) as refused:
-                client.generate(PROMPT, seed=SEED, steps=STEPS)
+                client.generate(PROMPT, seed=SEED + 1, steps=STEPS)
             assert refused.value.code is grpc.StatusCode.UNAVAILABLE
             assert "rank 1" in refused.value.message
             assert time.monotonic() - began < 5  # refused at once, not after a collective's timeout

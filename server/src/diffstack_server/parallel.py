@@ -35,6 +35,7 @@ import structlog
 from diffstack.config import Settings
 from diffstack.engine import EngineWorker, ServingEngine
 from diffstack.engine.requests import GenerationJob
+from diffstack.engine.worker import LaunchedBatch
 from diffstack.errors import NotReady
 from diffstack_server.group import GROUP_ENVIRONMENT, Group, GroupAddress, GroupFailed, Op
 
@@ -201,7 +202,9 @@ class LockstepEngine:
         self._engine = engine
         self._worker = worker
 
-    def __getattr__(self, name: str) -> Any:  # reading methods (resolve, pin, models, stats, ...)
+    def __getattr__(self, name: str) -> Any:
+        """Everything that does not touch the device (resolve, pin, models, stats, ...) is rank 0's
+        alone. Device work must go through the methods below: FOLLOWED_OPS names them."""
         return getattr(self._engine, name)
 
     def _together(self, op: Op, local: Callable[[], Any]) -> Any:
@@ -227,10 +230,21 @@ class LockstepEngine:
         return list(self._together(Op("free_memory"), self._engine.free_memory))
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult | DiffstackError]:
-        requests = tuple(job.request for job in jobs)
-        # Every rank runs every step: a job cannot stop alone at a step (see the module docstring).
-        together = [GenerationJob(job.request, on_step=job.on_step) for job in jobs]
-        return self._together(Op("run", (requests,)), lambda: self._engine.run(together))
+        return self._together(_run_op(jobs), lambda: self._engine.run(_in_lockstep(jobs)))
+
+    def launch(self, jobs: Sequence[GenerationJob]) -> LaunchedBatch:
+        """As :meth:`run` for the batcher: returns once this rank's pixels are on their way to the
+        host and every follower has run the same batch."""
+        return self._together(_run_op(jobs), lambda: self._engine.launch(_in_lockstep(jobs)))
+
+
+def _run_op(jobs: Sequence[GenerationJob]) -> Op:
+    return Op("run", (tuple(job.request for job in jobs),))
+
+
+def _in_lockstep(jobs: Sequence[GenerationJob]) -> list[GenerationJob]:
+    """The jobs without their own stop: every rank runs every step (see the module docstring)."""
+    return [GenerationJob(job.request, on_step=job.on_step) for job in jobs]
 
 
 # -------------------------------------------------------------------------------------------------
