@@ -84,13 +84,6 @@ def test_bad_loras_are_invalid_argument_on_their_field(
     assert field in caught.value.violations, caught.value
 
 
-def test_a_spec_carries_its_loras_in_order() -> None:
-    from diffstack_client._common import build_spec
-
-    spec = build_spec("a red circle", {"loras": {"b": 0.5, "a": 1.0}})
-    assert [(lora.name, lora.scale) for lora in spec.loras] == [("b", 0.5), ("a", 1.0)]
-
-
 def test_an_unset_scale_is_one_on_the_server() -> None:
     from diffstack_client.v1 import types_pb2
     from diffstack_server.convert import explicit_fields

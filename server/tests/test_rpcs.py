@@ -196,6 +196,7 @@ def test_async_client(server: Any) -> None:
             result = await client.generate("a cube", steps=1, seed=4)
             events = [event async for event in client.stream("a cube", steps=2, seed=5)]
             stats = await client.stats()
+            assert "colour-swap" in [lora.name for lora in await client.loras()]
             return result, events, stats.requests_served, await client.health()
 
     result, events, served, health = asyncio.run(main())

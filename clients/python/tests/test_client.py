@@ -127,3 +127,8 @@ def test_stream_events_from_messages() -> None:
     )
     event = event_from_message(message)
     assert event.step == 2 and event.images[0].format == "jpeg"  # type: ignore[union-attr]
+
+
+def test_a_spec_carries_its_loras_in_order() -> None:
+    spec = build_spec("a red circle", {"loras": {"b": 0.5, "a": 1.0}})
+    assert [(lora.name, lora.scale) for lora in spec.loras] == [("b", 0.5), ("a", 1.0)]
