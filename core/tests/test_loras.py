@@ -4,6 +4,7 @@ request is INVALID_ARGUMENT on its field."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -160,3 +161,26 @@ def test_a_swap_on_a_compiled_denoiser_does_not_recompile(lora_dir: Path) -> Non
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
     assert torch.equal(outputs[0], outputs[4]) and torch.allclose(outputs[1], outputs[3])
     assert len(slot._cache) == 1, "the cache keeps at most its size"
+
+
+def test_listing_keeps_no_weights_and_a_replaced_file_is_read_again(lora_dir: Path, tmp_path: Path) -> None:
+    unet = DiffusionPipeline.from_pretrained(lora_dir / "tiny-sd1").unet.eval()
+    path = save_random_lora(unet, tmp_path / "loras" / "mine.safetensors", rank=2, seed=5, std=0.5)
+    catalogue = LoraCatalogue([tmp_path / "loras"])
+    assert catalogue.read("mine").rank == 2 and not catalogue.read("mine").factors
+    slot = LoraSlot(unet, 4, catalogue, cache=2)
+    inputs = {
+        "sample": torch.randn(1, 4, 8, 8),
+        "timestep": torch.tensor(10.0),
+        "encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim),
+    }
+    with torch.no_grad():
+        slot.activate((LoraSpec("mine"),))
+        before = unet(**inputs).sample
+        save_random_lora(unet, path, rank=2, seed=6, std=0.5)
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        slot.activate(())
+        slot.activate((LoraSpec("mine"),))
+        after = unet(**inputs).sample
+    assert not torch.allclose(before, after)

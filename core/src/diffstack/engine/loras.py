@@ -21,7 +21,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -64,7 +64,10 @@ class LoraFile:
     """The denoiser component the weights are for (``unet``, ``transformer``)."""
     modules: Mapping[str, LoraModule]
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-    """Per module ``(A, B)``, with ``B`` already scaled by the LoRA's own ``alpha / r``."""
+    """Per module ``(A, B)``, with ``B`` already scaled by the LoRA's own ``alpha / r``; empty in
+    the catalogue's cache, which keeps only what a listing needs."""
+    version: tuple[int, int] = (0, 0)
+    """The file's size and modification time when it was read."""
 
     @property
     def rank(self) -> int:
@@ -133,16 +136,21 @@ class LoraCatalogue:
         raise last
 
     def read(self, name: str, field: str = "loras.name") -> LoraFile:
-        """LoRA ``name``, read (or from the cache); LoraError when the file is not a servable LoRA."""
+        """What LoRA ``name`` is (modules, ranks), without its weights: cached per version of the
+        file, so listing and validating many LoRAs holds no tensors. LoraError when it cannot serve."""
         path = self.path(name, field)
         stat = path.stat()
-        version = (stat.st_size, stat.st_mtime_ns)
         cached = self._files.get(path)
-        if cached is not None and cached[0] == version:
+        if cached is not None and cached[0] == (stat.st_size, stat.st_mtime_ns):
             return cached[1]
-        lora = read_lora(name, path)
-        self._files[path] = (version, lora)
-        return lora
+        lora = self.load(name, field)
+        described = replace(lora, factors={})
+        self._files[path] = (lora.version, described)
+        return described
+
+    def load(self, name: str, field: str = "loras.name") -> LoraFile:
+        """LoRA ``name`` with its weights, read from the file now (slots keep their own bounded cache)."""
+        return read_lora(name, self.path(name, field))
 
 
 def read_lora(name: str, path: Path) -> LoraFile:
@@ -160,7 +168,8 @@ def read_lora(name: str, path: Path) -> LoraFile:
         raise LoraError(
             f"{path.name} is not a readable safetensors file: {without_dirs(str(exc), path)}"
         ) from exc
-    return _factors(name, path.stat().st_size, state, metadata)
+    stat = path.stat()
+    return replace(_factors(name, stat.st_size, state, metadata), version=(stat.st_size, stat.st_mtime_ns))
 
 
 def _factors(name: str, size: int, state: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> LoraFile:
@@ -234,12 +243,14 @@ def _alpha(
 
 
 def slot_targets(denoiser: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """The modules a slot on ``denoiser`` covers, with their (input, output) sizes."""
-    return {
-        name: (module.in_features, module.out_features)
-        for name, module in denoiser.named_modules()
-        if isinstance(module, torch.nn.Linear) and _kind(name) in SLOT_TARGETS
-    }
+    """The modules a slot on ``denoiser`` covers, with their (input, output) sizes (a projection that
+    carries adapters already counts by its base layer)."""
+    found = {}
+    for name, module in denoiser.named_modules():
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear) and _kind(name) in SLOT_TARGETS:
+            found[name] = (base.in_features, base.out_features)
+    return found
 
 
 def misfit(lora: LoraFile, targets: Mapping[str, tuple[int, int]], rank: int) -> str | None:
@@ -268,9 +279,9 @@ class LoraSlot:
         self.rank = rank
         self.catalogue = catalogue
         self._cache_size = cache
-        self._cache: OrderedDict[str, tuple[LoraFile, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = (
-            OrderedDict()
-        )
+        self._cache: OrderedDict[
+            str, tuple[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]]
+        ] = OrderedDict()
         parameter = next(denoiser.parameters())
         self._device, self._dtype = parameter.device, parameter.dtype
         self.targets = slot_targets(denoiser)
@@ -351,16 +362,17 @@ class LoraSlot:
 
     def _device_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """LoRA ``name``'s factors on the model's device and dtype, from a bounded LRU cache."""
-        lora = self._file(name)
+        version = self._file(name).version
         cached = self._cache.get(name)
-        if cached is not None and cached[0] is lora:
+        if cached is not None and cached[0] == version:
             self._cache.move_to_end(name)
             return cached[1]
+        lora = self.catalogue.load(name)
         factors = {
             module: (a.to(self._device, self._dtype), b.to(self._device, self._dtype))
             for module, (a, b) in lora.factors.items()
         }
-        self._cache[name] = (lora, factors)
+        self._cache[name] = (lora.version, factors)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return factors
