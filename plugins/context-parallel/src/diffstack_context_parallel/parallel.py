@@ -45,9 +45,33 @@ def parallel_denoiser(denoiser: torch.nn.Module, mode: str, *, compile_it: bool)
     with _accelerator_count_for_cpu():
         twin.enable_parallelism(config=config)  # type: ignore[operator]
     if compile_it:
+        dtype = next(twin.parameters()).dtype
         twin = torch.compile(twin)  # type: ignore[assignment]
+        twin.register_forward_pre_hook(_one_call_form(dtype), with_kwargs=True)
         notes.append("torch.compile (default mode)")
     return Built(twin, tuple(notes))
+
+
+def _one_call_form(dtype: torch.dtype) -> Any:
+    """One call form for the host's check and the pipeline, so one compiled graph serves both.
+
+    Dynamo guards on how a module is called, and FLUX's pipeline passes ``guidance`` in float32 and
+    ``joint_attention_kwargs=None`` where the host's check passes neither: each form would compile
+    anew (about 100 s for FLUX). The transformer casts ``timestep`` and ``guidance`` to its own dtype
+    first thing, so casting them here changes no number; a None keyword is the default anyway.
+    """
+
+    def normalize(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        named = {key: value for key, value in kwargs.items() if value is not None}
+        for key in ("timestep", "guidance"):
+            value = named.get(key)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                named[key] = value.to(dtype).contiguous()
+        return args, named
+
+    return normalize
 
 
 def weight_sharing_twin(module: torch.nn.Module) -> torch.nn.Module:
