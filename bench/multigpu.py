@@ -258,6 +258,7 @@ def replicas_stage(run: Run) -> Callable[[dict[str, Any]], None]:
         parts: dict[str, Any] = {}
         record["parts"] = parts
         models = save_model(run, "sd15").parent
+        release_memory()  # the replicas need the GPUs this process built the model on
         for replicas in (1, 2):
             run.part(parts, f"replicas_{replicas}", 50, lambda r, n=replicas: _replicas(run, models, n, r))
         speeds = {n: parts[f"replicas_{n}"].get("images_per_s") for n in (1, 2)}
