@@ -285,6 +285,9 @@ class PhaseTrainer:
             except RuntimeError as err:  # a CUDA/cuBLAS failure: say what was running, then stop at once
                 self.report_failed_step(step, start, err)
             total += loss.detach()
+        if (step < 3 or step % 100 == 0) and not bool(torch.isfinite(total)):
+            log(f"denoiser step {step}: the loss is {float(total)}; stopping before the weights take it")
+            raise SystemExit(5)
         torch.nn.utils.clip_grad_norm_(self.denoiser_params(), 1.0)
         self.opt.step()  # type: ignore[union-attr]
         decay = min(self.args.ema, (1 + step) / (10 + step))
