@@ -184,3 +184,19 @@ def test_listing_keeps_no_weights_and_a_replaced_file_is_read_again(lora_dir: Pa
         slot.activate((LoraSpec("mine"),))
         after = unet(**inputs).sample
     assert not torch.allclose(before, after)
+
+
+def test_an_eager_stack_switches_the_zero_adapter_off_between_lora_requests(lora_engine: Engine) -> None:
+    model = lora_engine.model()
+    assert model.loras is not None and model.loras.eager_only, "the baseline stack runs eager"
+
+    def adapters_on() -> bool:
+        return any(
+            not layer.disable_adapters for layer in model.loras.denoiser.modules() if hasattr(layer, "lora_A")
+        )
+
+    base = generate(lora_engine)
+    assert not adapters_on()
+    styled = generate(lora_engine, LoraSpec("style-a"))
+    assert adapters_on() and not np.array_equal(styled, base)
+    assert np.array_equal(generate(lora_engine), base) and not adapters_on()

@@ -57,6 +57,8 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self._eager = self.adapter.denoiser(self.pipeline)
+        if self.loras is not None:
+            self.loras.settle(compiled=self.stack.compiled not in (None, self._eager))
         self.scheduler_config = self.pipeline.scheduler.config
         """The model's own scheduler config: every sampler is built from it, never from the last one."""
         self.count_tokens = TokenCounter(self.pipeline.tokenizer)
