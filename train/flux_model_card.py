@@ -101,7 +101,8 @@ passes its guidance scale to FluxPipeline, which ignores it for a model without 
 - CLIP + T5 + transformer jointly: {st["totals"].get("denoiser", st["total"])} steps in {st["wall"]["denoiser"]:.0f} s, batch {a["denoiser_batch"]},
   AdamW lr {a["denoiser_lr"]:g} (warm-up {a["warmup"]}, cosine to 10%), rectified flow (velocity = noise - x0,
   MSE), t logit-normal then shifted by {facts.time_shift:.3f} as the scheduler shifts at inference,
-  bf16 autocast, EMA {a["ema"]:g} (the shipped weights).
+  float32 with TF32 matmuls and math attention (bf16 and the fused attention backward failed on the
+  H200: see CUDA_MICRO_BATCH in the trainer), micro-batches of {a["denoiser_micro_batch"]}, EMA {a["ema"]:g} (the shipped weights).
 - Card: {facts.device}, torch {facts.torch}; total training wall time {st["wall"]["vae"] + st["wall"]["denoiser"]:.0f} s;
   step counts planned from the measured speed for `--budget-minutes {a["budget_minutes"]:g}`.
 

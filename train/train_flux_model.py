@@ -55,10 +55,11 @@ CUDA_MICRO_BATCH = 512
 """Examples per forward/backward on CUDA (the batch of 2048 accumulates over 4). On an H200 the
 first runs failed in their first backward passes (CUBLAS_STATUS_EXECUTION_FAILED with the whole batch,
 an illegal memory access with micro-batches of 256, NaN weights with micro-batches of 64), the
-signature of a kernel writing out of bounds; the fused attention backward on these odd shapes (48
-joint tokens, 3 heads) is the prime suspect, so training runs attention through
-SDPA's math backend (plain GEMMs and a softmax; at 48 joint tokens it costs nothing measurable);
-inference keeps the fused kernels, whose forward passes are fine."""
+signature of a kernel writing out of bounds, in bf16 GEMMs or the fused attention backward on
+these odd shapes (48 joint tokens, 3 heads). So phase 2 takes the well-trodden paths: float32 with
+TF32 matmuls (no bf16 autocast) and attention through SDPA's math backend (plain GEMMs and a softmax;
+at 48 joint tokens it costs little). The VAE phase, which ran cleanly, keeps bf16 autocast; inference
+keeps the fused kernels."""
 
 
 class Trainer(phase_trainer.PhaseTrainer):
@@ -105,7 +106,7 @@ class Trainer(phase_trainer.PhaseTrainer):
         tb = t.view(b, 1, 1, 1)
         xt = (1 - tb) * z0 + tb * noise
         target = FluxPipeline._pack_latents(noise - z0, b, c, h, w)
-        with sdpa_kernel(SDPBackend.MATH), self.amp:
+        with sdpa_kernel(SDPBackend.MATH):  # float32 (TF32 matmuls): see CUDA_MICRO_BATCH
             pooled = self.parts["text_encoder"](clip_ids).pooler_output
             context = self.parts["text_encoder_2"](t5_ids)[0]
             pred = self.parts["transformer"](
