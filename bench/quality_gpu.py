@@ -124,9 +124,9 @@ def quality_stage(run: Run) -> Callable[[dict[str, Any]], None]:
     return body
 
 
-TRAINED_HERE = Path("/tmp/flux")
-"""Where train/train_flux_model.py's GPU command (GPU_COMMAND of issue 15) leaves the model: a run on the
-same warm machine scores that one when the trained model is not committed yet."""
+TRAINED_HERE = (ROOT / ".gpu-state" / "flux", Path("/tmp/flux"))
+"""Where train/train_flux_model.py's GPU runs leave the model (--out .../synthetic-shapes-flux): a run
+on the same machine scores that one when the trained model is not committed yet."""
 
 
 def _flux_stand_in(run: Run) -> Path | None:
@@ -136,9 +136,10 @@ def _flux_stand_in(run: Run) -> Path | None:
 
     if embedded_model_path(FLUX) is not None:
         return None
-    if (TRAINED_HERE / FLUX / "model_index.json").is_file():
-        log(f"quality: {FLUX} is not shipped yet; scoring the one trained here, {TRAINED_HERE / FLUX}")
-        return TRAINED_HERE
+    for folder in TRAINED_HERE:
+        if (folder / FLUX / "model_index.json").is_file():
+            log(f"quality: {FLUX} is not shipped yet; scoring the one trained here, {folder / FLUX}")
+            return folder
     if not run.smoke:
         return None
     sys.path.insert(0, str(ROOT / "train"))
