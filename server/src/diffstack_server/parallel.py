@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,7 @@ def run_rank(settings: Settings, address: GroupAddress, rank: int, log_level: in
 
     configure_logging(settings.server.log_format, log_level)
     structlog.contextvars.bind_contextvars(rank=rank)
+    _follow_the_launcher()
     settings, backend = rank_settings(settings, rank)
     server = settings.server
     group = Group(
@@ -115,6 +117,26 @@ def run_rank(settings: Settings, address: GroupAddress, rank: int, log_level: in
     status = lead(settings, group, log_level) if rank == 0 else follow(settings, group)
     group.stop()
     raise SystemExit(status)
+
+
+def _follow_the_launcher() -> None:
+    """Signals reach this rank through the launcher only, and the rank ends when the launcher does.
+
+    A rank leaves the terminal's process group, so Ctrl-C reaches rank 0 once (forwarded), not twice
+    (which would stop its work at once instead of draining), and no follower dies before rank 0 is
+    done. A launcher that is killed outright cannot forward anything: each rank then sees its parent
+    change and stops itself (rank 0 drains as on SIGTERM).
+    """
+    launcher = os.getppid()
+    os.setpgrp()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        log.warning("launcher_gone", launcher=launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="diffstack-launcher-watch", daemon=True).start()
 
 
 def rank_settings(settings: Settings, rank: int) -> tuple[Settings, str]:

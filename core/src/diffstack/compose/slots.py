@@ -229,9 +229,22 @@ def settle(
     """Choose among trials that passed every check, and record every one's fate.
 
     Measured: the fastest wins, and trials within ``tie_fraction`` of it count as tied, the best
-    rank (−priority, plugin, name) among them winning. Unmeasured: the best rank wins.
+    rank (−priority, plugin, name) among them winning. Unmeasured: the best rank wins. Returns the
+    winner as given (one of ``passing``), whatever times the ranks of a parallel group agreed on.
     """
-    passing = _agreed_times(passing)
+    agreed = _agreed_times(passing)
+    winner = _choose(slot, agreed, measured=measured, tie_fraction=tie_fraction, scope=scope)
+    return None if winner is None else passing[agreed.index(winner)]
+
+
+def _choose(
+    slot: SlotRecorder,
+    passing: Sequence[Trial[OfferT, BuiltT]],
+    *,
+    measured: bool,
+    tie_fraction: float,
+    scope: str,
+) -> Trial[OfferT, BuiltT] | None:
     if not passing:
         return None
     ordered = sorted(passing, key=lambda t: t.rank)
@@ -287,8 +300,11 @@ def agreed_across_ranks(values: Mapping[str, float | None]) -> dict[str, float |
 
 
 def _agreed_times(passing: Sequence[Trial[OfferT, BuiltT]]) -> list[Trial[OfferT, BuiltT]]:
+    """``passing`` with the times every rank agreed on (the very same trials in one process)."""
     times = agreed_across_ranks({t.offer.name: t.time_ms for t in passing})
-    return [replace(t, time_ms=times[t.offer.name]) for t in passing]
+    return [
+        t if times[t.offer.name] == t.time_ms else replace(t, time_ms=times[t.offer.name]) for t in passing
+    ]
 
 
 def _ranked_below(trial: Trial[Any, Any], winner: Trial[Any, Any]) -> str:
