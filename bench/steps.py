@@ -634,6 +634,12 @@ class StepBench:
 
     def fp8_offer(self, record: dict[str, Any]) -> None:
         """The fp8 variant timed even where composition refused it (its drift is in the row)."""
+        sources, _ = self.host.collect("compile_model", model=self.info)
+        offer = next(s.offer for s in sources if s.offer.name == "torch_compile_fp8")
+        answer = offer.probe(self.info)
+        if not answer.ok:
+            record["declined"] = answer.reason  # no torchao, or compute capability under 8.9
+            return
         self.compile_offer(record, "torch_compile_fp8")
 
     def fp8_refused(self) -> bool:
@@ -720,7 +726,8 @@ def step_stage(run: Run, key: str, smoke_compile: bool = False, only: set[str] |
             part("by_hand_compile", bench.by_hand_compile)
         if bench.compile_ok and only and "compile_offer" in only:
             part("compile_offer", bench.compile_offer)
-        if bench.compile_ok and key in FP8_STEPS and bench.fp8_refused():
+        asked_fp8 = bool(only and "fp8_offer" in only)
+        if bench.compile_ok and key in FP8_STEPS and (asked_fp8 or bench.fp8_refused()):
             part("fp8_offer", bench.fp8_offer)
         bench.plain_copy = None
         log(
