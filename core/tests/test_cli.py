@@ -85,6 +85,7 @@ def test_stack_prints_the_report(env: Path, capsys: pytest.CaptureFixture[str]) 
         "encode_prompt",
         "wrap_denoiser",
         "compile_model",
+        "compile_vae",
     }
     assert main(["--models-dir", str(env), "stack"]) == 0
     assert "timing skipped on cpu" in capsys.readouterr().out

@@ -599,6 +599,7 @@ def stack_summary(stack: Mapping[str, Sequence[str]]) -> str:
         "encode_prompt": "encoder",
         "wrap_denoiser": "wrappers",
         "compile_model": "compile",
+        "compile_vae": "vae decode",
     }
     parts = []
     for slot, chosen in stack.items():

@@ -48,7 +48,8 @@ def main(cache_dir: str) -> None:
     pm = pluggy.PluginManager("diffstack")
     pm.add_hookspecs(diffstack.hookspecs)
     pm.register(diffstack_torch_compile)
-    [offer] = [offer for offers in pm.hook.compile_model(model=model) for offer in offers]
+    answers = pm.hook.compile_model(model=model)
+    [offer] = [offer for offers in answers for offer in offers if offer.name == "torch_compile"]
     unet = tiny_unet()
     generator = torch.Generator().manual_seed(1)
     inputs = {

@@ -143,11 +143,14 @@ def _decide(
             checked = replace(checked, time_ms=elapsed)
         passing.append(checked)
     winner = settle(slot, passing, measured=model.measure, tie_fraction=settings.tie_fraction, scope=scope)
+    if winner is None:
+        return []
     rest = sorted(
-        (t for t in passing if t is not winner),
+        # by name: settle hands back the winner with its times agreed across ranks, a new object
+        (t for t in passing if t.offer.name != winner.offer.name),
         key=lambda t: (t.time_ms if t.time_ms is not None else float("inf"), t.rank),
     )
-    return [] if winner is None else [winner, *rest]
+    return [winner, *rest]
 
 
 def _kernel_errors(
