@@ -143,14 +143,11 @@ def _decide(
             checked = replace(checked, time_ms=elapsed)
         passing.append(checked)
     winner = settle(slot, passing, measured=model.measure, tie_fraction=settings.tie_fraction, scope=scope)
-    if winner is None:
-        return []
     rest = sorted(
-        # by name: settle hands back the winner with its times agreed across ranks, a new object
-        (t for t in passing if t.offer.name != winner.offer.name),
+        (t for t in passing if t is not winner),
         key=lambda t: (t.time_ms if t.time_ms is not None else float("inf"), t.rank),
     )
-    return [winner, *rest]
+    return [] if winner is None else [winner, *rest]
 
 
 def _kernel_errors(
