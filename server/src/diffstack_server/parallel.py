@@ -104,7 +104,7 @@ def run_rank(settings: Settings, address: GroupAddress, rank: int, log_level: in
 
     configure_logging(settings.server.log_format, log_level)
     structlog.contextvars.bind_contextvars(rank=rank)
-    _follow_the_launcher()
+    _follow_the_launcher(rank)
     settings, backend = rank_settings(settings, rank)
     server = settings.server
     group = Group(
@@ -119,7 +119,7 @@ def run_rank(settings: Settings, address: GroupAddress, rank: int, log_level: in
     raise SystemExit(status)
 
 
-def _follow_the_launcher() -> None:
+def _follow_the_launcher(rank: int) -> None:
     """Signals reach this rank through the launcher only, and the rank ends when the launcher does.
 
     A rank leaves the terminal's process group, so Ctrl-C reaches rank 0 once (forwarded), not twice
@@ -133,7 +133,7 @@ def _follow_the_launcher() -> None:
     def watch() -> None:
         while os.getppid() == launcher:
             time.sleep(1.0)
-        log.warning("launcher_gone", launcher=launcher)
+        log.warning("launcher_gone", launcher=launcher, rank=rank)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="diffstack-launcher-watch", daemon=True).start()
