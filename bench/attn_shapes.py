@@ -232,7 +232,7 @@ def table(parts: dict[str, Any]) -> list[str]:
                 f"| {_number(cell.get('tops'), '.0f')} "
                 f"| {_number(cell.get('rel_error'), '.2e')} | {_number(cell.get('max_abs_error'), '.2e')} "
                 f"| {_number(cell.get('rel_error_clustered'), '.2e')} | {sparsity} "
-                f"| {str(cell.get('error') or cell.get('note') or '')[:100]} |"
+                f"| {' '.join(str(cell.get('error') or cell.get('note') or '').split())[:100]} |"
             )
     lines += ["", *(f"- {name}: not run ({reason})" for name, reason in skipped.items()), ""]
     stages = parts.get("steps", {}).get("results", {}).get("stages", {})
