@@ -43,14 +43,14 @@ def test_the_offers_target_their_slots_and_fp8_is_lossy() -> None:
 
 
 def test_fp8_declines_on_a_cpu_with_the_reason() -> None:
-    assert reason(model_on("cpu", allow_cpu=True), "torch_compile_fp8") == (
+    assert reason(model_on("cpu", allow_cpu=True, fp8=True), "torch_compile_fp8") == (
         "fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), found cpu"
     )
 
 
 def test_fp8_declines_below_compute_capability_8_9(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert reason(model_on("cuda:0"), "torch_compile_fp8") == (
+    assert reason(model_on("cuda:0", fp8=True), "torch_compile_fp8") == (
         "fp8 GEMMs need compute capability >= 8.9, this GPU has 8.0"
     )
 
@@ -66,13 +66,18 @@ def test_fp8_declines_without_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(builtins, "__import__", no_torchao)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
-    assert "torchao" in reason(model_on("cuda:0"), "torch_compile_fp8")
-    assert not offers(model_on("cuda:0"))["torch_compile_fp8"].probe(model_on("cuda:0")).ok
+    assert "torchao" in reason(model_on("cuda:0", fp8=True), "torch_compile_fp8")
+    assert (
+        not offers(model_on("cuda:0", fp8=True))["torch_compile_fp8"].probe(model_on("cuda:0", fp8=True)).ok
+    )
 
 
 def test_fp8_and_the_vae_offer_can_be_turned_off() -> None:
     assert reason(model_on("cuda:0", fp8=False), "torch_compile_fp8") == (
-        "fp8 = false in [plugins.options.torch_compile]"
+        "fp8 = false in [plugins.options.torch_compile] (the default: its compile is not yet bounded)"
+    )
+    assert reason(model_on("cuda:0"), "torch_compile_fp8") == reason(
+        model_on("cuda:0", fp8=False), "torch_compile_fp8"
     )
     assert reason(model_on("cuda:0", compile_vae=False), "torch_compile_vae") == (
         "compile_vae = false in [plugins.options.torch_compile]"

@@ -24,7 +24,9 @@ MIN_CAPABILITY = (8, 9)
 def probe_fp8(model: ModelInfo, config: CompileConfig) -> Availability:
     """Yes on a CUDA GPU of compute capability 8.9 or more with torchao importable."""
     if not config.fp8:
-        return Availability.no("fp8 = false in [plugins.options.torch_compile]")
+        return Availability.no(
+            "fp8 = false in [plugins.options.torch_compile] (the default: its compile is not yet bounded)"
+        )
     if not model.is_cuda:
         return Availability.no(
             f"fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), found {model.device}"
