@@ -143,11 +143,12 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
     return _tiny_flux()
 
 
-def _tiny_flux():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+def tiny_flux_transformer() -> Any:
+    """The tiny FLUX pipeline's transformer alone (random weights from torch's current seed): one
+    double and one single block, 2 heads of 16, guidance embedding, 16 latent channels."""
+    from diffusers import FluxTransformer2DModel
 
-    transformer = FluxTransformer2DModel(
+    return FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
         num_layers=1,
@@ -159,6 +160,13 @@ def _tiny_flux():
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),
     )
+
+
+def _tiny_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    transformer = tiny_flux_transformer()
     text_encoder_2 = T5EncoderModel(
         T5Config(
             d_model=32,

@@ -1,27 +1,17 @@
 """Run by test_context_parallel_plugin.py under torchrun (2 CPU ranks, gloo): prints one JSON line."""
 
 import json
+import os
 
 import torch
 import torch.distributed as dist
-from diffusers import FluxTransformer2DModel
 
+from diffstack.testing import tiny_flux_transformer
 from diffstack_context_parallel.parallel import parallel_denoiser
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = FluxTransformer2DModel(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 4, 8),
-).eval()
+model = tiny_flux_transformer().eval()
 g = torch.Generator().manual_seed(1)
 inputs = {
     "hidden_states": torch.randn(2, 64, 16, generator=g),
@@ -39,16 +29,14 @@ with torch.inference_mode():
     split = built.value(**inputs)[0]
     after = model(**inputs)[0]
     shared = all(a is b for a, b in zip(model.parameters(), built.value.parameters(), strict=True))
-print(
-    json.dumps(
-        {
-            "rank": dist.get_rank(),
-            "error": float((split - one_rank).norm() / one_rank.norm()),
-            "original_untouched": bool(torch.equal(after, one_rank)),
-            "weights_shared": shared,
-            "notes": list(built.notes),
-        }
-    ),
-    flush=True,
-)
+answer = {
+    "rank": dist.get_rank(),
+    "error": float((split - one_rank).norm() / one_rank.norm()),
+    "original_untouched": bool(torch.equal(after, one_rank)),
+    "weights_shared": shared,
+    "notes": list(built.notes),
+}
+# One write per rank (a line under PIPE_BUF is atomic): print's separate text and newline writes let
+# the two ranks' lines run together on the shared pipe.
+os.write(1, (json.dumps(answer) + "\n").encode())
 dist.destroy_process_group()
