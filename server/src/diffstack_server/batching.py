@@ -171,21 +171,16 @@ class BatchQueue:
     async def drain(self, timeout: float | None) -> bool:
         """Close, then wait until every queued and running request finished; False on timeout."""
         self.close()
-        if self._idle.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self.wait_idle(timeout)
 
     @property
     def idle(self) -> bool:
         """Nothing queued or running."""
         return self._idle.is_set()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for nothing to be queued or running; whether it was."""
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (None: no limit) for nothing to be queued or running;
+        whether it was."""
         if self._idle.is_set():
             return True
         try:
