@@ -12,10 +12,9 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import flux_model_spec as spec
-from model_card import DATA, WORLD, load_generator, size_mb
+from model_card import DATA, WORLD, TrainingFacts, load_generator, size_mb
 
 from diffstack.synthetic.quality import QualityRow, evaluate, fixed_scenes, markdown_table
 
@@ -24,12 +23,9 @@ DEFAULT_STEPS = 20
 
 
 @dataclass
-class Facts:
-    counts: dict[str, int]
-    state: dict[str, Any]
-    args: dict[str, Any]
-    device: str
-    torch: str
+class Facts(TrainingFacts):
+    """synthetic-shapes-64's training facts, plus the flow model's time shift and evaluation time."""
+
     time_shift: float
     eval_s: float = 0.0
 
