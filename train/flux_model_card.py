@@ -95,7 +95,7 @@ passes its guidance scale to FluxPipeline, which ignores it for a model without 
 ## Training (`train/train_flux_model.py`, seed {a["seed"]})
 - VAE: {st["totals"].get("vae", "?")} steps in {st["wall"]["vae"]:.0f} s, batch {a["vae_batch"]}, AdamW lr {a["vae_lr"]:g}, L1 + MSE + {a["kl_weight"]:g} KL.
 - CLIP + T5 + transformer jointly: {st["totals"].get("denoiser", st["total"])} steps in {st["wall"]["denoiser"]:.0f} s, batch {a["denoiser_batch"]},
-  AdamW lr {a["denoiser_lr"]:g} (warm-up {a["warmup"]}, cosine to 10%), rectified flow (velocity = noise - x0,
+  AdamW lr {a["denoiser_lr"]:g} (warm-up {min(a["warmup"], max(1, (st["totals"].get("denoiser") or st["total"] or 0) // 5))}, cosine to 10%), rectified flow (velocity = noise - x0,
   MSE), t logit-normal then shifted by {facts.time_shift:.3f} as the scheduler shifts at inference,
   float32 with TF32 matmuls and math attention (bf16 and the fused attention backward failed on the
   H200: see CUDA_MICRO_BATCH in the trainer), micro-batches of {a["denoiser_micro_batch"]}, EMA {a["ema"]:g} (the shipped weights).

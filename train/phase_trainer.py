@@ -32,7 +32,17 @@ from diffstack.synthetic.scenes import OPTIONAL_ATTRIBUTES, all_scenes, render_b
 
 P_OMIT, P_UNCOND = 0.1, 0.1
 PLAN_FROM, PLAN_OVER = 10, 100
+MAX_SKIPPED = 10
+"""Denoiser steps with a non-finite loss or gradient that are skipped before the run stops (exit 5)."""
 """The step count is planned from the speed of steps PLAN_FROM .. PLAN_FROM + PLAN_OVER."""
+
+
+class TrainingDiverged(SystemExit):
+    """More than MAX_SKIPPED non-finite denoiser steps: exit 5 unless the caller exports what it has
+    (the weights and their EMA never took a non-finite update)."""
+
+    def __init__(self) -> None:
+        super().__init__(5)
 
 
 def log(msg: str) -> None:
@@ -40,7 +50,9 @@ def log(msg: str) -> None:
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine down to 10% of the peak."""
+    """Linear warm-up (at most a fifth of the run: a short planned run still reaches the peak), then
+    cosine down to 10% of the peak."""
+    warmup = max(1, min(warmup, total // 5))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -82,6 +94,7 @@ class PhaseTrainer:
         self.micro_batch = args.denoiser_batch
         """How many examples sample_batch draws: the current micro-batch of the denoiser step."""
         self.batch_shapes: dict[str, Any] = {}
+        self.skipped_steps = 0
         self.run_start = time.time()
         self.last_save = time.time()
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dev.type == "cuda")
@@ -180,7 +193,7 @@ class PhaseTrainer:
                 group["lr"] = lr
             t0 = time.time()
             loss = step_fn(st["step"])
-            if st["step"] % 100 == 0 or st["step"] == (st["total"] or 0) - 1:
+            if st["step"] % self.args.log_every == 0 or st["step"] == (st["total"] or 0) - 1:
                 log(f"{phase} step {st['step']}/{st['total']} loss {loss:.5f} lr {lr:.2e}")
             st["step"] += 1
             if st["step"] % 50 == 0:
@@ -215,7 +228,7 @@ class PhaseTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
         self.opt.step()  # type: ignore[union-attr]
-        return float(loss.detach()) if step % 100 == 0 else 0.0
+        return float(loss.detach()) if step % self.args.log_every == 0 else 0.0
 
     @torch.no_grad()
     def encode_all(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,16 +298,23 @@ class PhaseTrainer:
             except RuntimeError as err:  # a CUDA/cuBLAS failure: say what was running, then stop at once
                 self.report_failed_step(step, start, err)
             total += loss.detach()
-        if (step < 3 or step % 100 == 0) and not bool(torch.isfinite(total)):
-            log(f"denoiser step {step}: the loss is {float(total)}; stopping before the weights take it")
-            raise SystemExit(5)
-        torch.nn.utils.clip_grad_norm_(self.denoiser_params(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.denoiser_params(), 1.0)
+        # One host sync a step, small beside the step's GPU work: a non-finite loss or gradient never
+        # reaches the weights (or their EMA). A few such batches are skipped; persistent ones stop the run.
+        if not bool(torch.isfinite(total) & torch.isfinite(norm)):
+            self.skipped_steps += 1
+            log(f"denoiser step {step}: loss {float(total)}, gradient norm {float(norm)}: update skipped "
+                f"({self.skipped_steps} so far)")  # fmt: skip
+            if self.skipped_steps > MAX_SKIPPED:
+                log("too many non-finite steps; stopping before the weights take one")
+                raise TrainingDiverged
+            return float(total)
         self.opt.step()  # type: ignore[union-attr]
         decay = min(self.args.ema, (1 + step) / (10 + step))
         for name, live in self.parts.items():
             ema_p: list[torch.Tensor] = list(self.ema[name].parameters())
             torch._foreach_lerp_(ema_p, [p.detach() for p in live.parameters()], 1 - decay)
-        return float(total) if step % 100 == 0 else 0.0
+        return float(total)  # already synchronised by the finiteness check
 
     def report_failed_step(self, step: int, start: int, err: RuntimeError) -> NoReturn:
         """Log the failing step's shapes and memory, and exit non-zero without saving a checkpoint."""
@@ -354,7 +374,8 @@ def add_common_arguments(p: argparse.ArgumentParser, denoiser: str, out: str, ck
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument(f"--{denoiser}-lr", dest="denoiser_lr", type=float, default=5e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=200, help="steps (at most a fifth of the planned run)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between loss lines")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--eval", action="store_true", help="score the exported model and write its card")

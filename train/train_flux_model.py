@@ -1,14 +1,19 @@
 """Train synthetic-shapes-flux from scratch with rectified flow: seeded, resumable, bounded.
 
-    python train/train_flux_model.py --device cuda --budget-minutes 6 --max-run-minutes 6.8 \
-        --export-on-stop --eval --out /tmp/flux/synthetic-shapes-flux --ckpt /tmp/flux-ckpt --pack-to $OUT
+    python train/train_flux_model.py --device cuda --budget-minutes 5.5 --max-run-minutes 6.2 \
+        --export-on-stop --eval --out /tmp/flux/synthetic-shapes-flux --ckpt /tmp/flux/ckpt --pack-to $OUT
 
-CPU smoke run (a few minutes on a busy 2-core machine): --device cpu --budget-minutes 0.5 --eval
---eval-prompts 16 --eval-seeds 0 --eval-steps 8 --transformer-micro-batch 4
+(about 6.5 minutes on an H200: ~25 s start, 66 s VAE, 264 s denoiser, ~30 s export + evaluation).
+CPU run (OMP_NUM_THREADS=1 on a shared machine: two threads against other processes ran 8x slower):
+--device cpu --budget-minutes 11 --vae-fraction 0.3 --transformer-batch 64 --transformer-micro-batch 16
+--warmup 20 --log-every 10 --export-on-stop --eval --eval-scenes 24 --eval-seeds 0 --eval-steps 20,8
 --out /tmp/f/m/synthetic-shapes-flux --ckpt /tmp/f/c --pack-to /tmp/f/p
-(batch 16 in 4 micro-batches, as the GPU's 2048 go in 8 of 256).
-A denoiser step that fails (a CUDA error) logs its shapes and exits 4; the checkpoint written before the
-denoiser phase lets a re-run with a smaller --transformer-micro-batch resume without retraining the VAE.
+(batch 64 in 4 micro-batches, as the GPU's 2048 go in 4 of 512).
+Before the first step every token id and position id a batch can hold is checked against what the models
+index (check_inputs). A denoiser step that fails (a CUDA error) logs its shapes and exits 4; the checkpoint
+written before the denoiser phase lets a re-run with a smaller --transformer-micro-batch resume without
+retraining the VAE. A step whose loss or gradient is not finite is skipped; more than
+phase_trainer.MAX_SKIPPED of them stop the run with exit 5, after exporting the (finite) EMA weights.
 
 The run is phase_trainer's (the VAE, then the text encoders + denoiser, checkpointed, step counts
 planned from the measured speed); the architecture is flux_model_spec's. Phase 2 trains CLIP, T5 and
@@ -52,14 +57,25 @@ PART_BYTES = 14 * 2**20
 MAX_PARTS = 3
 LATENT_SIDE = 8  # 64 px / the VAE's factor 8
 CUDA_MICRO_BATCH = 512
-"""Examples per forward/backward on CUDA (the batch of 2048 accumulates over 4). On an H200 the
-first runs failed in their first backward passes (CUBLAS_STATUS_EXECUTION_FAILED with the whole batch,
-an illegal memory access with micro-batches of 256, NaN weights with micro-batches of 64), the
-signature of a kernel writing out of bounds, in bf16 GEMMs or the fused attention backward on
-these odd shapes (48 joint tokens, 3 heads). So phase 2 takes the well-trodden paths: float32 with
-TF32 matmuls (no bf16 autocast) and attention through SDPA's math backend (plain GEMMs and a softmax;
-at 48 joint tokens it costs little). The VAE phase, which ran cleanly, keeps bf16 autocast; inference
-keeps the fused kernels."""
+"""Examples per forward/backward on CUDA (the batch of 2048 accumulates over 4).
+
+What the H200 runs showed, and what the CPU can check. The shapes and indices are right (check_inputs
+and tests/test_flux_trainer.py: the largest token id is 49407 of 49,408 in both encoders, 77 and 32
+tokens, txt_ids (32, 3) and img_ids (16, 3), RoPE axes 16 + 24 + 24 = head dim 64, 2x2 patches of 16
+latent channels = 64 input channels), so the illegal memory access was no out-of-range embedding
+index. Both failures came from fused bf16 kernels: the first run (2048 in one pass) fed T5's trained
+relative-position bias to SDPA as a float mask needing a gradient, broadcast over the batch
+(memory-efficient attention's bias-gradient backward, a path with known illegal-memory-access bugs); the
+second (256 per pass, T5 already eager) still ran CLIP's causal attention and FLUX's joint attention
+through the fused bf16 backward, and its micro-batch-64 retry went NaN by step 100 with the recipe
+itself sound (no division by t or 1 - t, t inside (0, 1), clipped gradients, and the same recipe in
+float32 on CPU stays finite and falls at the same learning rate). So phase 2 takes the well-trodden
+paths: float32 with TF32 matmuls (no bf16 autocast) and attention through SDPA's math backend (plain
+GEMMs and a softmax; at 48 joint tokens it costs little). The VAE phase, which ran cleanly, keeps bf16.
+
+Why 512 and not 64: a micro-batch is ~3,350 eager ops forward and backward whatever its size (3,550
+under bf16 autocast, 530 of them casts), so the step is bound by host dispatch, not the GPU: 32
+micro-batches of 64 took 2,040 ms a step (~19 us an op); 4 of 512 should take ~0.25 s."""
 
 
 class Trainer(phase_trainer.PhaseTrainer):
@@ -94,6 +110,8 @@ class Trainer(phase_trainer.PhaseTrainer):
                              s["max_shift"])  # fmt: skip
         self.time_shift = float(torch.tensor(mu).exp())
         log(f"rectified flow: 16 image tokens -> time shift {self.time_shift:.3f} (as at inference)")
+        check_inputs(self.parts, {"text_encoder": self.clip_ids, "text_encoder_2": self.t5_ids},
+                     self.txt_ids, self.img_ids, self.vae.config.latent_channels)  # fmt: skip
 
     def denoiser_loss(self) -> torch.Tensor:
         from diffusers import FluxPipeline
@@ -125,6 +143,45 @@ class Trainer(phase_trainer.PhaseTrainer):
         )
         log(f"exported pipeline to {out}")
         return counts
+
+
+def check_inputs(
+    parts: dict[str, torch.nn.Module],
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    txt_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+    latent_channels: int,
+) -> None:
+    """Every token id any batch can draw, and the position ids, against what the models index: on
+    CUDA an id past an embedding table is an illegal memory access reported later by some other
+    kernel, so check the tables once, on the host, before the first step."""
+    for name, (table, empty) in tables.items():
+        encoder = parts[name]
+        vocab = encoder.get_input_embeddings().num_embeddings
+        positions = getattr(encoder.config, "max_position_embeddings", None)
+        for ids in (table, empty):
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise SystemExit(f"{name}: token ids span {low}..{high}, its vocabulary has {vocab}")
+            if positions is not None and ids.shape[-1] > positions:
+                raise SystemExit(f"{name}: {ids.shape[-1]} tokens, {positions} positions")
+    cfg = parts["transformer"].config
+    context = tables["text_encoder_2"][0].shape[-1]
+    if txt_ids.shape != (context, 3) or img_ids.shape != ((LATENT_SIDE // 2) ** 2, 3):
+        raise SystemExit(f"position ids {tuple(txt_ids.shape)} / {tuple(img_ids.shape)} do not match "
+                         f"{context} text and {(LATENT_SIDE // 2) ** 2} image tokens")  # fmt: skip
+    widths = {
+        "sum of axes_dims_rope (the head dim)": (sum(cfg.axes_dims_rope), cfg.attention_head_dim),
+        "in_channels (2x2 patches of the latents)": (cfg.in_channels, 4 * latent_channels),
+        "joint_attention_dim (T5's width)": (cfg.joint_attention_dim, parts["text_encoder_2"].config.d_model),
+        "pooled_projection_dim (CLIP's width)": (
+            cfg.pooled_projection_dim,
+            parts["text_encoder"].config.hidden_size,
+        ),
+    }
+    for what, (got, want) in widths.items():
+        if got != want:
+            raise SystemExit(f"transformer {what}: {got}, expected {want}")
 
 
 def export_random(out: Path, args: argparse.Namespace, shift: float, scale: float) -> None:
@@ -180,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
     trainer = Trainer(args)
-    finished = trainer.run()
+    diverged = False
+    try:
+        finished = trainer.run()
+    except phase_trainer.TrainingDiverged:
+        if not args.export_on_stop:
+            raise
+        finished = diverged = True  # exported below (the EMA never took a non-finite step), exit 5
     if not finished:
         log("stopped at the run's wall limit; run again with the same --ckpt to resume")
         if not args.export_on_stop or trainer.state["phase"] == "vae":
@@ -221,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pack_to:
         pack(out, Path(args.pack_to))
         shutil.copy(stats_path, Path(args.pack_to) / "flux_model_stats.json")
-    return 0 if finished else 3
+    return 5 if diverged else 0 if finished else 3
 
 
 if __name__ == "__main__":
