@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"evaluation took {facts.eval_s:.1f} s")
     flux_model_card.finish(out, facts, rows, random_rows)
     stats = {
-        "name": NAME, "finished": finished, "device": facts.device, "torch": facts.torch,
+        "name": NAME, "finished": finished and not diverged, "diverged": diverged, "device": facts.device,
+        "torch": facts.torch,
         "counts": counts, "state": facts.state, "args": vars(args), "time_shift": facts.time_shift,
         "files": weight_files(out), "eval_s": facts.eval_s, "run_s": time.time() - started,
         "rows": [dataclasses.asdict(r) for r in rows],
