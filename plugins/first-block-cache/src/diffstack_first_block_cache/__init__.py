@@ -1,7 +1,8 @@
 """First-block cache for transformer denoisers, offered as the ``first_block_cache`` wrapper.
 
 The hook only describes the offer; attaching it (diffusers' cache hooks) lives in
-:mod:`diffstack_first_block_cache.cache`, imported when a request enables the wrapper.
+:mod:`diffstack_first_block_cache.cache`, and on the compile offer's transformer in
+:mod:`diffstack_first_block_cache.compiled`, imported when a request enables the wrapper.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ def _probe(model: ModelInfo) -> Availability:
 
 def _apply(denoiser: torch.nn.Module, options: Mapping[str, Any]) -> DenoiserWrapper:
     from diffstack_first_block_cache.cache import FirstBlockCacheHandle
+    from diffstack_first_block_cache.compiled import CompiledFirstBlockCacheHandle, is_compiled
 
-    return FirstBlockCacheHandle(denoiser, parse_options(FirstBlockCacheOptions, options).threshold)
+    threshold = parse_options(FirstBlockCacheOptions, options).threshold
+    if is_compiled(denoiser):
+        return CompiledFirstBlockCacheHandle(denoiser, threshold)
+    return FirstBlockCacheHandle(denoiser, threshold)
 
 
 @hookimpl
@@ -49,5 +54,6 @@ def wrap_denoiser(model: ModelInfo) -> list[DenoiserWrapperOffer]:
             denoiser_kinds=frozenset({DenoiserKind.TRANSFORMER}),
             apply=_apply,
             options=FirstBlockCacheOptions,
+            on_compiled=True,
         )
     ]
