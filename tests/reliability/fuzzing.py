@@ -120,8 +120,12 @@ model_names = st.one_of(
     texts,
 )
 samplers = st.one_of(
-    st.sampled_from(["", "euler", "euler_a", "dpmpp_2m", "ddim", "unipc", "flow_euler"]), texts
+    st.sampled_from(
+        ["", "euler", "euler_a", "dpmpp_2m", "ddim", "unipc", "flow_euler", "euler_cfgpp", "dpmpp_2m_cfgpp"]
+    ),
+    texts,
 )
+profiles = st.one_of(st.sampled_from(["", "speed", "balanced", "quality", "production"]), texts)
 schedules = st.one_of(st.sampled_from(["", "auto", "default", "karras", "ays"]), texts)
 uint32s = st.one_of(
     st.sampled_from([0, 1, 7, 8, 16, 24, 32, 56, 64, 72, 128, 4096, UINT32]), st.integers(0, UINT32)
@@ -137,6 +141,9 @@ option_values = st.one_of(
     ),
     st.builds(lambda v: types_pb2.OptionValue(bool_value=v), st.booleans()),
     st.builds(lambda v: types_pb2.OptionValue(string_value=v), texts),
+    st.builds(
+        lambda data: types_pb2.OptionValue(image_value=types_pb2.Image(data=data)), st.binary(max_size=64)
+    ),
     st.just(types_pb2.OptionValue()),
 )
 wrapper_names = st.one_of(st.sampled_from(["deepcache", "first_block_cache", "flaky"]), texts)
@@ -169,6 +176,16 @@ init_images = st.one_of(
 )
 
 
+loras = st.lists(
+    st.builds(
+        types_pb2.LoraSpec,
+        name=st.one_of(st.sampled_from(["colour-swap", "../colour-swap", "", "x.ckpt"]), texts),
+        scale=st.one_of(st.sampled_from([0.0, 1.0, -4.0, 4.5]), floats32),
+    ),
+    max_size=5,
+)
+
+
 @st.composite
 def specs(draw: st.DrawFn) -> types_pb2.GenerationSpec:
     """A ``GenerationSpec`` with every field drawn (optional ones present or not)."""
@@ -183,6 +200,8 @@ def specs(draw: st.DrawFn) -> types_pb2.GenerationSpec:
         schedule=draw(schedules),
         seeds=draw(st.lists(st.integers(0, UINT64), max_size=4)),
         num_images=draw(small_uint32s),
+        profile=draw(profiles),
+        loras=draw(loras),
     )
     for field, value in (("guidance", draw(optional_floats)), ("strength", draw(optional_floats))):
         if value is not None:
@@ -190,6 +209,9 @@ def specs(draw: st.DrawFn) -> types_pb2.GenerationSpec:
     image = draw(init_images)
     if image is not None:
         spec.init_image.CopyFrom(image)
+    mask = draw(init_images)
+    if mask is not None:
+        spec.mask.CopyFrom(mask)
     for name, options in draw(wrappers).items():
         spec.wrappers[name].CopyFrom(options)
     return spec
