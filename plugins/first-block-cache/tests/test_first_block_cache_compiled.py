@@ -21,28 +21,13 @@ THRESHOLD = 0.3
 """On these inputs the first block's residual moves by 0.17 to 0.35 per step: some hits, some misses."""
 
 
-def tiny_transformer() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-
-
 def compile_like(target: Any) -> Any:
     """The compile offer's stand-in: a real ``torch.compile``, with the eager backend to stay fast."""
     return torch.compile(target, backend="eager", fullgraph=True)
 
 
 @pytest.fixture
-def compiled() -> torch.nn.Module:
+def compiled(tiny_transformer: Callable[[], FluxTransformer2DModel]) -> torch.nn.Module:
     module = compile_like(tiny_transformer())
     object.__setattr__(module, COMPILE_LIKE, compile_like)
     return module

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import pluggy
@@ -36,19 +36,8 @@ OFFER = offer_for(model_info(Family.FLUX, DenoiserKind.TRANSFORMER))
 
 
 @pytest.fixture(scope="module")
-def transformer() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+def transformer(tiny_transformer: Callable[[], FluxTransformer2DModel]) -> FluxTransformer2DModel:
+    return tiny_transformer()
 
 
 @torch.no_grad()
