@@ -5,14 +5,22 @@
 #   bash bench/gpu.sh --stages step-sd15,step-sdxl --budget-s 540      # results land in $OUT
 #
 # .whl/ holds what the machine lacks (diffusers, pydantic, structlog, grpcio 1.85.1, sageattention,
-# ...; see BENCHMARKS.md). The run stops itself after BENCH_TIMEOUT_S seconds (SIGINT: results so far
+# ...; see BENCHMARKS.md); WHEELS names another folder. A call that carries none (one call carries at
+# most 64 MiB) uses what an earlier call on the same warm machine installed in $SITE. The run stops itself after BENCH_TIMEOUT_S seconds (SIGINT: results so far
 # are saved), inside the device tool's 600 s limit.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-$PWD/out}
 SITE=${SITE:-/tmp/site}  # one per concurrent run (two GPUs: SITE=/tmp/site0 and /tmp/site1)
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl || exit 1
+elif [ -d "$SITE/diffusers" ]; then
+  echo "no wheels in $WHEELS: using what $SITE already holds"
+else
+  echo "no wheels in $WHEELS and nothing installed in $SITE" >&2; exit 1
+fi
 SRC=$(python3 bench/install_repo.py "$SITE") || exit 1
 export PYTHONPATH=$SITE:$SRC
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
