@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,7 +108,9 @@ def flux_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def config(folder: Path, models: Path, plugins: list[str], context_parallel: int) -> Path:
+def config(
+    folder: Path, models: Path, plugins: list[str], context_parallel: int, measure: str = "auto"
+) -> Path:
     path = folder / f"server-{context_parallel}.toml"
     path.write_text(
         f"""
@@ -124,6 +127,7 @@ allow_cpu = true
 
 [compose]
 decisions_dir = "{folder / "decisions"}"
+measure = "{measure}"
 
 [server]
 port = 0
@@ -235,3 +239,35 @@ def test_two_cpu_ranks_serve_the_one_process_image_and_a_killed_rank_turns_not_s
             assert time.monotonic() - began < 5  # refused at once, not after a collective's timeout
     finally:
         assert group.stop() == 0
+
+
+@pytest.mark.slow
+def test_the_ranks_measure_again_together_when_one_of_them_lost_its_kept_decision(
+    flux_models: Path, tmp_path: Path
+) -> None:
+    # Measured (so kept) on a CPU too; each rank keeps its decision in its own folder.
+    path = config(
+        tmp_path, flux_models, ["sdpa", "schedules", "plain_encoder", "context_parallel"], 2, "always"
+    )
+    first = Server(path)
+    try:
+        first.wait_for("serving")
+    finally:
+        assert first.stop() == 0
+    kept = tmp_path / "decisions"
+    assert any((kept / "rank0").iterdir()) and any((kept / "rank1").iterdir())
+    shutil.rmtree(kept / "rank1")  # rank 0 alone would restore while rank 1 measures: a deadlock
+
+    second = Server(path)
+    try:
+        port = second.wait_for("listening")["port"]
+        second.wait_for("serving")
+        with DiffstackClient(f"127.0.0.1:{port}", timeout=WAIT_S) as client:
+            stack = client.stack()
+            assert not stack.restored  # both ranks measured again
+            assert stack.summary()["compile_model"] == ("context_parallel_ulysses",)
+            _, served_by = generate(client)
+            assert served_by["compile_model"] == ("context_parallel_ulysses",), served_by
+    finally:
+        assert second.stop() == 0
+    assert any((kept / "rank1").iterdir())  # and kept it again

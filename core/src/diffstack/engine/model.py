@@ -15,6 +15,7 @@ import torch
 
 from diffstack.attention import capture_attention_shapes, install_attention
 from diffstack.compose import AttentionDecision, ComposedStack, ModelUnderTest, compose_stack
+from diffstack.compose.slots import agreed_across_ranks
 from diffstack.config import Settings
 from diffstack.decisions import Decision, DecisionStore, decision_key, restricted_host, same_choice
 from diffstack.engine.families import FamilyAdapter, Pipeline, adapter_for
@@ -221,15 +222,22 @@ def _kept(settings: Settings, measured: bool) -> bool:
 def _restore(
     host: PluginHost, model: ModelUnderTest, path: Path, settings: Settings, key: dict[str, str] | None
 ) -> tuple[ComposedStack, StackReport] | None:
-    """The stack a kept, still valid decision chose, rebuilt untimed; None to measure afresh."""
+    """The stack a kept, still valid decision chose, rebuilt untimed; None to measure afresh.
+
+    The ranks of a context-parallel group compose in lockstep (their offers' calls are collectives),
+    so they restore only if every rank found a valid decision (each keeps its own folder) and rebuilt
+    the same choice; otherwise they all measure afresh (a single process just asks itself)."""
     if key is None or settings.compose.decisions_dir is None:
         return None
     saved = DecisionStore(settings.compose.decisions_dir).load(model.info.name, key)
-    if saved is None:
+    if agreed_across_ranks({"missing": float(saved is None)})["missing"]:
+        if saved is not None:
+            log.warning("restored_decision_missing_on_another_rank_measuring", model=model.info.name)
         return None
+    assert saved is not None
     untimed = replace(model, measure=False)
     stack = compose_stack(restricted_host(host, saved.report), untimed, settings.compose, apply_attention)
-    if not same_choice(stack.slots, saved.report):
+    if agreed_across_ranks({"differs": float(not same_choice(stack.slots, saved.report))})["differs"]:
         log.warning("restored_decision_differs_measuring", model=model.info.name)
         return None
     return stack, replace(saved.report, restored=True, decided_at=saved.decided_at)
