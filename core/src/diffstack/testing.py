@@ -104,6 +104,27 @@ def _unet(cross_attention_dim: int, **extra: object):
     )
 
 
+def tiny_unet() -> Any:
+    """A one-level UNet (one attention shape, head dim 8) from seed 0: the smallest a compile test can
+    build and compile in seconds, run both in-process and by subprocess scripts."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        mid_block_type=None,
+        up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
 def build_tiny_pipeline(family: Family, seed: int = 0):
     """A complete pipeline of ``family`` with seeded random weights, small enough for a CPU test."""
     torch.manual_seed(seed)

@@ -11,29 +11,12 @@ import sys
 
 import pluggy
 import torch
-from diffusers import UNet2DConditionModel
 from torch._dynamo.utils import counters
 
 import diffstack.hookspecs
 import diffstack_torch_compile
+from diffstack.testing import tiny_unet
 from diffstack.types import DenoiserKind, Family, ModelInfo
-
-
-def tiny_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32,),
-        down_block_types=("CrossAttnDownBlock2D",),
-        mid_block_type=None,
-        up_block_types=("CrossAttnUpBlock2D",),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
 
 
 def main(cache_dir: str) -> None:

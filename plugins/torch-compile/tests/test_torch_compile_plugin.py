@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,10 @@ from peft import LoraConfig
 
 import diffstack.hookspecs
 import diffstack_torch_compile
+from diffstack.testing import tiny_unet
 from diffstack.types import CompileOffer, DenoiserKind, Family, ModelInfo
 from diffstack_torch_compile import compiler
 from diffstack_torch_compile.config import MODES
-
-sys.path.insert(0, str(Path(__file__).parent))
-from compile_tiny_unet import tiny_unet
 
 
 def model_on(device: str, options: Mapping[str, Any] | None = None, kind=DenoiserKind.UNET) -> ModelInfo:
