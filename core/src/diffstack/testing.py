@@ -110,7 +110,7 @@ def tiny_unet() -> Any:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
+    unet: torch.nn.Module = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -122,7 +122,8 @@ def tiny_unet() -> Any:
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
-    ).eval()
+    )
+    return unet.eval()
 
 
 def build_tiny_pipeline(family: Family, seed: int = 0):
