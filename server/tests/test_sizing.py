@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def test_the_largest_size_that_still_gains_is_chosen_and_smaller_ones_warmed(eng
     assert choice.measured and choice.size == 4
     assert sorted(choice.images_per_s) == [1, 2, 4]
     assert choice.images_per_s[4] == 4 * choice.images_per_s[1]
-    assert sizes_run(spy) == [1, 1, 2, 2, 4, 4, 3]  # untimed then timed per candidate; 3 warmed after
+    # Per candidate: two untimed runs (they agree: settled), then two timed; 3 is warmed after.
+    assert sizes_run(spy) == [1] * 4 + [2] * 4 + [4] * 4 + [3, 3]
     assert choice.warmed == [1, 2, 3, 4]
     assert choice.units_per_image == 64 * 64  # one step of the tiny model's 64x64
 
@@ -59,8 +61,8 @@ def test_a_size_without_gain_ends_the_search(engine: Any) -> None:
     # Time grows with the images run: images/s is flat, so batching gains nothing.
     choice = choose_batch_size(spy, settings(max_batch=8), clock=lambda: float(sum(sizes_run(spy))))
     assert choice.size == 1
-    assert "under 5% more" in choice.reason
-    assert sizes_run(spy) == [1, 1, 2, 2]
+    assert "4 images gave 1.00 images/s, under 5% more than 1 images" in choice.reason
+    assert sizes_run(spy) == [1] * 4 + [2] * 4 + [4] * 4  # one more size after the first miss
 
 
 def test_running_out_of_memory_ends_the_search_at_the_size_that_fit(engine: Any) -> None:
@@ -73,18 +75,59 @@ def test_running_out_of_memory_ends_the_search_at_the_size_that_fit(engine: Any)
 def test_the_budget_bounds_the_measurement(engine: Any) -> None:
     spy = SpyEngine(engine)
     choice = choose_batch_size(
-        spy, settings(max_batch=16, batch_measure_budget_s=7), clock=lambda: float(len(spy.calls))
+        spy, settings(max_batch=16, batch_measure_budget_s=14), clock=lambda: float(len(spy.calls))
     )
-    # The next size is expected to take twice its share of the last one's time (an untimed and a
-    # timed run): size 2 expected 4 ticks after 2 (6 <= 7); size 4 expected 4 after 4 (8 > 7).
+    # The next size is expected to take four times its share of the last one's time (two untimed
+    # runs and two timed): size 2 expected 8 ticks after 4 (12 <= 14); size 4 expected 8 after 8.
     assert choice.size == 2 and "budget" in choice.reason
+
+
+def compiled_like(spy: SpyEngine, seconds: Callable[[int], float]) -> Callable[[], float]:
+    """A clock for a CUDA-graphed stack: a size's first run compiles (20 ticks), its second records
+    (5 ticks), later runs replay in ``seconds(size)``; one image was warmed by the engine already."""
+
+    def clock() -> float:
+        total, seen = 0.0, Counter[int]()
+        for size in sizes_run(spy):
+            total += seconds(size) if size == 1 or seen[size] >= 2 else (20.0, 5.0)[seen[size]]
+            seen[size] += 1
+        return total
+
+    return clock
+
+
+def test_a_size_is_timed_only_once_it_replays(engine: Any) -> None:
+    spy = SpyEngine(engine)
+    # Replays: 1 tick for one image, 1.25 for two, 1.75 for four: the larger the faster per image.
+    choice = choose_batch_size(
+        spy, settings(max_batch=4), clock=compiled_like(spy, lambda size: 1 + (size - 1) / 4)
+    )
+    assert choice.size == 4, choice.reason
+    assert choice.batch_seconds == {1: 1.0, 2: 1.25, 4: 1.75}
+    # Two images: compile, record, then replays until two agree; then two timed replays.
+    assert sizes_run(spy)[4:11] == [2] * 6 + [4]
+    assert choice.warm_s[2] == 20 + 5 + 1.25 + 1.25
+    assert choice.pending == [] and choice.warmed == [1, 2, 3, 4]
+    assert sizes_run(spy)[-4:] == [3] * 4  # warmed the same way: its first client batch replays
+
+
+def test_one_size_without_gain_does_not_end_the_search(engine: Any) -> None:
+    spy = SpyEngine(engine)
+    # Two images are no faster per image than one (a slow run, say), but four are.
+    choice = choose_batch_size(
+        spy,
+        settings(max_batch=8, batch_measure_budget_s=1000),
+        clock=compiled_like(spy, lambda size: {1: 1, 2: 2, 8: 8}.get(size, 2)),
+    )
+    assert choice.size == 4 and sorted(choice.images_per_s) == [1, 2, 4, 8]
+    assert "8 images gave 1.00 images/s" in choice.reason  # eight gained nothing either
 
 
 def test_a_configured_size_is_not_measured_but_warmed(engine: Any) -> None:
     spy = SpyEngine(engine)
     choice = choose_batch_size(spy, settings(batch_size=3, max_batch=16))
     assert (choice.size, choice.measured, choice.images_per_s) == (3, False, {})
-    assert sizes_run(spy) == [2, 3]  # one image: the engine's own warm-up ran it
+    assert sizes_run(spy) == [2, 2, 3, 3]  # each until settled; one image: the engine's warm-up ran it
     spy.calls.clear()
     assert choose_batch_size(spy, settings(batch_size=32, max_batch=2, warm_batches=False)).size == 2
     assert spy.calls == []
@@ -164,7 +207,8 @@ def test_pending_sizes_are_warmed_after_serving_then_formed(start_server: Any, s
     while queue.max_batch < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert queue.max_batch == 3 and choice.pending == []
-    assert sizes_run(spy)[:2] == [2, 3]  # smallest first, each once
+    warm = sizes_run(spy)
+    assert warm == sorted(warm) and warm.count(2) >= 2 and warm.count(3) >= 2  # smallest first, settled
     with DiffstackClient(server.target, timeout=WAIT_S) as client:
         stats = dict(client.stats().engine)
     assert stats["startup_to_serving_s"] > 0 and "startup_imports_s" in stats

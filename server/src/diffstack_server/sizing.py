@@ -4,10 +4,23 @@ A fixed ``max_batch = 4`` left an H200 mostly idle. At start, on the engine's de
 server times real generations of the default model (``server.batch_measure_steps`` steps, distinct
 prompts and seeds, so the batches look like mixed client traffic) at 1, 2, 4, … images up to
 ``server.max_batch``, and keeps the largest size whose images/s still improves on the best smaller
-size by ``server.batch_min_gain``. Each size runs once untimed first (that run records the CUDA graphs
-of compiled stacks and settles allocator and cache state), then once timed. A size that runs out of
-memory ends the search: the size before it is the largest that fits. The search also stops when the
-next size would overrun ``server.batch_measure_budget_s``.
+size by ``server.batch_min_gain``.
+
+Each size is warmed before it is timed (:func:`warm_size`), because its first runs are not what a
+client's batch costs: on a compiled stack with CUDA graphs (torch_compile, mode reduce-overhead) a
+new shape runs eagerly once (and Dynamo may recompile for a new batch size), is *recorded* on its
+next call, and only *replays* from the call after; the VAE decode is called once a batch, so it is
+two whole batches behind the denoiser. A size therefore runs untimed at least twice, then until two
+consecutive runs agree within :data:`SETTLED_WITHIN` (at most :data:`MAX_WARM_RUNS` runs), and is
+then timed as the best of :data:`TIMED_RUNS` runs. (Timing the second run, as this module once did,
+timed the recording run: an H200 measured two images 30% slower than one and kept one.)
+
+One size that gains too little does not end the search: timing noise or one slow run could cut it
+short, so the next size is tried too, and the search ends after two sizes in a row without the gain
+(throughput that stopped growing at two sizes has stopped). A size that runs out of memory ends the
+search: the size before it is the largest that fits. So does ``server.batch_measure_budget_s``: a
+size is started only when its expected cost (its warm-up and timed runs, scaled from the last
+size's batch time) still fits, and everything run, warm-ups included, counts against it.
 
 Only CUDA is measured: on a CPU the search would cost up to the budget of start-up for a choice that
 hardly matters (images/s barely grows with the batch there), so ``server.cpu_batch_size`` is used
@@ -19,10 +32,11 @@ change to the card, driver, versions, plugins, model or settings measures again.
 Warming: a batch can be any number of images up to the size, and each number records its own CUDA
 graphs (torch_compile's dynamic batch dimension means one compile serves them all). On CUDA
 (``server.warm_batches``) every size the measurement did not run is left in
-:attr:`BatchSizeChoice.pending`; the server warms them after SERVING, between client batches, and
-lets the batcher form a size only once it and every smaller one are warmed
-(``server.warm_before_serving`` warms them all before SERVING instead). With ``server.batch_size``
-set, nothing is measured: that size (capped by ``max_batch``) is used and warmed the same way.
+:attr:`BatchSizeChoice.pending`; the server warms them after SERVING, between client batches, each
+with :func:`warm_size` (so the first client batch of that size replays), and lets the batcher form a
+size only once it and every smaller one are warmed (``server.warm_before_serving`` warms them all
+before SERVING instead). With ``server.batch_size`` set, nothing is measured: that size (capped by
+``max_batch``) is used and warmed the same way.
 """
 
 from __future__ import annotations
@@ -71,7 +85,8 @@ class BatchSizeChoice:
     measure_s: float = 0.0
     """Seconds spent measuring (0 when restored or configured)."""
     warm_s: dict[int, float] = field(default_factory=dict)
-    """Seconds of each warm-up run (CUDA-graph recording of that size, on a compiled stack)."""
+    """Seconds of each size's untimed warm-up runs together (on a compiled stack: its compile and
+    CUDA-graph recording), measured sizes included."""
 
     @property
     def ready_size(self) -> int:
@@ -168,12 +183,10 @@ def warm_next(
     settings: ServerSettings,
     clock: Callable[[], float] = time.perf_counter,
 ) -> int:
-    """Run the smallest pending size once (on the device thread); returns the new
-    :attr:`~BatchSizeChoice.ready_size`."""
+    """Warm the smallest pending size with :func:`warm_size` (on the device thread, as one call);
+    returns the new :attr:`~BatchSizeChoice.ready_size`."""
     size = choice.pending[0]
-    began = clock()
-    _run(engine, size, settings.batch_measure_steps)
-    choice.warm_s[size] = clock() - began
+    choice.warm_s[size] = sum(warm_size(engine, size, settings.batch_measure_steps, clock))
     choice.pending.remove(size)
     choice.warmed = sorted({*choice.warmed, size})
     return choice.ready_size
@@ -230,39 +243,80 @@ def _measure_and_keep(
     return choice
 
 
+SETTLED_WITHIN = 0.10
+"""Two consecutive warm-up runs whose times differ by at most this fraction (of the slower one) show
+a size has settled: it replays its CUDA graphs (compiled stacks) or simply runs steady (eager ones)."""
+MIN_WARM_RUNS = 2
+"""Untimed runs of a size at least: with CUDA graphs the first runs it eagerly, the second records."""
+MAX_WARM_RUNS = 5
+"""Untimed runs of a size at most, settled or not, so a noisy device cannot stall start-up."""
+TIMED_RUNS = 2
+"""Timed runs of each measured size; the fastest counts (a stray slow run is noise, not the size)."""
+PATIENCE = 1
+"""Sizes tried after one that did not gain enough, before the search ends (see the module's text)."""
+
+
+def warm_size(
+    engine: ServingEngine, size: int, steps: int, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
+    """Run batches of ``size`` untimed until the next one replays what they recorded: at least
+    :data:`MIN_WARM_RUNS`, then until two consecutive runs agree within :data:`SETTLED_WITHIN`, at
+    most :data:`MAX_WARM_RUNS`. Returns each run's seconds."""
+    seconds: list[float] = []
+    while len(seconds) < MAX_WARM_RUNS:
+        began = clock()
+        _run(engine, size, steps)
+        seconds.append(clock() - began)
+        if len(seconds) >= MIN_WARM_RUNS and _agree(seconds[-2], seconds[-1]):
+            break
+    return seconds
+
+
+def _agree(first: float, second: float) -> bool:
+    return abs(first - second) <= SETTLED_WITHIN * max(first, second, 1e-9)
+
+
 def _measure(
     engine: ServingEngine, settings: ServerSettings, cap: int, clock: Callable[[], float]
 ) -> BatchSizeChoice:
     started = clock()
-    choice = BatchSizeChoice(1, measured=True, reason=f"measured up to server.max_batch={cap}")
-    best_rate = 0.0
+    every_size = f"measured up to server.max_batch={cap}"
+    choice = BatchSizeChoice(1, measured=True, reason=every_size)
+    best_rate, misses = 0.0, 0
     for size in candidate_sizes(cap):
         if choice.batch_seconds:
             last = max(choice.batch_seconds)
-            expected = 2 * choice.batch_seconds[last] * size / last  # the untimed run and the timed one
+            runs = MIN_WARM_RUNS + TIMED_RUNS  # the fewest a size takes; a new shape's compile adds more
+            expected = runs * choice.batch_seconds[last] * size / last
             if clock() - started + expected > settings.batch_measure_budget_s:
                 choice.reason = f"server.batch_measure_budget_s={settings.batch_measure_budget_s:g} reached"
                 break
         try:
-            _run(engine, size, settings.batch_measure_steps)
+            choice.warm_s[size] = sum(warm_size(engine, size, settings.batch_measure_steps, clock))
             choice.warmed.append(size)
-            began = clock()
-            units = _run(engine, size, settings.batch_measure_steps)
+            timed = []
+            for _ in range(TIMED_RUNS):
+                began = clock()
+                units = _run(engine, size, settings.batch_measure_steps)
+                timed.append(max(clock() - began, 1e-9))
         except OutOfMemory:
             choice.reason = f"a batch of {size} images did not fit in memory"
             break
-        seconds = max(clock() - began, 1e-9)
+        seconds = min(timed)
         choice.batch_seconds[size] = seconds
         choice.units_per_image = units / size
         rate = size / seconds
         choice.images_per_s[size] = rate
-        if rate < best_rate * (1 + settings.batch_min_gain):
-            choice.reason = (
-                f"{size} images gave {rate:.2f} images/s, under {settings.batch_min_gain:.0%} more than "
-                f"{choice.size} images ({best_rate:.2f})"
-            )
+        if rate >= best_rate * (1 + settings.batch_min_gain):
+            choice.size, best_rate, misses, choice.reason = size, rate, 0, every_size
+            continue
+        misses += 1
+        choice.reason = (
+            f"{size} images gave {rate:.2f} images/s, under {settings.batch_min_gain:.0%} more than "
+            f"{choice.size} images ({best_rate:.2f})"
+        )
+        if misses > PATIENCE:
             break
-        choice.size, best_rate = size, rate
     return choice
 
 
