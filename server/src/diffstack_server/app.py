@@ -40,7 +40,13 @@ from diffstack_server.interceptors import AdminTokenInterceptor, StatusIntercept
 from diffstack_server.keys import ApiKeyInterceptor, KeyRing, load_keys
 from diffstack_server.metrics import Metrics
 from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, Runtime
-from diffstack_server.sizing import BatchSizeChoice, choose_batch_size, warm_next
+from diffstack_server.sizing import (
+    BatchSizeChoice,
+    choose_batch_size,
+    unwarmed_wrappers,
+    warm_next,
+    warm_wrapper,
+)
 
 log = structlog.get_logger("diffstack.server")
 
@@ -129,6 +135,7 @@ class DiffstackServer:
             self.ready.set()
             return
         engine = self.runtime.started_engine()
+        wrappers = await self._wrappers_to_warm(engine)
         default = await self.runtime.checkout("")
         try:
             log_stack_decisions(default.report)
@@ -143,10 +150,18 @@ class DiffstackServer:
             self.runtime.startup.update(
                 startup_summary(engine, model_startup, engine_s, self.batch_size, total_s)
             )
-            # Where start-up went, in one line (each phase is also logged on its own above).
-            log.info("startup", stack_restored=restored, **_rounded(self.runtime.startup))
+            sizes = self.batch_size.pending if self.batch_size is not None else []
+            self.runtime.startup["warm_after_serving"] = float(len(sizes) + len(wrappers))
+            # Where start-up went, in one line (each phase is also logged on its own above), and
+            # what is left to warm after SERVING (batch sizes, then wrappers such as DeepCache).
+            log.info(
+                "startup",
+                stack_restored=restored,
+                to_warm_after_serving={"batch_sizes": list(sizes), "wrappers": wrappers},
+                **_rounded(self.runtime.startup),
+            )
             log.info("serving", seconds=round(total_s, 2), stack_restored=restored)
-            if self.batch_size is not None and self.batch_size.pending:
+            if self.batch_size is not None and (sizes or wrappers):
                 self._warm_task = asyncio.get_running_loop().create_task(
                     warm_pending(self.runtime, self.batch_size), name="diffstack-warm-batches"
                 )
@@ -160,6 +175,19 @@ class DiffstackServer:
             log.error("not_serving", reason=reason)
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _wrappers_to_warm(self, engine: ServingEngine) -> list[str]:
+        """The default model's wrappers left for :func:`warm_pending` after SERVING; with
+        ``server.warm_before_serving`` they are warmed now instead."""
+        if self.settings.server.warm_before_serving:
+            for name in await asyncio.wrap_future(self.worker.submit(unwarmed_wrappers, engine)):
+                try:
+                    await asyncio.wrap_future(
+                        self.worker.submit(warm_wrapper, engine, name, self.settings.server)
+                    )
+                except Exception:  # the wrapper compiles on its first use instead; serving goes on
+                    log.exception("wrapper_warm_up_failed", wrapper=name)
+        return await asyncio.wrap_future(self.worker.submit(unwarmed_wrappers, engine))
 
     async def _size_batches(self) -> None:
         self.batch_size = await size_batches(self.runtime)
@@ -253,10 +281,11 @@ async def wait_for_pause(queue: BatchQueue) -> None:
 
 
 async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
-    """After SERVING: warm the sizes still pending, smallest first, each as one call on the device
-    thread in a pause between client batches (:func:`wait_for_pause`), and let the batcher
-    form each size once it and every smaller one are warmed. A failed warm-up keeps the size reached
-    (logged): serving goes on with smaller batches."""
+    """After SERVING: warm the sizes still pending, smallest first, then the default model's wrappers
+    still unwarmed (:func:`~diffstack_server.sizing.warm_wrapper`), each as one call on the device
+    thread in a pause between client batches (:func:`wait_for_pause`); the batcher forms each size
+    once it and every smaller one are warmed. A failed warm-up is logged and ends the warming:
+    serving goes on with the sizes reached (a wrapper not warmed compiles on its first use)."""
     queue, engine, settings = runtime.queue, runtime.started_engine(), runtime.settings.server
     started = time.perf_counter()
     while choice.pending and not queue.closed:
@@ -278,6 +307,18 @@ async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
         seconds=round(time.perf_counter() - started, 2),
         per_size={size: round(s, 2) for size, s in choice.warm_s.items()},
     )
+    for name in await asyncio.wrap_future(runtime.worker.submit(unwarmed_wrappers, engine)):
+        if queue.closed:
+            return
+        await wait_for_pause(queue)
+        try:
+            seconds = await asyncio.wrap_future(runtime.worker.submit(warm_wrapper, engine, name, settings))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("wrapper_warm_up_failed", wrapper=name)
+            return
+        runtime.startup[f"wrapper_{name}_warm_s"] = seconds
 
 
 def startup_summary(

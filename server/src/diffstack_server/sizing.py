@@ -37,6 +37,15 @@ with :func:`warm_size` (so the first client batch of that size replays), and let
 size only once it and every smaller one are warmed (``server.warm_before_serving`` warms them all
 before SERVING instead). With ``server.batch_size`` set, nothing is measured: that size (capped by
 ``max_batch``) is used and warmed the same way.
+
+Wrappers that run on the compiled denoiser (DeepCache) compile graphs of their own; the engine's
+load no longer warms them (DeepCache's took 77 s of an H200's cold start, for a wrapper clients
+enable per request). The server warms each one the engine lists
+(:attr:`~diffstack.engine.LoadedModel.unwarmed_wrappers`, default model) with :func:`warm_wrapper`
+after SERVING, once every pending batch size is warm (plain requests are the bulk of the traffic),
+on the device thread between client batches; ``server.warm_before_serving`` warms them before
+SERVING too. A request that uses one earlier compiles it itself (slow once, never wrong); a wrapper
+batch of more than one image records its CUDA graphs on first use.
 """
 
 from __future__ import annotations
@@ -192,6 +201,38 @@ def warm_next(
     return choice.ready_size
 
 
+def unwarmed_wrappers(engine: ServingEngine) -> list[str]:
+    """The default model's wrappers still to warm
+    (:attr:`~diffstack.engine.LoadedModel.unwarmed_wrappers`)."""
+    model = engine.pin(engine.resolve(""))
+    if model is None:
+        return []
+    try:
+        return list(model.unwarmed_wrappers)
+    finally:
+        engine.unpin(model)
+
+
+def warm_wrapper(
+    engine: ServingEngine,
+    name: str,
+    settings: ServerSettings,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Warm the default model's wrapper ``name`` (one image, :func:`warm_size`, on the device thread)
+    and take it off the list; returns the seconds it took (its compile, on a compiled stack)."""
+    seconds = sum(warm_size(engine, 1, settings.batch_measure_steps, clock, wrappers=(name,)))
+    model = engine.pin(engine.resolve(""))
+    if model is not None:
+        try:
+            if name in model.unwarmed_wrappers:
+                model.unwarmed_wrappers.remove(name)
+        finally:
+            engine.unpin(model)
+    log.info("wrapper_warmed", wrapper=name, seconds=round(seconds, 2))
+    return seconds
+
+
 def _decision_key(engine: ServingEngine, settings: ServerSettings) -> tuple[str, dict[str, str]] | None:
     """The default model's key and the key its batch size is kept under (its stack decision's key
     plus the sizing settings); None when its stack decision is not kept."""
@@ -257,15 +298,19 @@ PATIENCE = 1
 
 
 def warm_size(
-    engine: ServingEngine, size: int, steps: int, clock: Callable[[], float] = time.perf_counter
+    engine: ServingEngine,
+    size: int,
+    steps: int,
+    clock: Callable[[], float] = time.perf_counter,
+    wrappers: tuple[str, ...] = (),
 ) -> list[float]:
-    """Run batches of ``size`` untimed until the next one replays what they recorded: at least
-    :data:`MIN_WARM_RUNS`, then until two consecutive runs agree within :data:`SETTLED_WITHIN`, at
-    most :data:`MAX_WARM_RUNS`. Returns each run's seconds."""
+    """Run batches of ``size`` (with ``wrappers``) untimed until the next one replays what they
+    recorded: at least :data:`MIN_WARM_RUNS`, then until two consecutive runs agree within
+    :data:`SETTLED_WITHIN`, at most :data:`MAX_WARM_RUNS`. Returns each run's seconds."""
     seconds: list[float] = []
     while len(seconds) < MAX_WARM_RUNS:
         began = clock()
-        _run(engine, size, steps)
+        _run(engine, size, steps, wrappers)
         seconds.append(clock() - began)
         if len(seconds) >= MIN_WARM_RUNS and _agree(seconds[-2], seconds[-1]):
             break
@@ -331,10 +376,18 @@ def _on_cuda(engine: ServingEngine) -> bool:
         engine.unpin(model)
 
 
-def _run(engine: ServingEngine, size: int, steps: int) -> float:
-    """One batch of ``size`` one-image requests with distinct prompts and seeds; its work units."""
+def _run(engine: ServingEngine, size: int, steps: int, wrappers: tuple[str, ...] = ()) -> float:
+    """One batch of ``size`` one-image requests with distinct prompts and seeds (each with
+    ``wrappers`` at their default options); its work units."""
     requests = [
-        engine.prepare(GenerationRequest(f"batch size probe {i}: a red circle", steps=steps, seeds=(i,)))
+        engine.prepare(
+            GenerationRequest(
+                f"batch size probe {i}: a red circle",
+                steps=steps,
+                seeds=(i,),
+                wrappers={name: {} for name in wrappers},
+            )
+        )
         for i in range(size)
     ]
     outcomes = engine.run([GenerationJob(request) for request in requests])

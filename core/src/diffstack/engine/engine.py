@@ -277,30 +277,33 @@ class Engine:
         return model
 
     def _warm_up(self, model: LoadedModel) -> None:
-        """One short generation through the real pipeline call, as clients will make it; another
-        with each wrapper that runs on the compiled denoiser, which compiles its own graphs."""
+        """One short generation through the real pipeline call, as clients will make it.
+
+        Wrappers that run on the compiled denoiser (DeepCache, the first-block cache) compile graphs
+        of their own, and clients enable them per request; warming them here took 77 s of an H200's
+        cold start (DeepCache on SD1.5), paid whether or not any client asks for one. So they are
+        only listed in :attr:`LoadedModel.unwarmed_wrappers`: the server warms them after SERVING,
+        between client batches (``diffstack_server.sizing.warm_wrapper``), and a request that uses
+        one before then compiles it itself."""
         steps = self.settings.engine.warmup_steps
         if steps <= 0:
             return
+        request = prepare_request(
+            GenerationRequest("warm-up", steps=steps, seeds=(0,)), model, self.settings.limits
+        )
+        (result,) = run_batch(model, [GenerationJob(request)])
+        if isinstance(result, DiffstackError):
+            raise result
         compiled = model.denoiser_for(with_wrappers=False) is not model.denoiser_for(with_wrappers=True)
-        on_compiled = [name for name, offer in model.stack.wrappers.items() if offer.on_compiled and compiled]
-        runs: list[dict[str, dict[str, object]]] = [{}]
-        runs += [{name: {}} for name in on_compiled]
-        for wrappers in runs:
-            request = prepare_request(
-                GenerationRequest("warm-up", steps=steps, seeds=(0,), wrappers=wrappers),
-                model,
-                self.settings.limits,
-            )
-            (result,) = run_batch(model, [GenerationJob(request)])
-            if isinstance(result, DiffstackError):
-                raise result
-            log.info(
-                "model warmed up",
-                model=model.name,
-                wrappers=tuple(wrappers),
-                seconds=round(result.timings["total_s"], 2),
-            )
+        model.unwarmed_wrappers = [
+            name for name, offer in model.stack.wrappers.items() if offer.on_compiled and compiled
+        ]
+        log.info(
+            "model warmed up",
+            model=model.name,
+            seconds=round(result.timings["total_s"], 2),
+            wrappers_to_warm=model.unwarmed_wrappers,
+        )
 
     def is_loaded(self, name: str = "") -> bool:
         """Whether ``name`` is in memory already (using it then neither loads nor composes)."""

@@ -49,6 +49,9 @@ class LoadedModel:
     """Seconds its loading took, by phase (``load_s``, ``compose_s``, ``warmup_s``)."""
     loras: LoraSlot | None = None
     """The LoRA hot-swap slot; None when the model takes no LoRAs (none fitted at load, or off)."""
+    unwarmed_wrappers: list[str] = field(default_factory=list)
+    """Wrappers that run on the compiled denoiser and have not run yet: each compiles its own graphs
+    on its first use, which the engine's warm-up leaves to the server (after SERVING)."""
 
     def denoiser_for(self, with_wrappers: bool) -> torch.nn.Module:
         """The compiled denoiser, or the eager one when wrappers must hook into its blocks."""
