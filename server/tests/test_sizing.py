@@ -125,7 +125,7 @@ def test_one_size_without_gain_does_not_end_the_search(engine: Any) -> None:
 
 def test_a_configured_size_is_not_measured_but_warmed(engine: Any) -> None:
     spy = SpyEngine(engine)
-    choice = choose_batch_size(spy, settings(batch_size=3, max_batch=16))
+    choice = choose_batch_size(spy, settings(batch_size=3, max_batch=16), clock=lambda: float(len(spy.calls)))
     assert (choice.size, choice.measured, choice.images_per_s) == (3, False, {})
     assert sizes_run(spy) == [2, 2, 3, 3]  # each until settled; one image: the engine's warm-up ran it
     spy.calls.clear()
