@@ -116,3 +116,20 @@ def test_out_of_memory_twice_gives_resource_exhausted(server: Any, spy: SpyEngin
         assert spy.calls[1:] == [[(1,), (2,)], [(1,)], [(2,)]]  # split once, never again
         spy.oom_above = None
         assert client.generate("a cube", steps=1).images  # and the server goes on
+
+
+def test_closed_loop_clients_fill_batches_up_to_the_size(start_server: Any, spy: SpyEngine) -> None:
+    """As ``serve-sd15``'s 8 clients do: each sends its next request when its last one answered.
+    With the size at 4, the requests that queue while a batch runs go together, never more than 4."""
+    server = start_server(spy, server={"batch_size": 4, "max_batch": 16, "queue_size": 16})
+
+    def client_loop(index: int) -> list[int]:
+        with DiffstackClient(server.target, timeout=WAIT_S) as client:
+            return [client.generate("a cone", seed=100 * index + i, steps=2).images[0].seed for i in range(3)]
+
+    with ThreadPoolExecutor(8) as pool:
+        seeds = list(pool.map(client_loop, range(8)))
+    assert seeds == [[100 * index + i for i in range(3)] for index in range(8)]
+    sizes = [len(call) for call in spy.calls]
+    assert sum(sizes) == 24 and max(sizes) == 4  # batches formed from the queue, capped by the size
+    assert len(sizes) <= 12, sizes  # mostly full: one request at a time would be 24 calls
