@@ -41,7 +41,8 @@ class EngineSettings(_Section):
     while another process kept the cores busy; on a GPU it matters little."""
     warmup_steps: int = 2
     """Steps of one real generation run when a model is loaded, so the first client does not pay for
-    CUDA-graph recording and lazy initialisation (0 turns it off)."""
+    CUDA-graph recording and lazy initialisation (0 turns it off). Only the plain stack: wrappers
+    that run on the compiled denoiser (DeepCache) are listed for the server to warm after SERVING."""
     preload: list[str] = Field(default_factory=list)
     """Models (names inside ``models_dir``) loaded at start, besides the default, so they serve from
     the first request without ``load_on_request``."""
@@ -241,19 +242,23 @@ class ServerSettings(_Section):
     measure_batch_on_cpu: bool = False
     """Measure the batch size on a CPU too (``batch_size`` 0)."""
     batch_measure_steps: int = Field(default=4, ge=1)
-    """Steps of each timed batch while measuring, and of each warm-up batch."""
+    """Steps of each timed batch while measuring, and of each warm-up batch (batch sizes, wrappers)."""
     batch_measure_budget_s: float = Field(default=60.0, gt=0)
-    """Measuring stops before a size that would take longer than this in total (a CPU's bound)."""
+    """Measuring stops before a size whose expected cost (two warm-up and two timed runs, scaled from
+    the last size) would take the whole measurement, warm-ups included, past this."""
     batch_min_gain: float = Field(default=0.05, ge=0)
-    """A larger batch is kept only if its images/s beats the best smaller one by this fraction."""
+    """A larger batch is kept only if its images/s beats the best smaller one by this fraction; after
+    a size that does not, one more is tried (noise), and two in a row end the search."""
     warm_batches: bool | None = None
-    """Run every batch size the batcher can form once before the batcher forms it, so no client's
-    batch records CUDA graphs. ``None``: when the default model runs on CUDA (a CPU has no graphs to
-    record). Sizes the measurement did not run are warmed after SERVING, on the device thread
-    between client batches (see ``warm_before_serving``); until a size and every smaller one are
-    warmed, the batcher forms batches only up to the largest warmed size."""
+    """Warm every batch size the batcher can form (untimed runs until two agree within 10%, at least
+    two) before the batcher forms it, so no client's batch records CUDA graphs. ``None``: when the
+    default model runs on CUDA (a CPU has no graphs to record). Sizes the measurement did not run
+    are warmed after SERVING, on the device thread between client batches (see
+    ``warm_before_serving``); until a size and every smaller one are warmed, the batcher forms
+    batches only up to the largest warmed size."""
     warm_before_serving: bool = False
-    """Warm every batch size before reporting SERVING instead (slower start, full batches at once)."""
+    """Warm every batch size, and every wrapper on the compiled denoiser (DeepCache), before reporting
+    SERVING instead (slower start, full batches and cached requests fast at once)."""
     batch_wait_ms: int = 5
     encode_threads: int = Field(default=0, ge=0)
     """Threads encoding result images (PNG, WebP and JPEG encoders release the GIL, so they run in
