@@ -145,6 +145,8 @@ metrics_port = {self.metrics_port}
 queue_size = 64
 log_format = "json"
 grace_seconds = 10.0
+# No client here enables a wrapper: DeepCache's compile (77 s cold on an H200) stays off the clock.
+warm_wrappers = false
 """
         path = self.run.work / f"server-{self.key}{'' if self.compile_ok else '-eager'}.toml"
         path.write_text(text)

@@ -85,3 +85,17 @@ def test_warm_before_serving_warms_deepcache_before_serving(models_dir: Path, se
         assert engine.model("").unwarmed_wrappers == []
         with DiffstackClient(server.target, timeout=WAIT_S) as client:
             assert dict(client.stats().engine)["startup_warm_after_serving"] == 0.0
+
+
+def test_with_warm_wrappers_off_deepcache_compiles_on_its_first_use(
+    models_dir: Path, settings_at: Any
+) -> None:
+    engine = compiled_engine(models_dir, settings_at, warm_wrappers=False)
+    with (
+        BackgroundServer(engine.settings, engine) as server,
+        DiffstackClient(server.target, timeout=WAIT_S) as client,
+    ):
+        assert dict(client.stats().engine)["startup_warm_after_serving"] == 0.0
+        assert engine.model("").unwarmed_wrappers == ["deepcache"]
+        generation = client.generate("a cube", steps=3, wrappers={"deepcache": {}})
+        assert len(generation.images) == 1 and "deepcache" in generation.stack["wrap_denoiser"]

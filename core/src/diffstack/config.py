@@ -259,6 +259,11 @@ class ServerSettings(_Section):
     warm_before_serving: bool = False
     """Warm every batch size, and every wrapper on the compiled denoiser (DeepCache), before reporting
     SERVING instead (slower start, full batches and cached requests fast at once)."""
+    warm_wrappers: bool = True
+    """Warm the default model's wrappers that run on the compiled denoiser (DeepCache: 77 s on an
+    H200, cold) after SERVING, once every batch size is warm, each only in a real pause of client
+    traffic (its compile holds the device thread for as long). Off: each compiles on its first use,
+    for a server whose clients never enable one (the serve benchmarks)."""
     batch_wait_ms: int = 5
     encode_threads: int = Field(default=0, ge=0)
     """Threads encoding result images (PNG, WebP and JPEG encoders release the GIL, so they run in

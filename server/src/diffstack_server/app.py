@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -179,6 +180,8 @@ class DiffstackServer:
     async def _wrappers_to_warm(self, engine: ServingEngine) -> list[str]:
         """The default model's wrappers left for :func:`warm_pending` after SERVING; with
         ``server.warm_before_serving`` they are warmed now instead."""
+        if not self.settings.server.warm_wrappers:
+            return []
         if self.settings.server.warm_before_serving:
             for name in await asyncio.wrap_future(self.worker.submit(unwarmed_wrappers, engine)):
                 try:
@@ -268,12 +271,12 @@ WARM_QUIET_S = 0.1
 one answered (or as soon as the server turned SERVING) goes first."""
 
 
-async def wait_for_pause(queue: BatchQueue) -> None:
+async def wait_for_pause(queue: BatchQueue, at_most_s: float | None = WARM_IDLE_WAIT_S) -> None:
     """Return once nothing has been queued or running for :data:`WARM_QUIET_S`, or after
-    :data:`WARM_IDLE_WAIT_S` at most."""
-    give_up_at = time.monotonic() + WARM_IDLE_WAIT_S
+    ``at_most_s`` (None: only at a real pause, however long that takes)."""
+    give_up_at = math.inf if at_most_s is None else time.monotonic() + at_most_s
     while (left := give_up_at - time.monotonic()) > 0:
-        if not await queue.wait_idle(left):
+        if not await queue.wait_idle(None if math.isinf(left) else left):
             return
         await asyncio.sleep(min(WARM_QUIET_S, max(0.0, give_up_at - time.monotonic())))
         if queue.idle:
@@ -283,8 +286,9 @@ async def wait_for_pause(queue: BatchQueue) -> None:
 async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
     """After SERVING: warm the sizes still pending, smallest first, then the default model's wrappers
     still unwarmed (:func:`~diffstack_server.sizing.warm_wrapper`), each as one call on the device
-    thread in a pause between client batches (:func:`wait_for_pause`); the batcher forms each size
-    once it and every smaller one are warmed. A failed warm-up is logged and ends the warming:
+    thread in a pause between client batches (:func:`wait_for_pause`; a wrapper, whose compile can
+    hold the device thread for a minute, only in a real pause); the batcher forms each size once it
+    and every smaller one are warmed. A failed warm-up is logged and ends the warming:
     serving goes on with the sizes reached (a wrapper not warmed compiles on its first use)."""
     queue, engine, settings = runtime.queue, runtime.started_engine(), runtime.settings.server
     started = time.perf_counter()
@@ -310,7 +314,7 @@ async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
     for name in await asyncio.wrap_future(runtime.worker.submit(unwarmed_wrappers, engine)):
         if queue.closed:
             return
-        await wait_for_pause(queue)
+        await wait_for_pause(queue, at_most_s=None)  # a compile holds the device thread for a minute
         try:
             seconds = await asyncio.wrap_future(runtime.worker.submit(warm_wrapper, engine, name, settings))
         except asyncio.CancelledError:

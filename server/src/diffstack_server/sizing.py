@@ -43,9 +43,10 @@ load no longer warms them (DeepCache's took 77 s of an H200's cold start, for a 
 enable per request). The server warms each one the engine lists
 (:attr:`~diffstack.engine.LoadedModel.unwarmed_wrappers`, default model) with :func:`warm_wrapper`
 after SERVING, once every pending batch size is warm (plain requests are the bulk of the traffic),
-on the device thread between client batches; ``server.warm_before_serving`` warms them before
-SERVING too. A request that uses one earlier compiles it itself (slow once, never wrong); a wrapper
-batch of more than one image records its CUDA graphs on first use.
+on the device thread in a real pause of client traffic; ``server.warm_before_serving`` warms them
+before SERVING too, and ``server.warm_wrappers = false`` leaves them to their first use. A request
+that uses one earlier compiles it itself (slow once, never wrong); a wrapper batch of more than one
+image records its CUDA graphs on first use.
 """
 
 from __future__ import annotations
