@@ -96,8 +96,7 @@ def attn_shapes_stage(run: Any, wheels: Path | None) -> Any:
         parts: dict[str, Any] = {}
         record["parts"] = parts
         ends = time.monotonic() + STAGE_BUDGET_S
-        found = [folder for folder in DEFAULT_WHEELS if any(folder.glob("*.whl"))]
-        site = _kernel_site(run, wheels or (found or DEFAULT_WHEELS)[0], record)
+        site = kernel_site(run, wheels, record)
         for mode in ("v1", "v2", "steps"):
             path = None if mode == "v1" else site
             allowed = min(CHILD_CAPS[mode], ends - time.monotonic(), run.budget.left() - 15)
@@ -113,10 +112,17 @@ def attn_shapes_stage(run: Any, wheels: Path | None) -> Any:
     return body
 
 
-def _kernel_site(run: Any, wheels: Path, record: dict[str, Any]) -> Path | None:
-    """A folder with the built wheels installed (offline), or ``None`` to use the environment as is."""
+def kernel_site(run: Any, wheels: Path | None, record: dict[str, Any]) -> Path | None:
+    """A folder with the built wheels installed (offline), or ``None`` to use the environment as is.
+
+    ``wheels`` ``None``: the first of :data:`DEFAULT_WHEELS` holding wheels. What was found and used
+    goes into ``record["wheels"]``. Other stages whose 2.x kernels must import (``quality``) use it too.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
+    if wheels is None:
+        found_in = [folder for folder in DEFAULT_WHEELS if any(folder.glob("*.whl"))]
+        wheels = (found_in or DEFAULT_WHEELS)[0]
     try:
         installed = version("sageattention")
     except PackageNotFoundError:
@@ -139,14 +145,28 @@ def _kernel_site(run: Any, wheels: Path, record: dict[str, Any]) -> Path | None:
 
 
 def _child(run: Any, mode: str, site: Path | None, budget: float, record: dict[str, Any]) -> None:
-    """Run one child under ``budget`` seconds (it stops itself; killed 30 s later) and keep its results."""
+    run_child(
+        run, "bench.attn_shapes", ["--mode", mode], run.out / f"attn-shapes-{mode}", site, budget, record
+    )
+
+
+def run_child(
+    run: Any,
+    module: str,
+    argv: list[str],
+    out: Path,
+    site: Path | None,
+    budget: float,
+    record: dict[str, Any],
+) -> None:
+    """Run ``python -m module ARGV --out OUT ...`` with ``site`` first on its path, under ``budget``
+    seconds (it stops itself; killed 30 s later), and keep its ``results.json`` in ``record``."""
     if budget < 5:
-        raise RuntimeError(f"no time left for {mode} ({budget:.0f} s)")
-    out = run.out / f"attn-shapes-{mode}"
+        raise RuntimeError(f"no time left for {module} {' '.join(argv)} ({budget:.0f} s)")
     env = dict(os.environ)
     paths = [str(site)] if site is not None else []
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    command = [sys.executable, "-m", "bench.attn_shapes", "--mode", mode, "--out", str(out)]
+    command = [sys.executable, "-m", module, *argv, "--out", str(out)]
     command += ["--device", run.device, "--budget-s", f"{budget:.0f}", "--work", str(run.work)]
     if run.smoke:
         command.append("--smoke")
@@ -165,7 +185,7 @@ def _child(run: Any, mode: str, site: Path | None, budget: float, record: dict[s
     if results.exists():
         record["results"] = json.loads(results.read_text())
     if record["exit_code"] != 0 and "results" not in record:
-        raise RuntimeError(f"child {mode} ended with {record['exit_code']}: {record['log_tail'][-800:]}")
+        raise RuntimeError(f"child {module} ended with {record['exit_code']}: {record['log_tail'][-800:]}")
 
 
 def headline(parts: dict[str, Any]) -> dict[str, Any]:

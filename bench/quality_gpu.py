@@ -7,46 +7,84 @@ attributes right, the mean pixel error against the exact rendering (0-255 levels
 image (batch 16, after one untimed warm-up image). Models: the embedded ``synthetic-shapes-64`` (SD1.5
 UNet) and ``synthetic-shapes-flux`` (FLUX transformer).
 
-Three engines, each composed once, both models loaded on each:
+Engines, each composed once (``compose.measure = never``: each slot takes its best-ranked offer that
+passes the host's checks), both models loaded on each:
 
 - ``eager``: SDPA, the eager denoiser, the schedules, DeepCache and the first-block cache;
-- ``compiled``: the same plus ``torch_compile`` (DeepCache runs on the compiled UNet; the first-block
-  cache runs on the eager transformer, as the plugin says, so its rows come from the eager engine);
-- ``sage``: the eager stack with SageAttention in place of the SDPA offer (whatever sageattention is
-  installed; 1.x serves UNets only, so on FLUX the stack says SDPA and the row is marked so).
+- ``compiled``: the same with ``torch_compile`` in place of ``eager``, so the denoiser and the VAE
+  decode compile (with ``eager`` allowed its priority 0 beats ``torch_compile``'s -10 unmeasured, and
+  the "compiled" rows ran eager: 2026-12-01's first run). DeepCache and the first-block cache run on
+  the compiled denoiser (issue 11 item 1);
+- ``sage``: the eager stack with SageAttention in place of SDPA, whatever ``sageattention`` the run's
+  environment has (1.0.6 from the carried wheels);
+- ``sage2`` and ``sparge``: the same with SageAttention 2.x and SpargeAttn from the built wheels
+  (``bench/attn_shapes.py``'s :func:`~bench.attn_shapes.kernel_site`), in a child process with them
+  first on the path (1.x and 2.x share an import name). No wheels: their rows are skipped, saying so.
 
-A ``--smoke`` run uses 4 prompts x 1 seed on the CPU; where ``synthetic-shapes-flux`` is not shipped
-yet it scores a randomly initialised model of its config instead (built by the trainer's exporter).
+Each engine's composed stack is checked against what its rows claim (:func:`stack_gaps`): a compiled
+engine whose denoiser or VAE decode did not compile, or a kernel engine whose kernel serves no shape of
+a model, prices nothing there; those rows say why (status ``error``, a "not priced" line in the table).
+
+``quality:GROUP+GROUP`` runs only those groups (:data:`GROUPS`: an engine's name, or ``flow_low``
+for the 2- and 4-step flow rows). A ``--smoke`` run uses 4 prompts x 1 seed on the CPU (where no
+compile or kernel offer runs, so those rows come out not priced); where ``synthetic-shapes-flux`` is
+not shipped yet it scores a randomly initialised model of its config instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Run, compile_options, log, release_memory
+from bench.harness import Budget, Run, compile_options, log, release_memory
+from diffstack.types import SlotReport
 
 ROOT = Path(__file__).resolve().parents[1]
 SD, FLUX = "synthetic-shapes-64", "synthetic-shapes-flux"
 BASE_PLUGINS = ["sdpa", "schedules", "plain_encoder", "eager", "deepcache", "first_block_cache"]
+KERNEL_BASE = [p for p in BASE_PLUGINS if p != "sdpa"]
 ENGINES: dict[str, list[str]] = {
     "eager": BASE_PLUGINS,
-    "compiled": [*BASE_PLUGINS, "torch_compile"],
-    "sage": [p for p in BASE_PLUGINS if p != "sdpa"] + ["sage"],
+    "compiled": [*(p for p in BASE_PLUGINS if p != "eager"), "torch_compile"],
+    "sage": [*KERNEL_BASE, "sage"],
+    "sage2": [*KERNEL_BASE, "sage"],
+    "sparge": [*KERNEL_BASE, "sparge"],
 }
+CHILD_ENGINES = ("sage2", "sparge")
+"""Engines whose kernels come from the built wheels: they run in a child process (see the docstring)."""
+REQUIRED: dict[str, dict[str, str]] = {
+    "compiled": {"compile_model": "torch_compile", "compile_vae": "torch_compile_vae"},
+    "sage": {"select_attention": "sage"},
+    "sage2": {"select_attention": "sage"},
+    "sparge": {"select_attention": "sparge"},
+}
+"""Per engine, the offer each slot must have chosen for its rows to be what their labels say."""
+GROUPS = (*ENGINES, "flow_low")
+"""What ``quality:A+B`` may name: an engine (all its rows) or a group of rows."""
 FBC_THRESHOLDS = (0.03, 0.05, 0.08, 0.12, 0.2)
+FBC_COMPILED_THRESHOLDS = (0.05, 0.08, 0.12)
 DEEPCACHE_INTERVALS = (2, 3, 4, 5)
-FLOW_STEPS = (8, 12, 20)
+FLOW_STEPS = (2, 4, 8, 12, 20)
+FLOW_LOW = (2, 4)
 ROW_S = 6.0
 """GPU seconds a row of 96 images needs at most (the models are tiny): the budget check's estimate."""
-ENGINE_S = {"eager": 25.0, "compiled": 90.0, "sage": 30.0}
-"""GPU seconds to start each engine with both models (imports, loading, composing, compiling)."""
+ENGINE_S = {"eager": 25.0, "compiled": 110.0, "sage": 30.0, "sage2": 15.0, "sparge": 15.0, "kernels": 45.0}
+"""GPU seconds to start each engine with both models (imports, loading, composing, compiling; the
+compiled engine also compiles DeepCache's shallow step and the first-block cache's per-block regions in
+its warm-up); ``kernels``: the child process with the ``sage2`` and ``sparge`` engines, rows apart."""
+FP8_REASON = (
+    "not priced: torch_compile_fp8 cannot be pinned by the host's settings (no per-offer deny; unmeasured, "
+    "torch_compile's priority -10 beats its -20, and a measured choice would pick by speed, not by the "
+    "row's label), and with fp8_min_features = 1024 no Linear layer of the tiny FLUX model (width 192, "
+    "MLP 768) would take fp8 GEMMs"
+)
 
 
 @dataclass(frozen=True)
@@ -56,72 +94,192 @@ class Variant:
     config: dict[str, Any]
     engine: str
     counts_cache_hits: bool = False
+    group: str = ""
+    """A row group besides the engine that ``quality:GROUP`` selects (``flow_low``)."""
+    unpriced: str = ""
+    """Why this row cannot be priced at all: recorded as skipped, with this reason."""
 
 
 @dataclass
 class Plan:
     variants: list[Variant] = field(default_factory=list)
 
-    def add(self, model: str, label: str, engine: str, **config: Any) -> None:
-        self.variants.append(
-            Variant(model, label, config, engine, "first_block_cache" in config.get("wrappers", {}))
-        )
+    def add(
+        self, model: str, label: str, engine: str, group: str = "", unpriced: str = "", **config: Any
+    ) -> None:
+        hits = "first_block_cache" in config.get("wrappers", {})
+        self.variants.append(Variant(model, label, config, engine, hits, group, unpriced))
 
 
 def plan() -> list[Variant]:
     """Every row, by engine; the most wanted rows first inside each engine."""
     p = Plan()
     for steps in FLOW_STEPS[::-1]:
-        p.add(FLUX, f"dense, flow euler {steps}, default schedule", "eager", steps=steps, schedule="default")
-        p.add(FLUX, f"dense, flow euler {steps}, flow_arcsine (ours)", "eager", steps=steps,
+        group = "flow_low" if steps in FLOW_LOW else ""
+        p.add(FLUX, f"dense, flow euler {steps}, default schedule", "eager", group, steps=steps,
+              schedule="default")  # fmt: skip
+        p.add(FLUX, f"dense, flow euler {steps}, flow_arcsine (ours)", "eager", group, steps=steps,
               schedule="flow_arcsine")  # fmt: skip
     for threshold in FBC_THRESHOLDS:
         p.add(FLUX, f"first-block cache {threshold:g}, flow euler 20", "eager", steps=20, schedule="default",
               wrappers={"first_block_cache": {"threshold": threshold}})  # fmt: skip
     p.add(SD, "dense, euler 20", "eager", steps=20, schedule="default")
     p.add(SD, "compiled, euler 20", "compiled", steps=20, schedule="default")
+    p.add(FLUX, "compiled, flow euler 20", "compiled", steps=20, schedule="default")
     for interval in DEEPCACHE_INTERVALS:
         p.add(SD, f"compiled + DeepCache {interval}, euler 20", "compiled", steps=20, schedule="default",
               wrappers={"deepcache": {"interval": interval}})  # fmt: skip
-    p.add(FLUX, "compiled, flow euler 20", "compiled", steps=20, schedule="default")
-    p.add(SD, "SageAttention, euler 20", "sage", steps=20, schedule="default")
-    p.add(FLUX, "SageAttention, flow euler 20", "sage", steps=20, schedule="default")
+    for threshold in FBC_COMPILED_THRESHOLDS:
+        p.add(FLUX, f"compiled + first-block cache {threshold:g}, flow euler 20", "compiled", steps=20,
+              schedule="default", wrappers={"first_block_cache": {"threshold": threshold}})  # fmt: skip
+    p.add(FLUX, "compiled fp8 GEMMs, flow euler 20", "compiled", unpriced=FP8_REASON)
+    for model, steps in ((SD, "euler 20"), (FLUX, "flow euler 20")):
+        p.add(model, f"SageAttention, {steps}", "sage", steps=20, schedule="default")
+        p.add(model, f"SageAttention 2, {steps}", "sage2", steps=20, schedule="default")
+        p.add(model, f"SpargeAttn (topk 0.5), {steps}", "sparge", steps=20, schedule="default")
     return p.variants
 
 
-def quality_stage(run: Run) -> Callable[[dict[str, Any]], None]:
+def selected(variants: list[Variant], only: set[str] | None) -> list[Variant]:
+    """The rows ``quality:A+B`` names (every row when ``only`` is None); an unknown name is refused."""
+    if only is None:
+        return variants
+    unknown = sorted(only - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown quality group(s) {', '.join(unknown)}; known: {', '.join(GROUPS)}")
+    return [v for v in variants if v.engine in only or v.group in only]
+
+
+def stack_gaps(engine: str, slots: Iterable[SlotReport]) -> list[str]:
+    """What ``engine``'s rows claim (:data:`REQUIRED`) that a model's composed stack lacks, each with
+    the required offer's fate from the report: empty when the stack is what the rows say."""
+    by_slot = {report.slot: report for report in slots}
+    gaps = []
+    for slot, offer in REQUIRED.get(engine, {}).items():
+        report = by_slot.get(slot)
+        # Attention chooses per shape ("h3xd64 q16 k16: sdpa"): the offer names, each once.
+        chosen = dict.fromkeys(entry.rpartition(": ")[2] for entry in (report.chosen if report else ()))
+        if offer in chosen:
+            continue
+        fates = dict.fromkeys(
+            f"{c.status}" + (f" ({c.reason})" if c.reason else "")
+            for c in (report.candidates if report is not None else ())
+            if c.offer == offer
+        )
+        said = "; ".join(list(fates)[:3]) or "not offered (plugin not loaded?)"
+        gaps.append(f"{slot} has no {offer} (chose {', '.join(chosen) or 'none'}): {offer} {said}")
+    return gaps
+
+
+def quality_stage(
+    run: Run, only: set[str] | None = None, in_child: bool = False, smoke_compile: bool = False
+) -> Callable[[dict[str, Any]], None]:
+    """The stage body: ``only`` the groups ``quality:A+B`` names (all when None). ``in_child``: this
+    process is the kernel child (``python -m bench.quality_gpu``), which runs :data:`CHILD_ENGINES`.
+    ``smoke_compile``: a smoke run compiles on the CPU too (``--smoke-compile``; minutes)."""
+
     def body(record: dict[str, Any]) -> None:
         from diffstack.synthetic.quality import fixed_scenes
 
+        variants = selected(plan(), only)
         scenes = fixed_scenes(4 if run.smoke else 48)
         seeds = (0,) if run.smoke else (0, 1)
         models_dir = _flux_stand_in(run)
-        record.update(scenes=len(scenes), seeds=list(seeds), rows=[], stacks={}, table=[])
-        parts: dict[str, Any] = {}
-        record["parts"] = parts
-        variants = plan()
-        for kind in ENGINES:
+        record.update(scenes=len(scenes), seeds=list(seeds), rows=[], unpriced=[], stacks={}, table=[])
+        record["parts"] = {}
+        for variant in variants:
+            if variant.unpriced:
+                _unpriced(record, variant, variant.unpriced, "skipped")
+        variants = [v for v in variants if not v.unpriced]
+        kernels = [v for v in variants if v.engine in CHILD_ENGINES]
+        # The child (cheap, bounded) before the compiled engine, whose compiles are the long part.
+        order = [*CHILD_ENGINES] if in_child else ["eager", "sage", "kernels", "compiled"]
+        for kind in order:
+            if kind == "kernels" and kernels:
+                _kernel_child(run, kernels, record)
             mine = [v for v in variants if v.engine == kind]
-            holder: dict[str, Any] = {}
-            started = run.part(parts, f"{kind} engine", ENGINE_S[kind],
-                               lambda r, k=kind, h=holder: _start(run, k, models_dir, h, r))  # fmt: skip
-            if started.get("status") != "ok":
-                continue
-            engine = holder["engine"]
-            record["stacks"][kind] = started.get("stacks", {})
-            for variant in mine:
-                if variant.model in holder.get("missing", {}):
-                    reason = holder["missing"][variant.model]
-                    parts[f"{variant.model}: {variant.label}"] = {"status": "skipped", "reason": reason}
-                    continue
-                run.part(parts, f"{variant.model}: {variant.label}", ROW_S,
-                         lambda r, v=variant, e=engine: _score(e, v, scenes, seeds, record, r))  # fmt: skip
-            del engine, holder
-            release_memory()
-        record["table"] = table(record["rows"], record["stacks"])
+            if mine:
+                _engine(run, kind, mine, models_dir, (scenes, seeds), record, smoke_compile)
+                release_memory()  # the engine is gone with _engine's frame: free its memory
+        record["table"] = table(record["rows"], record["unpriced"], record["stacks"])
         record["headline"] = headline(record["rows"])
 
     return body
+
+
+def _engine(
+    run: Run,
+    kind: str,
+    mine: list[Variant],
+    models_dir: Path | None,
+    prompts: Any,
+    record: dict[str, Any],
+    smoke_compile: bool,
+) -> None:
+    """Start ``kind``'s engine, check each model's stack against :data:`REQUIRED`, score its rows."""
+    parts = record["parts"]
+    holder: dict[str, Any] = {"gaps": {}}
+    started = run.part(parts, f"{kind} engine", ENGINE_S[kind],
+                       lambda r: _start(run, kind, models_dir, holder, r, smoke_compile))  # fmt: skip
+    if "engine" not in holder:
+        reason = f"{kind} engine {started.get('status')}: {started.get('error') or started.get('reason', '')}"
+        for variant in mine:
+            _unpriced(record, variant, reason, "skipped")
+        return
+    engine = holder["engine"]
+    record["stacks"][kind] = started.get("stacks", {})
+    for variant in mine:
+        gap = holder["gaps"].get(variant.model)
+        if gap:
+            _unpriced(record, variant, gap, "error")
+            continue
+        run.part(parts, f"{variant.model}: {variant.label}", ROW_S,
+                 lambda r, v=variant: _score(engine, v, *prompts, record, r))  # fmt: skip
+
+
+def _unpriced(record: dict[str, Any], variant: Variant, reason: str, status: str) -> None:
+    """A row that measured nothing: its part says why (``error``: the stack is not what the label
+    claims; ``skipped``: it could not run here), and so does the table."""
+    key = "error" if status == "error" else "reason"
+    record["parts"][f"{variant.model}: {variant.label}"] = {"status": status, key: reason}
+    record["unpriced"].append(
+        {"model": variant.model, "variant": variant.label, "engine": variant.engine, "reason": reason}
+    )
+    if status == "error":
+        log(f"[error] quality: {variant.model}: {variant.label}: {reason}")
+
+
+def _kernel_child(run: Run, variants: list[Variant], record: dict[str, Any]) -> None:
+    """The :data:`CHILD_ENGINES` rows, scored by a child process with the built wheels (SageAttention
+    2, SpargeAttn) first on its path; its rows, stacks and parts join this stage's."""
+    from bench.attn_shapes import kernel_site, run_child
+
+    engines = [kind for kind in CHILD_ENGINES if any(v.engine == kind for v in variants)]
+    found: dict[str, Any] = {}
+    site = kernel_site(run, None, found)
+    record["wheels"] = found["wheels"]
+    environment = found["wheels"]["environment_sageattention"] or "1."
+    if site is None and environment.startswith("1.") and not run.smoke:
+        # A smoke run goes on without wheels: the child's plumbing runs, its kernels decline the CPU.
+        for variant in variants:
+            _unpriced(record, variant, f"skipped: {found['wheels'].get('note', 'no 2.x kernels')}", "skipped")
+        return
+    estimate = ENGINE_S["kernels"] + ROW_S * len(variants)
+    out = run.out / "quality-kernels"
+    child = run.part(record["parts"], f"kernel child ({'+'.join(engines)})", estimate,
+                     lambda r: run_child(run, "bench.quality_gpu", ["--groups", "+".join(engines)], out, site,
+                                         min(2 * estimate, run.budget.left() - 5), r))  # fmt: skip
+    stage = child.pop("results", {}).get("stages", {}).get("quality", {})
+    for key in ("rows", "unpriced"):
+        record[key] += stage.get(key, [])
+    record["stacks"].update(stage.get("stacks", {}))
+    record["parts"].update(stage.get("parts", {}))
+    done = {(r["model"], r["variant"]) for r in stage.get("rows", []) + stage.get("unpriced", [])}
+    for variant in variants:
+        if (variant.model, variant.label) not in done:
+            said = [child.get(k) or stage.get(k) for k in ("error", "reason")]
+            reason = f"kernel child {stage.get('status') or child.get('status')}: {said[0] or said[1] or ''}"
+            _unpriced(record, variant, reason, "skipped")
 
 
 TRAINED_HERE = (ROOT / ".gpu-state" / "flux", Path("/tmp/flux"))
@@ -161,14 +319,19 @@ def _flux_stand_in(run: Run) -> Path | None:
 
 
 def _start(
-    run: Run, kind: str, models_dir: Path | None, holder: dict[str, Any], record: dict[str, Any]
+    run: Run,
+    kind: str,
+    models_dir: Path | None,
+    holder: dict[str, Any],
+    record: dict[str, Any],
+    smoke_compile: bool,
 ) -> None:
     from diffstack.cli import stack_summary
     from diffstack.config import load_settings
     from diffstack.engine import Engine
     from diffstack.plugins import load_plugins
 
-    options = {"torch_compile": compile_options(run, run.work / "inductor-quality", False)}
+    options = {"torch_compile": compile_options(run, run.work / "inductor-quality", smoke_compile)}
     engine_settings: dict[str, Any] = {"device": run.device, "models_dir": models_dir}
     settings = load_settings(
         None,
@@ -178,19 +341,44 @@ def _start(
     )
     began = time.perf_counter()
     engine = Engine.start(settings, load_plugins(settings.plugins))
-    stacks = {}
+    stacks, gaps = {}, {}
+    kernel = _kernel_version(kind)
     for name in (SD, FLUX):
         try:
             model = engine.model(name)
         except Exception as exc:  # a model that cannot load loses its rows, not the other model's
             stacks[name] = f"not loaded: {type(exc).__name__}: {exc}"
-            holder.setdefault("missing", {})[name] = stacks[name]
+            holder["gaps"][name] = stacks[name]
             log(f"quality: {kind} engine, {name}: {stacks[name]}")
             continue
         stacks[name] = stack_summary({s.slot: s.chosen for s in model.report.slots})
         log(f"quality: {kind} engine, {name}: {stacks[name]}")
+        found = stack_gaps(kind, model.report.slots)
+        if kind == "sage2" and not kernel.startswith("sageattention 2."):
+            found.insert(0, f"SageAttention 2.x does not import here ({kernel})")
+        if found:
+            runs = "eager" if kind == "compiled" else f"SDPA: {kernel} serves no shape of {name}"
+            gaps[name] = holder["gaps"][name] = f"not priced, the stack runs {runs}: {'; '.join(found)}"
+            log(f"[error] quality: {kind} engine, {name}: {gaps[name]}")
     record.update(stacks=stacks, start_s=round(time.perf_counter() - began, 1))
+    if kernel:
+        record["kernel"] = kernel
+    if gaps:  # loud: the engine is not what its rows' labels say (those rows are marked error)
+        record.update(status="error", gaps=gaps)
     holder["engine"] = engine
+
+
+def _kernel_version(kind: str) -> str:
+    """The attention kernel's distribution and version as this process imports it ('' for none)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    name = {"sage": "sageattention", "sage2": "sageattention", "sparge": "spas_sage_attn"}.get(kind)
+    if name is None:
+        return ""
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return f"{name} (not installed)"
 
 
 def _score(
@@ -205,7 +393,7 @@ def _score(
 
     generate = engine_generator(engine, model=variant.model)
     model = engine.model(variant.model)
-    with _block_calls(model.denoiser_for(with_wrappers=True), variant.counts_cache_hits) as calls:
+    with _block_calls(model.denoiser_for(with_wrappers=False), variant.counts_cache_hits) as calls:
         (row,) = evaluate(generate, {variant.label: {**variant.config, "batch_size": 16}}, scenes=scenes,
                           seeds=seeds)  # fmt: skip
     result = {
@@ -227,33 +415,48 @@ def _score(
 
 
 @contextlib.contextmanager
-def _block_calls(transformer: Any, wanted: bool) -> Iterator[dict[str, int] | None]:
-    """Count the first and the last transformer block's attention calls: a block the first-block
-    cache skips never calls its attention, so 1 - last/first is the share of steps served from cache."""
+def _block_calls(denoiser: Any, wanted: bool) -> Iterator[dict[str, int] | None]:
+    """Count the first and the last transformer block's own ``forward`` calls. The first-block cache
+    calls every block through diffusers' hooks, but a block it skips never runs its own forward, so
+    1 - last/first is the share of steps served from cache. On a compiled transformer the cache runs
+    its regionally compiled copy (the plugin's ``regional_twin``, made once): those blocks are counted."""
+    if not wanted:
+        yield None
+        return
+    from diffstack_first_block_cache.compiled import is_compiled, regional_twin
+
+    transformer = regional_twin(denoiser) if is_compiled(denoiser) else denoiser
     blocks = list(getattr(transformer, "transformer_blocks", [])) + list(
         getattr(transformer, "single_transformer_blocks", [])
     )
-    if not wanted or len(blocks) < 2:
+    if len(blocks) < 2:
         yield None
         return
     calls = {"first": 0, "last": 0}
-
-    def counter(key: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            calls[key] += 1
-
-        return hook
-
-    handles = [blocks[0].attn.register_forward_hook(counter("first")),
-               blocks[-1].attn.register_forward_hook(counter("last"))]  # fmt: skip
+    own = [(block, vars(block).get("forward")) for block in (blocks[0], blocks[-1])]
+    for (block, _), key in zip(own, calls, strict=True):
+        block.forward = _counted(block.forward, calls, key)
     try:
         yield calls
     finally:
-        for handle in handles:
-            handle.remove()
+        for block, forward in own:
+            if forward is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = forward
 
 
-def table(rows: list[dict[str, Any]], stacks: dict[str, dict[str, str]]) -> list[str]:
+def _counted(forward: Callable[..., Any], calls: dict[str, int], key: str) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        calls[key] += 1
+        return forward(*args, **kwargs)
+
+    return run
+
+
+def table(
+    rows: list[dict[str, Any]], unpriced: list[dict[str, Any]], stacks: dict[str, dict[str, str]]
+) -> list[str]:
     lines = [
         "| model | configuration | images | accuracy % | all 5 right % | pixel error | PSNR dB | ms/image "
         "| cache hits |",
@@ -266,6 +469,9 @@ def table(rows: list[dict[str, Any]], stacks: dict[str, dict[str, str]]) -> list
             f"{r['all_right']:.1f} | {r['pixel_error']:.2f} | {r['psnr']:.2f} | {r['ms_per_image']:.2f} "
             f"| {hits} |"
         )
+    for u in unpriced:
+        reason = u["reason"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {u['model']} | {u['variant']} | – | {reason} | – | – | – | – | |")
     lines.append("")
     for kind, per_model in stacks.items():
         for model, stack in per_model.items():
@@ -274,8 +480,8 @@ def table(rows: list[dict[str, Any]], stacks: dict[str, dict[str, str]]) -> list
 
 
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy of the dense stacks, the flow schedule against the default at 8 steps, and each
-    cache's accuracy cost and hit rate."""
+    """Accuracy of the dense stacks, the flow schedule against the default at 2-20 steps, each cache's
+    accuracy cost and hit rate (eager and compiled), and each attention kernel's accuracy."""
     found: dict[str, Any] = {}
     by = {(r["model"], r["variant"]): r for r in rows}
 
@@ -294,10 +500,46 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
         label = f"first-block cache {threshold:g}, flow euler 20"
         put(f"quality_flux_fbc_{threshold:g}_accuracy", FLUX, label)
         put(f"quality_flux_fbc_{threshold:g}_hit_rate", FLUX, label, "cache_hit_rate")
+    for threshold in FBC_COMPILED_THRESHOLDS:
+        label = f"compiled + first-block cache {threshold:g}, flow euler 20"
+        put(f"quality_flux_compiled_fbc_{threshold:g}_accuracy", FLUX, label)
+        put(f"quality_flux_compiled_fbc_{threshold:g}_hit_rate", FLUX, label, "cache_hit_rate")
+        put(f"quality_flux_compiled_fbc_{threshold:g}_ms_per_image", FLUX, label, "ms_per_image")
     for interval in DEEPCACHE_INTERVALS:
         put(f"quality_sd64_deepcache_{interval}_accuracy", SD, f"compiled + DeepCache {interval}, euler 20")
     put("quality_sd64_compiled_accuracy", SD, "compiled, euler 20")
+    put("quality_sd64_compiled_ms_per_image", SD, "compiled, euler 20", "ms_per_image")
     put("quality_flux_compiled_accuracy", FLUX, "compiled, flow euler 20")
-    put("quality_sd64_sage_accuracy", SD, "SageAttention, euler 20")
-    put("quality_flux_sage_accuracy", FLUX, "SageAttention, flow euler 20")
+    put("quality_flux_compiled_ms_per_image", FLUX, "compiled, flow euler 20", "ms_per_image")
+    for key, kernel in (
+        ("sage", "SageAttention"),
+        ("sage2", "SageAttention 2"),
+        ("sparge", "SpargeAttn (topk 0.5)"),
+    ):
+        put(f"quality_sd64_{key}_accuracy", SD, f"{kernel}, euler 20")
+        put(f"quality_flux_{key}_accuracy", FLUX, f"{kernel}, flow euler 20")
     return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The kernel child: the quality stage's :data:`CHILD_ENGINES` rows, results in ``--out``."""
+    parser = argparse.ArgumentParser(description="quality's kernel child (run by the quality stage)")
+    parser.add_argument("--groups", required=True, help="engines to run, e.g. sage2+sparge")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--budget-s", type=float, default=120.0)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    budget = Budget(args.budget_s)
+    command = " ".join([sys.executable, "-m", "bench.quality_gpu", *(argv or sys.argv[1:])])
+    run = Run(args.out, args.work, budget, args.smoke, args.device, command)
+    try:
+        run.stage("quality", 10, quality_stage(run, set(args.groups.split("+")), in_child=True))
+    finally:
+        run.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,9 +17,11 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
     ceilings                          the card's dense matmul rate (what the step times are measured against)
     quality                           `diffstack quality` on the GPU for both trained models
                                       (synthetic-shapes-64, synthetic-shapes-flux): dense, compiled,
-                                      DeepCache 2-5, first-block cache thresholds with hit rates,
-                                      flow_arcsine vs default at 8/12/20 steps, SageAttention;
-                                      accuracy, all-5-right, pixel error, ms/image
+                                      DeepCache 2-5 and first-block cache on the compiled denoiser,
+                                      first-block cache thresholds with hit rates, flow_arcsine vs
+                                      default at 2-20 steps, SageAttention 1.x, 2.x and SpargeAttn;
+                                      accuracy, all-5-right, pixel error, ms/image. quality:A+B runs
+                                      only those groups (eager, compiled, sage, sage2, sparge, flow_low)
     catalogue-sdxl                    multi-scale on SDXL 1024² (step by phase, image), each named profile's
                                       SD1.5 image, CFG++ against Euler (eager stacks; about 2-3 min)
     cp-flux                           2 GPUs: FLUX.1 step on 1 GPU vs Ulysses-2/ring-2 (torchrun), and a
@@ -107,13 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)  # counts imports too: they are part of the run's time
     import torch
 
-    from bench.e2e import e2e_stage
-    from bench.load import load_stage
-    from bench.measure import matmul_ceiling
-    from bench.serving import serve_stage
-    from bench.steps import step_stage
-    from bench.threads import thread_stage
-
     _quiet_libraries()
     device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     work = args.work or Path("/tmp/diffstack-bench-smoke" if args.smoke else "/tmp/diffstack-bench")
@@ -128,24 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in stages:
             name, _, selected = spec.partition(":")  # step-flux:fused_drift+by_hand_compile
-            kind, _, key = name.partition("-")
-            if name == "ceilings":
-                body = _ceilings(run, matmul_ceiling)
-            elif kind == "step" and key in ("sd15", "sdxl", "flux"):
-                chosen = selected.split("+") if selected else args.parts.split(",")
-                only = {p.strip() for p in chosen if p.strip()} or None
-                body = step_stage(run, key, args.smoke_compile, only)
-            elif kind == "e2e" and key in ("sd15", "sdxl", "flux"):
-                body = e2e_stage(run, key, args.smoke_compile)
-            elif kind == "serve" and key in ("sd15", "sd15-eager"):
-                body = serve_stage(run, "sd15", args.smoke_compile, eager_only=key.endswith("-eager"))
-            elif kind == "load" and key == "sd15":
-                body = load_stage(run, args.smoke_compile)
-            elif kind == "threads" and key == "sd15":
-                body = thread_stage(run, key, args.smoke_compile)
-            elif name in OTHER_STAGES:
-                body = OTHER_STAGES[name](run, args)
-            else:
+            body = _stage_body(run, args, name, selected)
+            if body is None:
                 run.results["stages"][name] = {"status": "failed", "error": f"unknown stage {name!r}"}
                 continue
             run.stage(name, STAGE_MINIMUM.get(name, 10), body)
@@ -160,6 +139,42 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + table, flush=True)
     failed = [n for n, s in run.results["stages"].items() if s.get("status") == "failed"]
     return 1 if failed else 0
+
+
+def _stage_body(run, args, name: str, selected: str):  # type: ignore[no-untyped-def]
+    """The body of stage ``name`` (``selected``: what follows ``name:``), or None for an unknown name."""
+    from bench.e2e import e2e_stage
+    from bench.load import load_stage
+    from bench.measure import matmul_ceiling
+    from bench.quality_gpu import quality_stage
+    from bench.serving import serve_stage
+    from bench.steps import step_stage
+    from bench.threads import thread_stage
+
+    kind, _, key = name.partition("-")
+    if name == "ceilings":
+        return _ceilings(run, matmul_ceiling)
+    if kind == "step" and key in ("sd15", "sdxl", "flux"):
+        return step_stage(run, key, args.smoke_compile, chosen(selected, args.parts))
+    if name == "quality":
+        return quality_stage(run, chosen(selected, ""), smoke_compile=args.smoke_compile)
+    if kind == "e2e" and key in ("sd15", "sdxl", "flux"):
+        return e2e_stage(run, key, args.smoke_compile)
+    if kind == "serve" and key in ("sd15", "sd15-eager"):
+        return serve_stage(run, "sd15", args.smoke_compile, eager_only=key.endswith("-eager"))
+    if kind == "load" and key == "sd15":
+        return load_stage(run, args.smoke_compile)
+    if kind == "threads" and key == "sd15":
+        return thread_stage(run, key, args.smoke_compile)
+    if name in OTHER_STAGES:
+        return OTHER_STAGES[name](run, args)
+    return None
+
+
+def chosen(selected: str, parts: str) -> set[str] | None:
+    """The parts (or groups) a stage runs: ``stage:a+b``'s, else ``--parts a,b``; None for all."""
+    names = selected.split("+") if selected else parts.split(",")
+    return {n.strip() for n in names if n.strip()} or None
 
 
 def _attn_shapes(run, args):  # type: ignore[no-untyped-def]
@@ -186,12 +201,6 @@ def _replicas(run, args):  # type: ignore[no-untyped-def]
     return replicas_stage(run)
 
 
-def _quality(run, args):  # type: ignore[no-untyped-def]
-    from bench.quality_gpu import quality_stage
-
-    return quality_stage(run)
-
-
 def _lora(run, args):  # type: ignore[no-untyped-def]
     from bench.lora import lora_stage
 
@@ -204,7 +213,6 @@ OTHER_STAGES = {
     "catalogue-sdxl": _catalogue,
     "cp-flux": _cp_flux,
     "replicas-sd15": _replicas,
-    "quality": _quality,
 }
 """Stages of one name, built from the run and the arguments."""
 
