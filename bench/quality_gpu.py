@@ -233,8 +233,10 @@ def _engine(
         if gap:
             _unpriced(record, variant, gap, "error")
             continue
-        run.part(parts, f"{variant.model}: {variant.label}", ROW_S,
-                 lambda r, v=variant: _score(engine, v, *prompts, record, r))  # fmt: skip
+        done = run.part(parts, f"{variant.model}: {variant.label}", ROW_S,
+                        lambda r, v=variant: _score(engine, v, *prompts, record, r))  # fmt: skip
+        if done["status"] != "ok":  # skipped by the budget, or failed: the table says so too
+            _in_table(record, variant, f"{done['status']}: {done.get('error') or done.get('reason')}")
 
 
 def _unpriced(record: dict[str, Any], variant: Variant, reason: str, status: str) -> None:
@@ -242,11 +244,15 @@ def _unpriced(record: dict[str, Any], variant: Variant, reason: str, status: str
     claims; ``skipped``: it could not run here), and so does the table."""
     key = "error" if status == "error" else "reason"
     record["parts"][f"{variant.model}: {variant.label}"] = {"status": status, key: reason}
+    _in_table(record, variant, reason)
+    if status == "error":
+        log(f"[error] quality: {variant.model}: {variant.label}: {reason}")
+
+
+def _in_table(record: dict[str, Any], variant: Variant, reason: str) -> None:
     record["unpriced"].append(
         {"model": variant.model, "variant": variant.label, "engine": variant.engine, "reason": reason}
     )
-    if status == "error":
-        log(f"[error] quality: {variant.model}: {variant.label}: {reason}")
 
 
 def _kernel_child(run: Run, variants: list[Variant], record: dict[str, Any]) -> None:
@@ -398,6 +404,10 @@ def _score(
         if offer is None or (variant.engine == "compiled" and not offer.on_compiled):
             # Either would run the row without the wrapper, or on the eager denoiser: not what it says.
             raise RuntimeError(f"{name} is {'not offered' if offer is None else 'eager only'} on this stack")
+    if variant.engine == "compiled":
+        # evaluate's warm-up is one image: compile and record CUDA graphs at the timed batch too, untimed.
+        prompts = [scene.prompt() for scene in scenes][:16]
+        generate(prompts, [seeds[0]] * len(prompts), **variant.config, batch_size=16)
     with _block_calls(model.denoiser_for(with_wrappers=False), variant.counts_cache_hits) as calls:
         (row,) = evaluate(generate, {variant.label: {**variant.config, "batch_size": 16}}, scenes=scenes,
                           seeds=seeds)  # fmt: skip
