@@ -68,6 +68,8 @@ REQUIRED: dict[str, dict[str, str]] = {
 """Per engine, the offer each slot must have chosen for its rows to be what their labels say."""
 GROUPS = (*ENGINES, "flow_low")
 """What ``quality:A+B`` may name: an engine (all its rows) or a group of rows."""
+MODEL_NAMES = {"sd64": SD, "flux": FLUX}
+"""``quality:A+B`` may also name models: only their rows run (``quality:compiled+flux``)."""
 FBC_THRESHOLDS = (0.03, 0.05, 0.08, 0.12, 0.2)
 FBC_COMPILED_THRESHOLDS = (0.05, 0.08, 0.12)
 DEEPCACHE_INTERVALS = (2, 3, 4, 5)
@@ -75,10 +77,14 @@ FLOW_STEPS = (2, 4, 8, 12, 20)
 FLOW_LOW = (2, 4)
 ROW_S = 6.0
 """GPU seconds a row of 96 images needs at most (the models are tiny): the budget check's estimate."""
-ENGINE_S = {"eager": 25.0, "compiled": 120.0, "sage": 30.0, "sage2": 15.0, "sparge": 15.0, "kernels": 45.0}
-"""GPU seconds to start each engine with both models (imports, loading, composing, compiling; the
-compiled engine also compiles DeepCache's shallow step and the first-block cache's per-block regions in
-its warm-up); ``kernels``: the child process with the ``sage2`` and ``sparge`` engines, rows apart."""
+RECOMPILE_S = 15.0
+"""Added to a compiled row's estimate for each thing it is first to run at batch 16 (the model's VAE
+decode, marked dynamic from batch 2 up; a cache's compiled variant): a recompile each."""
+ENGINE_S = {"eager": 25.0, "compiled": 120.0, "sage": 30.0, "sage2": 15.0, "sparge": 15.0, "kernels": 35.0}
+"""GPU seconds to start each engine with both models, half that with one (imports, loading, composing,
+compiling: on an H200 the four compiles took 78 s of the compiled engine's 90 s start on 2026-12-01, and
+its warm-up now also compiles DeepCache's shallow step and the first-block cache's per-block regions);
+``kernels``: the child process (imports, the wheels' install) with its engines, rows apart."""
 FP8_REASON = (
     "not priced: torch_compile_fp8 cannot be pinned by the host's settings (no per-offer deny; unmeasured, "
     "torch_compile's priority -10 beats its -20, and a measured choice would pick by speed, not by the "
@@ -144,10 +150,15 @@ def selected(variants: list[Variant], only: set[str] | None) -> list[Variant]:
     """The rows ``quality:A+B`` names (every row when ``only`` is None); an unknown name is refused."""
     if only is None:
         return variants
-    unknown = sorted(only - set(GROUPS))
+    unknown = sorted(only - set(GROUPS) - set(MODEL_NAMES))
     if unknown:
-        raise ValueError(f"unknown quality group(s) {', '.join(unknown)}; known: {', '.join(GROUPS)}")
-    return [v for v in variants if v.engine in only or v.group in only]
+        known = ", ".join([*GROUPS, *MODEL_NAMES])
+        raise ValueError(f"unknown quality group(s) {', '.join(unknown)}; known: {known}")
+    models = {MODEL_NAMES[name] for name in only & set(MODEL_NAMES)} or {SD, FLUX}
+    groups = only - set(MODEL_NAMES)
+    return [
+        v for v in variants if v.model in models and (not groups or v.engine in groups or v.group in groups)
+    ]
 
 
 def stack_gaps(engine: str, slots: Iterable[SlotReport]) -> list[str]:
@@ -219,8 +230,9 @@ def _engine(
     """Start ``kind``'s engine, check each model's stack against :data:`REQUIRED`, score its rows."""
     parts = record["parts"]
     holder: dict[str, Any] = {"gaps": {}}
-    started = run.part(parts, f"{kind} engine", ENGINE_S[kind],
-                       lambda r: _start(run, kind, models_dir, holder, r, smoke_compile))  # fmt: skip
+    models = [name for name in (SD, FLUX) if any(v.model == name for v in mine)]
+    started = run.part(parts, f"{kind} engine", ENGINE_S[kind] * len(models) / 2,
+                       lambda r: _start(run, kind, models, models_dir, holder, r, smoke_compile))  # fmt: skip
     if "engine" not in holder:
         reason = f"{kind} engine {started.get('status')}: {started.get('error') or started.get('reason', '')}"
         for variant in mine:
@@ -228,12 +240,16 @@ def _engine(
         return
     engine = holder["engine"]
     record["stacks"][kind] = started.get("stacks", {})
+    first_runs: set[str] = set()
     for variant in mine:
         gap = holder["gaps"].get(variant.model)
         if gap:
             _unpriced(record, variant, gap, "error")
             continue
-        done = run.part(parts, f"{variant.model}: {variant.label}", ROW_S,
+        runs = {variant.model, *(f"{variant.model} {name}" for name in variant.config.get("wrappers", {}))}
+        recompiles = len(runs - first_runs) if kind == "compiled" else 0
+        first_runs |= runs
+        done = run.part(parts, f"{variant.model}: {variant.label}", ROW_S + RECOMPILE_S * recompiles,
                         lambda r, v=variant: _score(engine, v, *prompts, record, r))  # fmt: skip
         if done["status"] != "ok":  # skipped by the budget, or failed: the table says so too
             _in_table(record, variant, f"{done['status']}: {done.get('error') or done.get('reason')}")
@@ -261,6 +277,8 @@ def _kernel_child(run: Run, variants: list[Variant], record: dict[str, Any]) -> 
     from bench.attn_shapes import kernel_site, run_child
 
     engines = [kind for kind in CHILD_ENGINES if any(v.engine == kind for v in variants)]
+    models = {v.model for v in variants}
+    groups = engines + [token for token, name in MODEL_NAMES.items() if models == {name}]
     found: dict[str, Any] = {}
     site = kernel_site(run, None, found)
     record["wheels"] = found["wheels"]
@@ -273,7 +291,7 @@ def _kernel_child(run: Run, variants: list[Variant], record: dict[str, Any]) -> 
     estimate = ENGINE_S["kernels"] + ROW_S * len(variants)
     out = run.out / "quality-kernels"
     child = run.part(record["parts"], f"kernel child ({'+'.join(engines)})", estimate,
-                     lambda r: run_child(run, "bench.quality_gpu", ["--groups", "+".join(engines)], out, site,
+                     lambda r: run_child(run, "bench.quality_gpu", ["--groups", "+".join(groups)], out, site,
                                          min(2 * estimate, run.budget.left() - 5), r))  # fmt: skip
     stage = child.pop("results", {}).get("stages", {}).get("quality", {})
     for key in ("rows", "unpriced"):
@@ -327,11 +345,13 @@ def _flux_stand_in(run: Run) -> Path | None:
 def _start(
     run: Run,
     kind: str,
+    models: list[str],
     models_dir: Path | None,
     holder: dict[str, Any],
     record: dict[str, Any],
     smoke_compile: bool,
 ) -> None:
+    """Start the engine and load ``models`` on it (only those with rows to score: each costs compiles)."""
     from diffstack.cli import stack_summary
     from diffstack.config import load_settings
     from diffstack.engine import Engine
@@ -349,7 +369,7 @@ def _start(
     engine = Engine.start(settings, load_plugins(settings.plugins))
     stacks, gaps = {}, {}
     kernel = _kernel_version(kind)
-    for name in (SD, FLUX):
+    for name in models:
         try:
             model = engine.model(name)
         except Exception as exc:  # a model that cannot load loses its rows, not the other model's

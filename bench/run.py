@@ -21,7 +21,8 @@ Stages (run in the order given; each is skipped, and says so, when the budget le
                                       first-block cache thresholds with hit rates, flow_arcsine vs
                                       default at 2-20 steps, SageAttention 1.x, 2.x and SpargeAttn;
                                       accuracy, all-5-right, pixel error, ms/image. quality:A+B runs
-                                      only those groups (eager, compiled, sage, sage2, sparge, flow_low)
+                                      only those groups (eager, compiled, sage, sage2, sparge, flow_low),
+                                      and naming a model (sd64, flux) keeps only its rows
     catalogue-sdxl                    multi-scale on SDXL 1024² (step by phase, image), each named profile's
                                       SD1.5 image, CFG++ against Euler (eager stacks; about 2-3 min)
     cp-flux                           2 GPUs: FLUX.1 step on 1 GPU vs Ulysses-2/ring-2 (torchrun), and a

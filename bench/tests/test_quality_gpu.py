@@ -73,6 +73,9 @@ def test_the_filter_runs_only_the_named_engines_and_groups() -> None:
     assert {v.config["schedule"] for v in low} == {"default", "flow_arcsine"}
     assert len(low) == 2 * len(FLOW_LOW)
     assert selected(rows, None) == rows
+    flux_compiled = selected(rows, {"compiled", "flux"})
+    assert flux_compiled and {(v.engine, v.model) for v in flux_compiled} == {("compiled", FLUX)}
+    assert selected(rows, {"flux"}) == [v for v in rows if v.model == FLUX]
     with pytest.raises(ValueError, match=r"unknown quality group.*compile\b"):
         selected(rows, {"compile"})
 
