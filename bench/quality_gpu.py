@@ -4,11 +4,12 @@ Every row is `diffstack quality`'s measurement (the same ``engine_generator`` an
 same fixed prompts): a real engine, plugins composed as the server composes them, images read back by
 the synthetic world's analyser. Per row: attribute accuracy, the share of images with all five
 attributes right, the mean pixel error against the exact rendering (0-255 levels), PSNR and time per
-image (batch 16, after one untimed warm-up image). Models: the embedded ``synthetic-shapes-64`` (SD1.5
+image (batch 16, after one untimed warm-up image; compiled rows also after one untimed batch of 16, so
+no compile or CUDA-graph recording is timed). Models: the embedded ``synthetic-shapes-64`` (SD1.5
 UNet) and ``synthetic-shapes-flux`` (FLUX transformer).
 
 Engines, each composed once (``compose.measure = never``: each slot takes its best-ranked offer that
-passes the host's checks), both models loaded on each:
+passes the host's checks), each loading only the models it has rows for:
 
 - ``eager``: SDPA, the eager denoiser, the schedules, DeepCache and the first-block cache;
 - ``compiled``: the same with ``torch_compile`` in place of ``eager``, so the denoiser and the VAE
@@ -26,7 +27,8 @@ engine whose denoiser or VAE decode did not compile, or a kernel engine whose ke
 a model, prices nothing there; those rows say why (status ``error``, a "not priced" line in the table).
 
 ``quality:GROUP+GROUP`` runs only those groups (:data:`GROUPS`: an engine's name, or ``flow_low``
-for the 2- and 4-step flow rows). A ``--smoke`` run uses 4 prompts x 1 seed on the CPU (where no
+for the 2- and 4-step flow rows); naming a model (``sd64``, ``flux``) keeps only its rows.
+A ``--smoke`` run uses 4 prompts x 1 seed on the CPU (where no
 compile or kernel offer runs, so those rows come out not priced); where ``synthetic-shapes-flux`` is
 not shipped yet it scores a randomly initialised model of its config instead.
 """
