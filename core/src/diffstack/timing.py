@@ -10,8 +10,10 @@ import torch
 
 
 def median_ms(fn: Callable[[], object], repeats: int, device: str, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in milliseconds, measured on the device's own clock."""
-    with torch.inference_mode():
+    """Median wall time of ``fn`` in milliseconds, measured on the device's own clock. Under
+    ``no_grad``, as pipelines run: a compiled module timed under ``inference_mode`` would compile a
+    graph that serving never uses (Dynamo guards on the mode)."""
+    with torch.no_grad():
         for _ in range(warmup):
             fn()
         if device.startswith("cuda"):

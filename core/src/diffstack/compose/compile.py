@@ -66,7 +66,7 @@ def compose_vae_compile(
         return CompileDecision(None, slot.report([]))
 
     def run(module: torch.nn.Module) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():  # as the pipeline decodes: no second compile (see ModelUnderTest.denoise)
             output: torch.Tensor = module(latents)
             return output
 
