@@ -12,6 +12,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import flux_model_spec as spec
 from model_card import DATA, WORLD, TrainingFacts, load_generator, size_mb
@@ -24,10 +25,14 @@ DEFAULT_STEPS = 20
 
 @dataclass
 class Facts(TrainingFacts):
-    """synthetic-shapes-64's training facts, plus the flow model's time shift and evaluation time."""
+    """synthetic-shapes-64's training facts, plus the flow model's time shift and evaluation time;
+    ``eval_device`` when the card's rows were scored elsewhere than the training ran (score_flux_model)
+    and ``extra`` for sections that come from outside the run (a GPU quality table)."""
 
     time_shift: float
     eval_s: float = 0.0
+    eval_device: str = ""
+    extra: str = ""
 
 
 def evaluate_models(
@@ -65,6 +70,16 @@ def finish(out: Path, facts: Facts, rows: list[QualityRow], random_rows: list[Qu
     (out / "README.md").write_text(card_text(out, facts, rows, random_rows))
 
 
+def denoiser_steps(state: dict[str, Any]) -> str:
+    """The phase-2 step count, saying so when the run's wall limit stopped it short of its plan."""
+    if state["phase"] == "done":
+        return f"{state['totals'].get('denoiser', state['total']):,} steps"
+    return (
+        f"{state['step']:,} of {state['total']:,} planned steps (stopped by the run's wall limit; "
+        "the shipped weights are the EMA at that step)"
+    )
+
+
 def card_text(out: Path, facts: Facts, rows: list[QualityRow], random_rows: list[QualityRow]) -> str:
     a, st, c = facts.args, facts.state, facts.counts
     metrics = markdown_table(rows + random_rows) if rows else "(not evaluated in this run)\n"
@@ -94,15 +109,17 @@ passes its guidance scale to FluxPipeline, which ignores it for a model without 
 {DATA}
 ## Training (`train/train_flux_model.py`, seed {a["seed"]})
 - VAE: {st["totals"].get("vae", "?")} steps in {st["wall"]["vae"]:.0f} s, batch {a["vae_batch"]}, AdamW lr {a["vae_lr"]:g}, L1 + MSE + {a["kl_weight"]:g} KL.
-- CLIP + T5 + transformer jointly: {st["totals"].get("denoiser", st["total"])} steps in {st["wall"]["denoiser"]:.0f} s, batch {a["denoiser_batch"]},
+- CLIP + T5 + transformer jointly: {denoiser_steps(st)} in {st["wall"]["denoiser"]:.0f} s, batch {a["denoiser_batch"]},
   AdamW lr {a["denoiser_lr"]:g} (warm-up {min(a["warmup"], max(1, (st["totals"].get("denoiser") or st["total"] or 0) // 5))}, cosine to 10%), rectified flow (velocity = noise - x0,
   MSE), t logit-normal then shifted by {facts.time_shift:.3f} as the scheduler shifts at inference,
   float32 with TF32 matmuls and math attention (bf16 and the fused attention backward failed on the
   H200: see CUDA_MICRO_BATCH in the trainer), micro-batches of {a["denoiser_micro_batch"]}, EMA {a["ema"]:g} (the shipped weights).
 - Card: {facts.device}, torch {facts.torch}; total training wall time {st["wall"]["vae"] + st["wall"]["denoiser"]:.0f} s;
   step counts planned from the measured speed for `--budget-minutes {a["budget_minutes"]:g}`.
+- The same plan again: `--vae-steps {st["totals"].get("vae", "N")} --transformer-steps {st["totals"].get("denoiser", st["total"])}` (explicit step counts skip the
+  planning); a run stopped by `--max-run-minutes` resumes from its `--ckpt`.
 
-## Quality (diffstack.synthetic.quality, {a["eval_scenes"]} fixed prompts x seeds {seeds}, plain diffusers FluxPipeline, {a["device"]})
+{facts.extra}## Quality (diffstack.synthetic.quality, {a["eval_scenes"]} fixed prompts x seeds {seeds}, plain diffusers FluxPipeline, {facts.eval_device or a["device"]})
 Shipped defaults: {DEFAULT_STEPS} flow-Euler steps, no guidance. The last row is a randomly initialised
 model of the same config, scored the same way.
 
