@@ -131,6 +131,7 @@ def test_embedded_models_answer_to_their_names_unless_the_models_dir_has_one(
     shutil.copytree(shipped / "synthetic-flux", shipped / "tiny-sd2")  # a name the models dir has too
     monkeypatch.setattr(loading, "EMBEDDED_MODELS_DIR", shipped)
     assert loading.embedded_model_names() == ["synthetic-flux", "tiny-sd2"]
+    assert loading.embedded_model_path("m" * 256) is None  # too long for the folder: no OSError
     settings = baseline_settings(models_dir, engine={"default_model": ""})
     engine = Engine(settings, load_plugins(settings.plugins))
     assert engine.resolve("synthetic-flux") == "synthetic-flux"

@@ -156,7 +156,9 @@ def test_get_stack_of_unknown_model(client: DiffstackClient) -> None:
 
 def test_list_models(client: DiffstackClient) -> None:
     models = {model.name: model for model in client.models()}
-    assert set(models) == {"tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-flux"}
+    assert set(models) == {"tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-flux", "synthetic-shapes-flux"}
+    shipped = models.pop("synthetic-shapes-flux")  # embedded in the package, listed though not loaded
+    assert (shipped.family, shipped.loaded, shipped.is_default) == ("flux", False, False)
     default = models.pop("tiny-sd1")
     assert (default.family, default.loaded, default.is_default) == ("sd1", True, True)
     assert default.weights == diagnostics_pb2.MODEL_WEIGHTS_RANDOM

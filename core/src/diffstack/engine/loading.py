@@ -103,9 +103,10 @@ def resolve_entry(
 def embedded_model_path(name: str) -> Path | None:
     """The folder of the model shipped inside the package as ``name``, or None.
 
-    The embedded default answers to its own name too (``synthetic-shapes-64``, from its card).
+    The embedded default answers to its own name too (``synthetic-shapes-64``, from its card). A name
+    no file system can hold is no embedded model (looking it up would raise "File name too long").
     """
-    if not MODEL_NAME.fullmatch(name):
+    if not MODEL_NAME.fullmatch(name) or len(name.encode("utf-8")) > NAME_MAX:
         return None
     if name == _default_model_card_name():
         return DEFAULT_MODEL_DIR
