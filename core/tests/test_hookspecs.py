@@ -141,7 +141,9 @@ def test_wrap_denoiser_wrappers_that_take_the_compiled_denoiser_keep_it(engine: 
 
     spied = Engine(engine.settings, host_with(Plugin()))
     spied.prepare(GenerationRequest("a", steps=1))  # loads the model: composition tries each wrapper
-    assert applied_to["compiled_ok"] == "Compiled"  # and the warm-up ran it on the compiled denoiser
+    # The load's warm-up leaves the compiled wrapper to the server (warmed after SERVING): its own
+    # graphs cost a minute of an H200's start, and clients enable it per request.
+    assert spied.model().unwarmed_wrappers == ["compiled_ok"]
     for wrappers, expected in [
         ({"compiled_ok": {}}, {"compiled_ok": "Compiled"}),
         (
