@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -282,7 +283,13 @@ def _kernel_child(run: Run, variants: list[Variant], record: dict[str, Any]) -> 
     models = {v.model for v in variants}
     groups = engines + [token for token, name in MODEL_NAMES.items() if models == {name}]
     found: dict[str, Any] = {}
-    site = kernel_site(run, None, found)
+    try:
+        site = kernel_site(run, None, found)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # the other engines' rows stand
+        record["wheels"] = found.get("wheels", {})
+        for variant in variants:
+            _unpriced(record, variant, f"the kernel wheels did not install: {str(exc)[-300:]}", "skipped")
+        return
     record["wheels"] = found["wheels"]
     environment = found["wheels"]["environment_sageattention"] or "1."
     if site is None and environment.startswith("1.") and not run.smoke:
