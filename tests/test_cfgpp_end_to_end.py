@@ -20,8 +20,7 @@ from diffstack.plugins import load_plugins
 from diffstack.testing import BASELINE_PLUGINS
 from diffstack_cfgpp.pipeline import generate as reference_generate
 from diffstack_client import DiffstackClient, ServiceError
-from diffstack_server import BackgroundServer
-from diffstack_server.testing import WAIT_S
+from diffstack_server.testing import serving_client
 
 PROMPT = "a small red circle at the top left on a blue background"
 STEPS = 4
@@ -41,12 +40,8 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine: Engine) -> Iterator[DiffstackClient]:
-    server = BackgroundServer(load_settings(None, **SETTINGS), engine).start(ready_timeout=WAIT_S)
-    try:
-        with DiffstackClient(server.target, timeout=WAIT_S) as client:
-            yield client
-    finally:
-        server.stop(grace=0)
+    with serving_client(load_settings(None, **SETTINGS), engine) as client:
+        yield client
 
 
 def _pixels(client: DiffstackClient, **params: object) -> np.ndarray:

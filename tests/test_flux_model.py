@@ -22,8 +22,7 @@ from diffstack.synthetic.analysis import analyse
 from diffstack.synthetic.scenes import Scene
 from diffstack.testing import BASELINE_PLUGINS, TOKENIZER_DIR
 from diffstack_client import DiffstackClient
-from diffstack_server import BackgroundServer
-from diffstack_server.testing import WAIT_S
+from diffstack_server.testing import serving_client
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
@@ -89,12 +88,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DiffstackClient
         engine={"default_model": NAME, "warmup_steps": 0},
         server={"port": 0, "metrics_port": 0, "batch_wait_ms": 0, "warm_batches": False},
     )
-    server = BackgroundServer(settings).start(ready_timeout=WAIT_S)
-    try:
-        with DiffstackClient(server.target, timeout=WAIT_S) as client:
-            yield client
-    finally:
-        server.stop(grace=0)
+    with serving_client(settings) as client:
+        yield client
 
 
 @pytest.mark.parametrize("named", [False, True])

@@ -12,8 +12,7 @@ from diffstack.config import Settings
 from diffstack.synthetic.analysis import analyse
 from diffstack.synthetic.scenes import Scene
 from diffstack_client import DiffstackClient, ServiceError
-from diffstack_server import BackgroundServer
-from diffstack_server.testing import WAIT_S
+from diffstack_server.testing import serving_client
 
 SWAP = {"red": "green", "green": "red", "yellow": "purple", "purple": "yellow"}
 SCENES = [
@@ -32,12 +31,8 @@ def embedded_client(
 ) -> Iterator[DiffstackClient]:
     """A server on the embedded default model (with its trained LoRA), no other models."""
     settings = settings_at(tmp_path_factory.mktemp("no-models"), engine={"default_model": ""})
-    server = BackgroundServer(settings).start(ready_timeout=WAIT_S)
-    try:
-        with DiffstackClient(server.target, timeout=WAIT_S) as client:
-            yield client
-    finally:
-        server.stop(grace=0)
+    with serving_client(settings) as client:
+        yield client
 
 
 def colours(client: DiffstackClient, **params: object) -> list[str | None]:

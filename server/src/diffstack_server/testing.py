@@ -11,9 +11,10 @@ what each generation handed it, so a test of any client sees what arrived throug
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,6 +29,8 @@ from diffstack.errors import DiffstackError, OutOfMemory
 from diffstack.options import Interval
 from diffstack.plugins import PluginHost, load_plugins
 from diffstack.types import PluginRecord, PluginStatus
+from diffstack_client import DiffstackClient
+from diffstack_server.background import BackgroundServer
 from diffstack_server.protocols import ServingEngine
 
 if TYPE_CHECKING:
@@ -35,6 +38,20 @@ if TYPE_CHECKING:
 
 WAIT_S = 30.0
 """The bound on every wait of a test: a broken server fails the test, it never hangs it."""
+
+
+@contextlib.contextmanager
+def serving_client(
+    settings: Settings, engine: ServingEngine | None = None, timeout: float = WAIT_S
+) -> Iterator[DiffstackClient]:
+    """A :class:`BackgroundServer` on ``settings`` (and ``engine``, else its own) and a client of it,
+    both closed on exit, the server without grace: a fixture's whole server in one ``with``."""
+    server = BackgroundServer(settings, engine).start(ready_timeout=timeout)
+    try:
+        with DiffstackClient(server.target, timeout=timeout) as client:
+            yield client
+    finally:
+        server.stop(grace=0)
 
 
 # -------------------------------------------------------------------------------------------------
