@@ -23,8 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import default_model_spec
 import torch
-from default_model_spec import make_tokenizer
 
 HEAD_DIM = 64
 HEADS = 3
@@ -45,16 +45,10 @@ SCHEDULER: dict[str, Any] = {  # FLUX.1-dev's scheduler_config.json
 
 
 def vae_config() -> dict[str, Any]:
+    """The default model's VAE in FLUX's layout: 16 latent channels, no quant convs."""
     return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [32, 64, 64, 64],
-        "layers_per_block": 1,
+        **default_model_spec.vae_config(),
         "latent_channels": 16,
-        "norm_num_groups": 32,
-        "sample_size": 64,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
         "mid_block_add_attention": True,
@@ -128,8 +122,8 @@ def build_models() -> dict[str, Any]:
 
 def tokenizers(tokenizer_files: dict[str, bytes], workdir: Path) -> tuple[Any, Any]:
     """The CLIP BPE tokenizer twice: 77 tokens for CLIP, 32 for the T5 slot."""
-    clip = make_tokenizer(tokenizer_files, workdir)
-    t5 = make_tokenizer(tokenizer_files, workdir)
+    clip = default_model_spec.make_tokenizer(tokenizer_files, workdir)
+    t5 = default_model_spec.make_tokenizer(tokenizer_files, workdir)
     t5.model_max_length = T5_LENGTH
     return clip, t5
 

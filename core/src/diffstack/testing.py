@@ -165,21 +165,22 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
     return _tiny_flux()
 
 
-def tiny_flux_transformer() -> Any:
-    """The tiny FLUX pipeline's transformer alone (random weights from torch's current seed): one
-    double and one single block, 2 heads of 16, guidance embedding, 16 latent channels."""
+def tiny_flux_transformer(double_blocks: int = 1, single_blocks: int = 1, guidance: bool = True) -> Any:
+    """The tiny FLUX pipeline's transformer alone (random weights from torch's current seed): by
+    default one double and one single block, 2 heads of 16, guidance embedding, 16 latent channels;
+    tests of per-block machinery (caches, regional compiles) ask for more blocks."""
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=32,
-        guidance_embeds=True,
+        guidance_embeds=guidance,
         axes_dims_rope=(4, 4, 8),
     )
 

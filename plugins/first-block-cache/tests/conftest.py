@@ -9,20 +9,13 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
+from diffstack.testing import tiny_flux_transformer
+
 
 def _build() -> FluxTransformer2DModel:
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    transformer: FluxTransformer2DModel = tiny_flux_transformer(2, 2, guidance=False)
+    return transformer.eval()
 
 
 @pytest.fixture(scope="session")

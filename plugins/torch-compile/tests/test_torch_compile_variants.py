@@ -13,6 +13,7 @@ import torch
 
 import diffstack.hookspecs
 import diffstack_torch_compile
+from diffstack.testing import tiny_flux_transformer
 from diffstack.types import CompileOffer, CompileTarget, DenoiserKind, Family, ModelInfo
 from diffstack_torch_compile import compiler, fp8
 from diffstack_torch_compile.config import CompileConfig
@@ -100,20 +101,9 @@ def test_fp8_takes_only_linear_layers_big_enough_and_aligned() -> None:
 
 
 def tiny_flux() -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
-
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    transformer: torch.nn.Module = tiny_flux_transformer(1, 2, guidance=False)
+    return transformer.eval()
 
 
 def test_the_fp8_variant_quantizes_before_a_regional_compile(monkeypatch, tmp_path: Path) -> None:
