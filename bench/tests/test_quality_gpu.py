@@ -115,3 +115,22 @@ def test_smoke_compiled_rows_on_a_cpu_are_not_priced_as_compiled(tmp_path: Path)
     assert len(compiled) == len([v for v in plan() if v.engine == "compiled"])
     assert all("torch_compile" in u["reason"] for u in compiled)
     assert any("not priced, the stack runs eager" in line for line in stage["table"])
+
+
+@pytest.mark.timeout(120)
+def test_kernel_wheels_that_do_not_install_skip_only_their_rows(tmp_path: Path, monkeypatch) -> None:
+    import bench.attn_shapes
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "sageattention-2.2.0-cp312-cp312-linux_x86_64.whl").write_bytes(b"not a wheel")
+    monkeypatch.setattr(bench.attn_shapes, "DEFAULT_WHEELS", (wheels,))
+    out = tmp_path / "out"
+    argv = ["--smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--stages", "quality:sage2"]
+    assert main(argv) == 0
+    stage = json.loads((out / "results.json").read_text())["stages"]["quality"]
+    assert stage["status"] == "ok"  # the stage goes on: only the kernel rows are lost, with the reason
+    sage2 = [u for u in stage["unpriced"] if u["engine"] == "sage2"]
+    assert sage2 and len(sage2) == len([v for v in plan() if v.engine == "sage2"])
+    assert all(u["reason"].startswith("the kernel wheels did not install") for u in sage2)
+    assert stage["rows"] == []
