@@ -57,16 +57,21 @@ with a dot (so never ``.``, ``..`` or a hidden entry), without separators or con
 
 def check_model_name(name: str, field: str = "model", what: str = "model") -> None:
     """Raise InvalidRequest (on ``field``) unless ``name`` is one safe entry name."""
+    problem = _name_problem(name, what)
+    if problem is not None:
+        raise InvalidRequest(FieldViolation(field, f"{what} name {shown(name)} {problem}"))
+
+
+def _name_problem(name: str, what: str = "model") -> str | None:
+    """What makes ``name`` no safe entry name of a folder, or None."""
     if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
-        problem = f"is longer than {NAME_MAX} bytes"
-    elif not MODEL_NAME.fullmatch(name):
-        problem = (
+        return f"is longer than {NAME_MAX} bytes"
+    if not MODEL_NAME.fullmatch(name):
+        return (
             f"must be one entry of the {what}s directory: letters, digits, '.', '_' and '-', "
             "not starting with '.', without '/' or control characters"
         )
-    else:
-        return
-    raise InvalidRequest(FieldViolation(field, f"{what} name {shown(name)} {problem}"))
+    return None
 
 
 def resolve_model_path(name: str, models_dir: Path | None) -> Path:
@@ -106,7 +111,7 @@ def embedded_model_path(name: str) -> Path | None:
     The embedded default answers to its own name too (``synthetic-shapes-64``, from its card). A name
     no file system can hold is no embedded model (looking it up would raise "File name too long").
     """
-    if not MODEL_NAME.fullmatch(name) or len(name.encode("utf-8")) > NAME_MAX:
+    if _name_problem(name) is not None:
         return None
     if name == _default_model_card_name():
         return DEFAULT_MODEL_DIR
