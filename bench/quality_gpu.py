@@ -102,11 +102,15 @@ class Variant:
     label: str
     config: dict[str, Any]
     engine: str
-    counts_cache_hits: bool = False
     group: str = ""
     """A row group besides the engine that ``quality:GROUP`` selects (``flow_low``)."""
     unpriced: str = ""
     """Why this row cannot be priced at all: recorded as skipped, with this reason."""
+
+    @property
+    def counts_cache_hits(self) -> bool:
+        """Rows with the first-block cache report its hit rate."""
+        return "first_block_cache" in self.config.get("wrappers", {})
 
 
 @dataclass
@@ -116,8 +120,7 @@ class Plan:
     def add(
         self, model: str, label: str, engine: str, group: str = "", unpriced: str = "", **config: Any
     ) -> None:
-        hits = "first_block_cache" in config.get("wrappers", {})
-        self.variants.append(Variant(model, label, config, engine, hits, group, unpriced))
+        self.variants.append(Variant(model, label, config, engine, group, unpriced))
 
 
 def plan() -> list[Variant]:
