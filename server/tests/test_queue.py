@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Hashable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,8 +22,10 @@ from diffstack.engine import (
     StepEvent,
 )
 from diffstack.errors import Cancelled, DiffstackError, NotReady, Overloaded
-from diffstack_server.batching import BatchQueue, BatchTiming
+from diffstack_server import app
+from diffstack_server.batching import BatchQueue, BatchTiming, Hold, work_units
 from diffstack_server.metrics import Metrics
+from diffstack_server.sizing import BatchSizeChoice
 from diffstack_server.testing import WAIT_S
 from diffstack_server.tickets import Progress, Queued, Ticket
 
@@ -338,3 +341,119 @@ def test_a_queued_request_cancelled_during_an_overlap_never_runs() -> None:
         return engine
 
     assert run(main()).calls == [["a"], ["b"]]
+
+
+# -------------------------------------------------------------------------------------------------
+# Warm-ups holding the device thread, and the pause a wrapper's warm-up waits for
+# -------------------------------------------------------------------------------------------------
+
+
+def test_while_a_warm_up_holds_the_device_only_requests_that_can_finish_after_it_are_admitted() -> None:
+    async def main() -> None:
+        queue = BatchQueue(hosting(FakeEngine()), Metrics(), queue_size=10, max_batch=1)
+        queue.timing.observe(units=1000, seconds=1.0)  # each 2-step 8x8 ticket: 128 ms
+        with queue.hold("DeepCache's compiled variant", expected_s=60.0):
+            late = ticket("late", height=8)
+            late.deadline = time.monotonic() + 10  # ample for 128 ms of work, not after the warm-up
+            with pytest.raises(Overloaded, match="warming up DeepCache's compiled variant") as refused:
+                queue.submit(late)
+            assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 59.0
+            assert queue.depth == 0
+            in_time = ticket("in time", height=8)
+            in_time.deadline = time.monotonic() + 61
+            queue.submit(in_time)
+            assert queue.depth == 1
+        after = ticket("after", height=8)
+        after.deadline = time.monotonic() + 10  # the hold is over: only the work ahead counts
+        queue.submit(after)
+        assert queue.depth == 2
+
+    run(main())
+
+
+def test_a_hold_counts_even_before_any_batch_was_measured() -> None:
+    async def main() -> None:
+        queue = BatchQueue(hosting(FakeEngine()), Metrics(), queue_size=10, max_batch=1)
+        with queue.hold("batches of 2 images", expected_s=30.0):
+            early = ticket("early")
+            early.deadline = time.monotonic() + 5
+            with pytest.raises(Overloaded, match="for about 30"):
+                queue.submit(early)
+
+    run(main())
+
+
+def test_a_hold_that_outlasts_its_expected_time_is_expected_to_take_twice_as_long() -> None:
+    hold = Hold("a wrapper", expected_s=10.0, began=100.0)
+    assert hold.remaining_s(104.0) == pytest.approx(6.0)
+    assert hold.remaining_s(110.0) == pytest.approx(10.0)  # overrun: now 20 s expected
+    assert hold.remaining_s(125.0) == pytest.approx(15.0)  # and then 40 s
+
+
+def test_a_batch_queued_behind_a_hold_is_timed_from_its_end() -> None:
+    async def main() -> float | None:
+        queue = BatchQueue(hosting(FakeEngine()), Metrics(), queue_size=10, max_batch=1)
+        queue.start()
+        gate = threading.Event()
+        with queue.hold("a warm-up", expected_s=1.0):
+            warm_up = queue.worker.submit(gate.wait, WAIT_S)
+            behind = queue.submit(ticket("behind", steps=1, height=8))
+            await asyncio.sleep(0.2)  # the warm-up holds the device thread; "behind" waits for it
+            gate.set()
+            await asyncio.wrap_future(warm_up)
+        await behind.future
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return queue.timing.seconds(work_units(behind))
+
+    batch_s = run(main())
+    assert batch_s is not None and batch_s < 0.1  # its wait behind the warm-up is not its cost
+
+
+async def steady_traffic(queue: BatchQueue, seconds: float, gap_s: float) -> float:
+    """A client sending one-step requests for ``seconds``, each ``gap_s`` after the last answered;
+    when the last one answered."""
+    end = time.monotonic() + seconds
+    while True:
+        await queue.submit(ticket("client", steps=1)).future
+        answered = time.monotonic()
+        if answered >= end:
+            return answered
+        await asyncio.sleep(gap_s)
+
+
+def test_a_wrapper_warm_up_waits_for_a_lull_not_a_gap_between_requests(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    quiet_s = 0.3
+    warmed_at: list[float] = []
+
+    def warm_wrapper(*args: Any, **kwargs: Any) -> float:
+        warmed_at.append(time.monotonic())
+        return 1.0
+
+    monkeypatch.setattr(app, "unwarmed_wrappers", lambda engine: ["deepcache"])
+    monkeypatch.setattr(app, "expected_wrapper_warm_s", lambda *args: 10.0)
+    monkeypatch.setattr(app, "warm_wrapper", warm_wrapper)
+
+    async def main() -> float:
+        queue = BatchQueue(hosting(FakeEngine()), Metrics(), queue_size=10, max_batch=1)
+        queue.start()
+        settings = Settings(
+            server={"wrapper_warm_quiet_s": quiet_s},  # type: ignore[arg-type]
+            compose={"decisions_dir": tmp_path},  # type: ignore[arg-type]
+        )
+        engine = queue.worker.engine
+        runtime: Any = SimpleNamespace(
+            queue=queue, worker=queue.worker, settings=settings, startup={}, started_engine=lambda: engine
+        )
+        warm = asyncio.create_task(app.warm_pending(runtime, BatchSizeChoice(1, measured=False, reason="")))
+        # The queue is idle between requests, but never for the quiet time: no warm-up starts.
+        last_answer = await steady_traffic(queue, seconds=2 * quiet_s, gap_s=0.02)
+        assert warmed_at == []
+        await warm  # the lull: it starts once the queue has been quiet long enough
+        await queue.drain(WAIT_S)
+        await queue.stop()
+        return warmed_at[0] - last_answer
+
+    assert run(main()) >= 0.9 * quiet_s

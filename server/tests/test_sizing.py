@@ -15,7 +15,16 @@ import pytest
 
 from diffstack.config import ServerSettings
 from diffstack_client import DiffstackClient
-from diffstack_server.sizing import BatchSizeChoice, candidate_sizes, choose_batch_size
+from diffstack_server import sizing
+from diffstack_server.sizing import (
+    DEFAULT_SIZE_WARM_S,
+    DEFAULT_WRAPPER_WARM_S,
+    BatchSizeChoice,
+    candidate_sizes,
+    choose_batch_size,
+    expected_wrapper_warm_s,
+    warm_wrapper,
+)
 from diffstack_server.testing import WAIT_S, SpyEngine
 
 
@@ -187,6 +196,25 @@ def test_a_corrupt_kept_size_is_set_aside_with_a_warning_and_measured_again(
     assert not choice.restored and spy.calls
     assert path.with_suffix(".corrupt").exists()
     assert json.loads(path.read_text())["size"] == choice.size  # written afresh, nothing lost
+
+
+def test_a_wrappers_warm_up_time_is_kept_for_the_next_start_to_expect(
+    engine: Any, kept_key: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sizing, "warm_size", lambda *args, **kwargs: [13.5, 0.5])  # no wrapper runs
+    server = settings()
+    assert expected_wrapper_warm_s(engine, "deepcache", server, tmp_path) == DEFAULT_WRAPPER_WARM_S
+    assert warm_wrapper(engine, "deepcache", server, decisions_dir=tmp_path) == 14.0
+    assert expected_wrapper_warm_s(engine, "deepcache", server, tmp_path) == 14.0
+    assert expected_wrapper_warm_s(engine, "other", server, tmp_path) == DEFAULT_WRAPPER_WARM_S
+    kept_key["torch"] = "2"  # another stack: its warm-up is not this one's
+    assert expected_wrapper_warm_s(engine, "deepcache", server, tmp_path) == DEFAULT_WRAPPER_WARM_S
+
+
+def test_a_sizes_expected_warm_up_is_its_fewest_runs_at_the_scaled_batch_time() -> None:
+    choice = BatchSizeChoice(4, measured=True, reason="", batch_seconds={1: 0.5, 2: 0.6})
+    assert choice.expected_warm_s(4) == pytest.approx(2 * 0.6 * 4 / 2)
+    assert BatchSizeChoice(4, measured=False, reason="").expected_warm_s(4) == DEFAULT_SIZE_WARM_S
 
 
 def test_ready_size_grows_only_over_warmed_sizes() -> None:

@@ -51,7 +51,7 @@ def compiled_engine(models_dir: Path, settings_at: Any, **server: Any) -> Engine
         models_dir,
         plugins={"allow": [*BASELINE_PLUGINS, "deepcache", "dynamo_eager"]},
         engine={"warmup_steps": 2},
-        server={"batch_size": 1, "batch_measure_steps": 3, **server},
+        server={"batch_size": 1, "batch_measure_steps": 3, "wrapper_warm_quiet_s": 0.1, **server},
     )
     host = load_plugins(settings.plugins)
     host.register(DynamoCompiler(), PluginRecord("dynamo_eager", "", "", "", (), PluginStatus.LOADED))

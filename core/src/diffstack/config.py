@@ -262,8 +262,17 @@ class ServerSettings(_Section):
     warm_wrappers: bool = True
     """Warm the default model's wrappers that run on the compiled denoiser (DeepCache: 77 s on an
     H200, cold) after SERVING, once every batch size is warm, each only in a real pause of client
-    traffic (its compile holds the device thread for as long). Off: each compiles on its first use,
-    for a server whose clients never enable one (the serve benchmarks)."""
+    traffic (``wrapper_warm_quiet_s``; its compile holds the device thread for as long). Off: each
+    compiles on its first use, for a server whose clients never enable one (the serve benchmarks)."""
+    wrapper_warm_quiet_s: float = Field(default=5.0, ge=0)
+    """A wrapper's warm-up starts only once nothing has been queued, prepared or running for this
+    long. It holds the device thread for as long as its compile (DeepCache: 14 s on an H200 after a
+    restart, 77 s cold), so it must start when traffic has stopped, not in the gap between two
+    requests of a steady stream: 0.1 s of quiet let one start under 10 requests/s, and 84 requests
+    failed behind it. At 1 request/s (Poisson) a 5 s gap comes once in ~150 requests; a server that
+    idles warms its wrappers 5 s later, which costs nothing. Requests arriving during a warm-up are
+    admitted only if they can finish after it (the queue counts the warm-up), so a longer quiet time
+    trades a later warm-up for fewer refusals."""
     batch_wait_ms: int = 5
     encode_threads: int = Field(default=0, ge=0)
     """Threads encoding result images (PNG, WebP and JPEG encoders release the GIL, so they run in

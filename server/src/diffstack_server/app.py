@@ -44,6 +44,7 @@ from diffstack_server.servicers import DiagnosticsServicer, GenerationServicer, 
 from diffstack_server.sizing import (
     BatchSizeChoice,
     choose_batch_size,
+    expected_wrapper_warm_s,
     unwarmed_wrappers,
     warm_next,
     warm_wrapper,
@@ -186,7 +187,13 @@ class DiffstackServer:
             for name in await asyncio.wrap_future(self.worker.submit(unwarmed_wrappers, engine)):
                 try:
                     await asyncio.wrap_future(
-                        self.worker.submit(warm_wrapper, engine, name, self.settings.server)
+                        self.worker.submit(
+                            warm_wrapper,
+                            engine,
+                            name,
+                            self.settings.server,
+                            decisions_dir=self.settings.compose.decisions_dir,
+                        )
                     )
                 except Exception:  # the wrapper compiles on its first use instead; serving goes on
                     log.exception("wrapper_warm_up_failed", wrapper=name)
@@ -265,38 +272,50 @@ async def size_batches(runtime: Runtime) -> BatchSizeChoice | None:
 
 
 WARM_IDLE_WAIT_S = 1.0
-"""How long a pending warm-up waits for a pause in client batches before it runs anyway."""
+"""How long a pending batch size's warm-up waits for a pause in client batches before it runs anyway
+(it takes a few batches' time, and admission counts it while it runs)."""
 WARM_QUIET_S = 0.1
-"""A pause is the queue idle this long: a client that sends its next request as soon as its last
-one answered (or as soon as the server turned SERVING) goes first."""
+"""A batch size's pause is the queue quiet this long: a client that sends its next request as soon as
+its last one answered (or as soon as the server turned SERVING) goes first. A wrapper's warm-up,
+which holds the device thread far longer, waits for ``server.wrapper_warm_quiet_s`` instead."""
 
 
-async def wait_for_pause(queue: BatchQueue, at_most_s: float | None = WARM_IDLE_WAIT_S) -> None:
-    """Return once nothing has been queued or running for :data:`WARM_QUIET_S`, or after
-    ``at_most_s`` (None: only at a real pause, however long that takes)."""
+async def wait_for_pause(
+    queue: BatchQueue, quiet_s: float = WARM_QUIET_S, at_most_s: float | None = WARM_IDLE_WAIT_S
+) -> None:
+    """Return once nothing has been queued, prepared or running for ``quiet_s``
+    (:meth:`~diffstack_server.batching.BatchQueue.quiet_s`: a request that came and went meanwhile
+    starts the quiet over), or after ``at_most_s`` (None: only at a real pause, however long that
+    takes)."""
     give_up_at = math.inf if at_most_s is None else time.monotonic() + at_most_s
     while (left := give_up_at - time.monotonic()) > 0:
         if not await queue.wait_idle(None if math.isinf(left) else left):
             return
-        await asyncio.sleep(min(WARM_QUIET_S, max(0.0, give_up_at - time.monotonic())))
-        if queue.idle:
+        quiet = queue.quiet_s()
+        if quiet >= quiet_s:
             return
+        await asyncio.sleep(min(quiet_s - quiet, max(0.0, give_up_at - time.monotonic())))
 
 
 async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
     """After SERVING: warm the sizes still pending, smallest first, then the default model's wrappers
     still unwarmed (:func:`~diffstack_server.sizing.warm_wrapper`), each as one call on the device
     thread in a pause between client batches (:func:`wait_for_pause`; a wrapper, whose compile can
-    hold the device thread for a minute, only in a real pause); the batcher forms each size once it
-    and every smaller one are warmed. A failed warm-up is logged and ends the warming:
-    serving goes on with the sizes reached (a wrapper not warmed compiles on its first use)."""
+    hold the device thread for a minute, only after ``server.wrapper_warm_quiet_s`` of quiet); the
+    batcher forms each size once it and every smaller one are warmed. Each runs inside the queue's
+    :meth:`~diffstack_server.batching.BatchQueue.hold` with its expected time (a size's scaled batch
+    time, a wrapper's time kept from the last start), so admission refuses at once what cannot finish
+    after it. A failed warm-up is logged and ends the warming: serving goes on with the sizes
+    reached (a wrapper not warmed compiles on its first use)."""
     queue, engine, settings = runtime.queue, runtime.started_engine(), runtime.settings.server
+    decisions_dir = runtime.settings.compose.decisions_dir
     started = time.perf_counter()
     while choice.pending and not queue.closed:
         await wait_for_pause(queue)
         size = choice.pending[0]
         try:
-            ready = await asyncio.wrap_future(runtime.worker.submit(warm_next, engine, choice, settings))
+            with queue.hold(f"batches of {size} images", choice.expected_warm_s(size)):
+                ready = await asyncio.wrap_future(runtime.worker.submit(warm_next, engine, choice, settings))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -314,9 +333,15 @@ async def warm_pending(runtime: Runtime, choice: BatchSizeChoice) -> None:
     for name in await asyncio.wrap_future(runtime.worker.submit(unwarmed_wrappers, engine)):
         if queue.closed:
             return
-        await wait_for_pause(queue, at_most_s=None)  # a compile holds the device thread for a minute
+        expected = await asyncio.wrap_future(
+            runtime.worker.submit(expected_wrapper_warm_s, engine, name, settings, decisions_dir)
+        )
+        await wait_for_pause(queue, settings.wrapper_warm_quiet_s, at_most_s=None)
         try:
-            seconds = await asyncio.wrap_future(runtime.worker.submit(warm_wrapper, engine, name, settings))
+            with queue.hold(f"{name}'s compiled variant", expected):
+                seconds = await asyncio.wrap_future(
+                    runtime.worker.submit(warm_wrapper, engine, name, settings, decisions_dir=decisions_dir)
+                )
         except asyncio.CancelledError:
             raise
         except Exception:

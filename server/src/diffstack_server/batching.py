@@ -35,14 +35,25 @@ batch-size measurement and updated by every batch) and refuses it at once with
 :class:`Overloaded` and a retry hint when its deadline cannot be met, instead of letting it time out
 in the queue. The estimate is optimistic (work ahead plus its own, at the batched rate), so a
 request is refused only when even the best case misses its deadline.
+
+Work outside the queue can hold the device thread: the server's warm-ups after SERVING (a batch
+size's CUDA graphs, seconds; a wrapper's compile, up to a minute). Such work runs inside
+:meth:`BatchQueue.hold`, with the time it is expected to take; while it runs, the estimate adds what
+is left of that time (:class:`Hold`), so a request that cannot finish after it is refused at once,
+its retry hint and message including the warm-up, instead of being admitted to time out behind it;
+and the first batch to run after it is timed from the hold's end, so the warm-up does not inflate
+the measured rate. The queue also records its last activity (:meth:`BatchQueue.quiet_s`), so the
+server can wait for a real lull before a long warm-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -89,6 +100,26 @@ class BatchTiming:
     def seconds(self, units: float) -> float | None:
         """How long ``units`` of work take at the measured rate (None before any measurement)."""
         return None if self.seconds_per_unit is None else units * self.seconds_per_unit
+
+
+@dataclass
+class Hold:
+    """Work outside the queue holding the device thread (a warm-up), expected to take ``expected_s``."""
+
+    what: str
+    """What holds the device, for a refusal's message ("DeepCache's compiled variant")."""
+    expected_s: float
+    began: float = field(default_factory=time.monotonic)
+
+    def remaining_s(self, now: float) -> float:
+        """What is left of the expected time. A hold that outlasts it is expected to take twice as
+        long, again and again: the estimate stays positive and grows with the overrun (a warm-up
+        that runs long is slower than thought, not nearly done)."""
+        elapsed = now - self.began
+        expected = max(self.expected_s, 1e-3)
+        while expected <= elapsed:
+            expected *= 2
+        return expected - elapsed
 
 
 class Reservation:
@@ -146,7 +177,12 @@ class BatchQueue:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._last_collected = 0.0
+        self._device_free_at = 0.0
+        """When the device was last free for the next batch (perf_counter): the previous batch's
+        collection, or the end of a hold."""
+        self._hold: Hold | None = None
+        self._last_activity = time.monotonic()
+        """When a request last reserved a place, entered, or the queue last turned idle."""
         self._collector = ThreadPoolExecutor(1, thread_name_prefix="diffstack-collect")
         """Waits for launched batches' images, in launch order, off the loop and the device thread."""
 
@@ -177,6 +213,28 @@ class BatchQueue:
     def idle(self) -> bool:
         """Nothing queued or running."""
         return self._idle.is_set()
+
+    def quiet_s(self) -> float:
+        """Seconds since the queue last had a request queued, being prepared or running (0 while it
+        has one)."""
+        if not self.idle or self._reserved:
+            return 0.0
+        return time.monotonic() - self._last_activity
+
+    @contextmanager
+    def hold(self, what: str, expected_s: float) -> Iterator[Hold]:
+        """Mark the device thread held by work outside the queue (``what``, expected to take about
+        ``expected_s``) for the ``with`` block: admission counts what is left of it (see
+        :class:`Hold`). One at a time; enter it with no ``await`` between finding a pause and
+        submitting the work, so no request is admitted unaware of it."""
+        if self._hold is not None:
+            raise RuntimeError(f"the device is already held by {self._hold.what}")
+        self._hold = held = Hold(what, expected_s)
+        try:
+            yield held
+        finally:
+            self._hold = None
+            self._device_free_at = max(self._device_free_at, time.perf_counter())
 
     async def wait_idle(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for nothing to be queued or running;
@@ -221,10 +279,12 @@ class BatchQueue:
         taken = self.waiting_images + self._reserved
         if taken + images > self.queue_size:
             raise Overloaded(
-                f"the queue is full ({taken} of {self.queue_size} images waiting); retry later",
-                retry_after_s=self._estimate(self._waiting + self._running),
+                f"the queue is full ({taken} of {self.queue_size} images waiting){self._held_note()}; "
+                "retry later",
+                retry_after_s=self._wait_ahead_s(),
             )
         self._reserved += images
+        self._last_activity = time.monotonic()
         return Reservation(self, images)
 
     def submit(self, ticket: Ticket) -> Ticket:
@@ -235,6 +295,7 @@ class BatchQueue:
         if self._closed:
             raise NotReady("the server is shutting down; retry on another replica")
         self._refuse_if_late(ticket)
+        self._last_activity = time.monotonic()
         self._waiting.append(ticket)
         ticket.move_to(len(self._waiting) - 1)
         self._idle.clear()
@@ -246,20 +307,32 @@ class BatchQueue:
         """Overloaded (with a retry hint) when even the optimistic finish time misses the deadline."""
         if ticket.deadline is None:
             return
-        ahead = self._estimate(self._waiting + self._running)
-        own = self.timing.seconds(work_units(ticket))
-        if ahead is None or own is None:
-            return  # nothing measured yet: admit
+        ahead = self._wait_ahead_s()
+        if ahead is None:
+            return  # nothing measured and nothing holding the device: admit
+        own = self.timing.seconds(work_units(ticket)) or 0.0
         remaining = ticket.deadline - time.monotonic()
         if ahead + own > remaining:
             raise Overloaded(
                 f"the deadline cannot be met: about {ahead + own:.2f} s of work is ahead of and in this "
-                f"request, {max(0.0, remaining):.2f} s remain; retry later",
+                f"request{self._held_note()}, {max(0.0, remaining):.2f} s remain; retry later",
                 retry_after_s=ahead,
             )
 
-    def _estimate(self, tickets: list[Ticket]) -> float | None:
-        return self.timing.seconds(sum(work_units(t) for t in tickets))
+    def _wait_ahead_s(self) -> float | None:
+        """Seconds until the device is free for a new request: what is left of a hold plus the work
+        queued and running at the measured rate; None when neither is known."""
+        work = self.timing.seconds(sum(work_units(t) for t in self._waiting + self._running))
+        if self._hold is None:
+            return work
+        return self._hold.remaining_s(time.monotonic()) + (work or 0.0)
+
+    def _held_note(self) -> str:
+        """A refusal's reason when a hold counts in it."""
+        if self._hold is None:
+            return ""
+        left = self._hold.remaining_s(time.monotonic())
+        return f" (the server is warming up {self._hold.what} for about {left:.1f} s more)"
 
     def withdraw(self, ticket: Ticket, error: DiffstackError | None = None) -> None:
         """The request's caller went away: drop it from the queue, or stop it at the next step."""
@@ -438,11 +511,12 @@ class BatchQueue:
     def _observe(
         self, batch: list[Ticket], outcomes: list[GenerationResult | BaseException], began: float
     ) -> None:
-        """Record the batch's device time: from its launch, or from the previous batch's collection
-        if that ended later (the two overlap), to its own collection."""
+        """Record the batch's device time: from its launch, or from when the device was last free
+        for it if that was later (the previous batch's collection, which overlaps it, or a hold's
+        end, which it queued behind), to its own collection."""
         done = time.perf_counter()
-        seconds = max(1e-9, done - max(began, self._last_collected))
-        self._last_collected = done
+        seconds = max(1e-9, done - max(began, self._device_free_at))
+        self._device_free_at = done
         self.metrics.observe_batch(len(batch), sum(t.images for t in batch), seconds)
         if not any(isinstance(outcome, BaseException) for outcome in outcomes):
             self.timing.observe(sum(work_units(t) for t in batch), seconds)
@@ -493,6 +567,8 @@ class BatchQueue:
 
     def _update_idle(self) -> None:
         if not self._waiting and not self._running:
+            if not self._idle.is_set():
+                self._last_activity = time.monotonic()
             self._idle.set()
         else:
             self._idle.clear()

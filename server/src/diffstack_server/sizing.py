@@ -35,18 +35,25 @@ graphs (torch_compile's dynamic batch dimension means one compile serves them al
 :attr:`BatchSizeChoice.pending`; the server warms them after SERVING, between client batches, each
 with :func:`warm_size` (so the first client batch of that size replays), and lets the batcher form a
 size only once it and every smaller one are warmed (``server.warm_before_serving`` warms them all
-before SERVING instead). With ``server.batch_size`` set, nothing is measured: that size (capped by
-``max_batch``) is used and warmed the same way.
+before SERVING instead). While one warms, the queue counts its expected time
+(:meth:`BatchSizeChoice.expected_warm_s`: its fewest runs at the batch time scaled from the largest
+timed size) in its admission estimate (:meth:`~diffstack_server.batching.BatchQueue.hold`). With
+``server.batch_size`` set, nothing is measured: that size (capped by ``max_batch``) is used and
+warmed the same way.
 
 Wrappers that run on the compiled denoiser (DeepCache) compile graphs of their own; the engine's
 load no longer warms them (DeepCache's took 77 s of an H200's cold start, for a wrapper clients
 enable per request). The server warms each one the engine lists
 (:attr:`~diffstack.engine.LoadedModel.unwarmed_wrappers`, default model) with :func:`warm_wrapper`
 after SERVING, once every pending batch size is warm (plain requests are the bulk of the traffic),
-on the device thread in a real pause of client traffic; ``server.warm_before_serving`` warms them
-before SERVING too, and ``server.warm_wrappers = false`` leaves them to their first use. A request
-that uses one earlier compiles it itself (slow once, never wrong); a wrapper batch of more than one
-image records its CUDA graphs on first use.
+on the device thread once nothing has been queued or running for ``server.wrapper_warm_quiet_s``
+(a lull, not the gap between two requests of a steady stream); ``server.warm_before_serving`` warms
+them before SERVING too, and ``server.warm_wrappers = false`` leaves them to their first use. Each
+warm-up's seconds are kept beside the batch size, under its key (``<model>.wrappers.json``), and
+are what the queue expects the next start's warm-up of that wrapper to take
+(:func:`expected_wrapper_warm_s`; :data:`DEFAULT_WRAPPER_WARM_S` when none is kept) while it
+holds the device thread. A request that uses one earlier compiles it itself (slow once, never
+wrong); a wrapper batch of more than one image records its CUDA graphs on first use.
 """
 
 from __future__ import annotations
@@ -98,6 +105,21 @@ class BatchSizeChoice:
     """Seconds of each size's untimed warm-up runs together (on a compiled stack: its compile and
     CUDA-graph recording), measured sizes included."""
 
+    def batch_s(self, size: int) -> float | None:
+        """Seconds of one replayed batch of ``size`` images, scaled from the largest timed size (None
+        when nothing was timed)."""
+        if not self.batch_seconds:
+            return None
+        last = max(self.batch_seconds)
+        return self.batch_seconds[last] * size / last
+
+    def expected_warm_s(self, size: int) -> float:
+        """How long warming ``size`` should take: its fewest runs (:data:`MIN_WARM_RUNS`) at the
+        scaled batch time, else :data:`DEFAULT_SIZE_WARM_S`. A new shape's compile or recording
+        makes it longer; the queue's hold allows for that (:class:`~diffstack_server.batching.Hold`)."""
+        batch_s = self.batch_s(size)
+        return DEFAULT_SIZE_WARM_S if batch_s is None else MIN_WARM_RUNS * batch_s
+
     @property
     def ready_size(self) -> int:
         """The largest size the batcher may form now: no size up to it is still pending. One image is
@@ -143,6 +165,16 @@ def candidate_sizes(cap: int) -> list[int]:
 
 KIND = "batch"
 """The name batch-size decisions are kept under, beside the stack's (``<model>.batch.json``)."""
+WRAPPERS_KIND = "wrappers"
+"""The name the wrappers' warm-up seconds are kept under, beside the batch size's decision and under
+its key (``<model>.wrappers.json``): what the queue expects the next start's warm-up to take."""
+DEFAULT_WRAPPER_WARM_S = 60.0
+"""A wrapper's expected warm-up when no earlier start kept one: DeepCache's took 77 s of a cold H200
+start and 14 s of a restart; with no file kept this is likely a cold start, and the hold's doubling
+covers a longer one (:class:`~diffstack_server.batching.Hold`)."""
+DEFAULT_SIZE_WARM_S = 5.0
+"""A batch size's expected warm-up when no size was timed (``server.batch_size`` set): an H200 warmed
+each of SD1.5's sizes in 1-3 s."""
 
 
 def choose_batch_size(
@@ -219,10 +251,13 @@ def warm_wrapper(
     name: str,
     settings: ServerSettings,
     clock: Callable[[], float] = time.perf_counter,
+    decisions_dir: Path | None = None,
 ) -> float:
     """Warm the default model's wrapper ``name`` (one image, :func:`warm_size`, on the device thread)
-    and take it off the list; returns the seconds it took (its compile, on a compiled stack)."""
+    and take it off the list; returns the seconds it took (its compile, on a compiled stack), which
+    are kept in ``decisions_dir`` for :func:`expected_wrapper_warm_s`."""
     seconds = sum(warm_size(engine, 1, settings.batch_measure_steps, clock, wrappers=(name,)))
+    _keep_wrapper_warm_s(engine, settings, decisions_dir, name, seconds)
     model = engine.pin(engine.resolve(""))
     if model is not None:
         try:
@@ -232,6 +267,55 @@ def warm_wrapper(
             engine.unpin(model)
     log.info("wrapper_warmed", wrapper=name, seconds=round(seconds, 2))
     return seconds
+
+
+def expected_wrapper_warm_s(
+    engine: ServingEngine, name: str, settings: ServerSettings, decisions_dir: Path | None
+) -> float:
+    """How long warming wrapper ``name`` is expected to take: what the last start that kept it
+    measured (:data:`WRAPPERS_KIND`), else :data:`DEFAULT_WRAPPER_WARM_S`. Call on the device thread."""
+    kept = _kept_wrapper_warm_s(_wrapper_times_at(engine, settings, decisions_dir))
+    return kept.get(name, DEFAULT_WRAPPER_WARM_S)
+
+
+_KeptAt = tuple[DecisionStore, str, dict[str, str]]
+"""Where a decision is kept: the store, the model's name and the key."""
+
+
+def _wrapper_times_at(
+    engine: ServingEngine, settings: ServerSettings, decisions_dir: Path | None
+) -> _KeptAt | None:
+    """Where the wrappers' warm-up seconds are kept; None when the default model's batch size would
+    not be kept either (no ``decisions_dir``, or a stack decision not kept: a CPU)."""
+    keyed = _decision_key(engine, settings) if decisions_dir is not None else None
+    if keyed is None or decisions_dir is None:
+        return None
+    return DecisionStore(decisions_dir), *keyed
+
+
+def _kept_wrapper_warm_s(at: _KeptAt | None) -> dict[str, float]:
+    if at is None:
+        return {}
+    store, model, key = at
+    saved = store.load_extra(model, WRAPPERS_KIND, key) or {}
+    try:
+        return {str(name): float(seconds) for name, seconds in saved.get("warm_s", {}).items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        log.warning("wrapper_warm_times_unreadable", error=str(exc)[:200])
+        return {}
+
+
+def _keep_wrapper_warm_s(
+    engine: ServingEngine, settings: ServerSettings, decisions_dir: Path | None, name: str, seconds: float
+) -> None:
+    at = _wrapper_times_at(engine, settings, decisions_dir)
+    if at is None:
+        return
+    store, model, key = at
+    try:
+        store.save_extra(model, WRAPPERS_KIND, key, {"warm_s": {**_kept_wrapper_warm_s(at), name: seconds}})
+    except OSError as exc:
+        log.warning("wrapper_warm_time_not_saved", directory=str(store.directory), error=str(exc))
 
 
 def _decision_key(engine: ServingEngine, settings: ServerSettings) -> tuple[str, dict[str, str]] | None:
@@ -330,11 +414,10 @@ def _measure(
     choice = BatchSizeChoice(1, measured=True, reason=every_size)
     best_rate, misses = 0.0, 0
     for size in candidate_sizes(cap):
-        if choice.batch_seconds:
-            last = max(choice.batch_seconds)
+        batch_s = choice.batch_s(size)
+        if batch_s is not None:
             runs = MIN_WARM_RUNS + TIMED_RUNS  # the fewest a size takes; a new shape's compile adds more
-            expected = runs * choice.batch_seconds[last] * size / last
-            if clock() - started + expected > settings.batch_measure_budget_s:
+            if clock() - started + runs * batch_s > settings.batch_measure_budget_s:
                 choice.reason = f"server.batch_measure_budget_s={settings.batch_measure_budget_s:g} reached"
                 break
         try:
