@@ -268,11 +268,11 @@ class ServerSettings(_Section):
     """A wrapper's warm-up starts only once nothing has been queued, prepared or running for this
     long. It holds the device thread for as long as its compile (DeepCache: 14 s on an H200 after a
     restart, 77 s cold), so it must start when traffic has stopped, not in the gap between two
-    requests of a steady stream: 0.1 s of quiet let one start under 10 requests/s, and 84 requests
-    failed behind it. At 1 request/s (Poisson) a 5 s gap comes once in ~150 requests; a server that
-    idles warms its wrappers 5 s later, which costs nothing. Requests arriving during a warm-up are
-    admitted only if they can finish after it (the queue counts the warm-up), so a longer quiet time
-    trades a later warm-up for fewer refusals."""
+    requests of a steady stream: 0.1 s of quiet let one start under 10 requests/s, and 53 admitted
+    requests timed out behind it. At 1 request/s (Poisson) a 5 s gap comes once in ~150 requests;
+    a server that idles warms its wrappers 5 s later, which costs nothing. Requests arriving during
+    a warm-up are admitted only if they can finish after it (the queue counts the warm-up), so a
+    longer quiet time trades a later warm-up for fewer refusals."""
     batch_wait_ms: int = 5
     encode_threads: int = Field(default=0, ge=0)
     """Threads encoding result images (PNG, WebP and JPEG encoders release the GIL, so they run in
